@@ -1,0 +1,39 @@
+"""ONNX Runtime on the CPU: the backend every machine can run."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator
+
+import onnxruntime as ort
+
+from batch_infer.backends.base import Backend, Feeds
+from batch_infer.errors import BackendError
+from batch_infer.model import ModelSignature
+
+
+class OnnxRuntimeCPU(Backend):
+    name = "onnxruntime"
+
+    def __init__(self, signature: ModelSignature, threads: int = 1) -> None:
+        options = ort.SessionOptions()
+        # One actor per core: ORT's own thread pool would fight the other actors for cores.
+        options.intra_op_num_threads = max(1, threads)
+        options.inter_op_num_threads = 1
+        try:
+            self._session = ort.InferenceSession(
+                signature.path, options, providers=["CPUExecutionProvider"]
+            )
+        except Exception as exc:
+            raise BackendError(f"onnxruntime cannot load {signature.path}: {exc}") from None
+        self.inputs = signature.inputs
+        self.outputs = signature.outputs
+        self._output_names = [t.name for t in signature.outputs]
+        self.threads = threads
+
+    def run(self, batches: Iterable[Feeds]) -> Iterator[Feeds]:
+        for feeds in batches:
+            values = self._session.run(self._output_names, feeds)
+            yield dict(zip(self._output_names, values, strict=True))
+
+    def describe(self) -> str:
+        return f"onnxruntime {ort.__version__} CPU ({self.threads} thread(s))"

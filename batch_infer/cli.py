@@ -1,0 +1,100 @@
+"""`batch-infer`: the command line. User errors print one line and exit non-zero."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+from rich.console import Console
+from rich.table import Table
+
+from batch_infer.errors import BadRowsError, JobFailedError, UserError
+from batch_infer.job import RunSummary, run
+from batch_infer.spec import parse_overrides
+
+EXIT_USER_ERROR = 2
+EXIT_BAD_ROWS = 3
+EXIT_FAILED = 4
+
+
+def _print_summary(console: Console, s: RunSummary) -> None:
+    table = Table(
+        title=f"batch-infer run {s.name}: {s.status}", show_header=False, title_justify="left"
+    )
+    table.add_column(style="bold")
+    table.add_column()
+    table.add_row("rows", f"{s.rows:,} ({s.good_rows:,} predicted, {s.bad_rows:,} bad)")
+    table.add_row(
+        "this run",
+        f"{s.rows_this_run:,} rows in {s.seconds:.1f} s, {s.rows_per_second:,.0f} rows/s",
+    )
+    table.add_row(
+        "shards",
+        f"{s.shards_total} ({s.shards_committed} committed now, "
+        f"{s.shards_skipped} earlier, {s.shards_failed} failed, "
+        f"{s.retries} retries)",
+    )
+    table.add_row("files written", str(s.files_written))
+    table.add_row(
+        "backend", f"{s.backend or '-'} x {s.actors} actor(s)" if s.actors else s.backend or "-"
+    )
+    table.add_row("model", f"{s.model} (sha256 {s.model_sha256[:12]})")
+    table.add_row("output", s.output)
+    console.print(table)
+
+
+def _cmd_run(args: argparse.Namespace) -> int:
+    console = Console(stderr=True)
+    summary = run(
+        args.spec,
+        overrides=parse_overrides(args.set),
+        overwrite=args.overwrite,
+        progress=not args.quiet,
+    )
+    _print_summary(console, summary)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="batch-infer", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("run", help="run a job spec to completion (resumes an interrupted run)")
+    p.add_argument("spec", help="the job spec (YAML)")
+    p.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY.SUB=VALUE",
+        help="override a spec key, e.g. --set batch_size=256",
+    )
+    p.add_argument(
+        "--overwrite", action="store_true", help="discard what the output holds and start over"
+    )
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=_cmd_run)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    console = Console(stderr=True)
+    try:
+        return args.func(args)
+    except BadRowsError as exc:
+        console.print(f"[red]error:[/red] {exc}", highlight=False)
+        return EXIT_BAD_ROWS
+    except JobFailedError as exc:
+        console.print(f"[red]error:[/red] {exc}", highlight=False)
+        return EXIT_FAILED
+    except UserError as exc:
+        console.print(f"[red]error:[/red] {exc}", highlight=False)
+        return EXIT_USER_ERROR
+    except KeyboardInterrupt:
+        console.print("interrupted: committed shards are kept; rerun the same command to resume")
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

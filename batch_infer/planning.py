@@ -1,0 +1,118 @@
+"""From a validated spec to everything the actors need, checked before any work starts.
+
+Every mismatch between the spec, the model's signature and the input's schema is found
+here, from metadata alone, and reported with the key, column and what was expected.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import pyarrow as pa
+
+from batch_infer.errors import SpecError
+from batch_infer.model import ModelSignature, TensorInfo, read_signature
+from batch_infer.reading import Dataset, open_dataset
+from batch_infer.spec import JobSpec
+from batch_infer.tensors import InputBinding, check_binding
+
+
+@dataclass(frozen=True)
+class JobPlan:
+    """What every inference actor is given once, at start."""
+
+    spec: JobSpec
+    dataset: Dataset
+    signature: ModelSignature
+    bindings: tuple[InputBinding, ...]
+    outputs: tuple[tuple[TensorInfo, str], ...]  # model output -> output column
+    keep_schema: pa.Schema
+
+    @property
+    def columns(self) -> list[str]:
+        """Input columns to read: model inputs first, then the kept ones."""
+        cols = [c for b in self.bindings for c in b.columns] + list(self.keep_schema.names)
+        return list(dict.fromkeys(cols))
+
+    @property
+    def text_columns(self) -> set[str]:
+        return {c for b in self.bindings for c in b.columns}
+
+    def config(self) -> dict:
+        """What the outputs depend on: a rerun into the same output must match it."""
+        return {
+            "model_sha256": self.signature.sha256,
+            "inputs": {b.tensor.name: list(b.columns) for b in self.bindings},
+            "outputs": {t.name: col for t, col in self.outputs},
+            "keep_columns": list(self.keep_schema.names),
+            "input_format": self.dataset.format,
+            "shard_rows": self.spec.shard_rows,
+        }
+
+
+def _bindings(spec: JobSpec, signature: ModelSignature, dataset: Dataset) -> list[InputBinding]:
+    names = [t.name for t in signature.inputs]
+    for name in spec.model.inputs:
+        if name not in names:
+            raise SpecError(
+                f"model.inputs: {name!r} is not an input of {signature.path}; "
+                f"its inputs are: {', '.join(names)}"
+            )
+    missing = [n for n in names if n not in spec.model.inputs]
+    if missing:
+        raise SpecError(f"model.inputs: model input {missing[0]!r} is not mapped to a column")
+    bindings = []
+    for tensor in signature.inputs:
+        cols = spec.model.inputs[tensor.name]
+        stacked = isinstance(cols, list)
+        binding = InputBinding(tensor, tuple(cols) if stacked else (cols,), stacked)
+        check_binding(binding, dataset.schema, f"model.inputs.{tensor.name}")
+        bindings.append(binding)
+    batches = {t.fixed_batch for t in signature.inputs}
+    if len(batches) > 1:
+        raise SpecError(
+            f"{signature.path}: inputs disagree on the batch size: {sorted(map(str, batches))}"
+        )
+    return bindings
+
+
+def _outputs(spec: JobSpec, signature: ModelSignature) -> list[tuple[TensorInfo, str]]:
+    by_name = {t.name: t for t in signature.outputs}
+    mapping = spec.model.outputs or {t.name: t.name for t in signature.outputs}
+    for name in mapping:
+        if name not in by_name:
+            raise SpecError(
+                f"model.outputs: {name!r} is not an output of {signature.path}; "
+                f"its outputs are: {', '.join(by_name)}"
+            )
+    return [(by_name[name], col) for name, col in mapping.items()]
+
+
+def build_plan(spec: JobSpec) -> JobPlan:
+    """Check the spec against the model and the input; raise a UserError on any mismatch."""
+    if not os.path.exists(spec.model.onnx) and "://" not in spec.model.onnx:
+        raise SpecError(f"model.onnx: {spec.model.onnx}: no such file")
+    signature = read_signature(spec.model.onnx)
+    dataset = open_dataset(spec.input.path, spec.input.format)
+    bindings = _bindings(spec, signature, dataset)
+    outputs = _outputs(spec, signature)
+    for col in spec.output.keep_columns:
+        if col not in dataset.schema.names:
+            raise SpecError(
+                f"output.keep_columns: column {col!r} is not in the input; "
+                f"columns are: {', '.join(dataset.schema.names)}"
+            )
+    out_cols = [col for _, col in outputs]
+    clash = set(out_cols) & set(spec.output.keep_columns)
+    if clash or len(set(out_cols)) != len(out_cols):
+        name = sorted(clash)[0] if clash else out_cols[0]
+        raise SpecError(
+            f"output: column {name!r} would be written twice; rename it in model.outputs"
+        )
+    out_root = os.path.abspath(spec.output.path) if "://" not in spec.output.path else None
+    base = os.path.abspath(dataset.base) if "://" not in spec.input.path else None
+    if out_root and base and (out_root + os.sep).startswith(base + os.sep):
+        raise SpecError(f"output.path: {out_root} is inside the input directory {base}")
+    keep_schema = pa.schema([dataset.schema.field(c) for c in spec.output.keep_columns])
+    return JobPlan(spec, dataset, signature, tuple(bindings), tuple(outputs), keep_schema)

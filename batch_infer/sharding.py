@@ -1,0 +1,103 @@
+"""Planning shards from file metadata alone.
+
+A shard is a row range of one file: Parquet row groups grouped to a target size (a row
+group larger than the target is split into row ranges), or a whole CSV/IPC file. Its id
+hashes the file's path relative to the dataset base and the range, so the same input and
+`shard_rows` always give the same plan, which is what lets a rerun skip committed shards.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from batch_infer.errors import InputError
+from batch_infer.reading import Dataset, InputFile
+
+TARGET_SHARD_BYTES = 64 << 20  # uncompressed input bytes per shard when shard_rows is unset
+MAX_SHARD_ROWS = 1 << 20
+
+
+@dataclass(frozen=True)
+class Shard:
+    id: str
+    file: InputFile
+    row_start: int = 0
+    row_stop: int | None = None  # None: to the end of the file (CSV/IPC: rows unknown ahead)
+    row_groups: tuple[int, ...] = ()
+    first_row: int = 0  # file row index of the first row of row_groups[0]
+
+    @property
+    def rows(self) -> int | None:
+        return None if self.row_stop is None else self.row_stop - self.row_start
+
+    @property
+    def fingerprint(self) -> str:
+        return self.file.fingerprint
+
+
+def _shard_id(file: InputFile, start: int, stop: int | None) -> str:
+    key = f"{file.relpath}\0{start}\0{stop}".encode()
+    return hashlib.sha256(key).hexdigest()[:16]
+
+
+def _parquet_shards(dataset: Dataset, file: InputFile, shard_rows: int | None) -> list[Shard]:
+    try:
+        with dataset.filesystem.open_input_file(file.path) as f:
+            meta = pq.read_metadata(f)
+    except (pa.ArrowException, OSError) as exc:
+        raise InputError(f"{file.path}: not a readable Parquet file ({exc})") from None
+    groups = [
+        (meta.row_group(i).num_rows, meta.row_group(i).total_byte_size)
+        for i in range(meta.num_row_groups)
+    ]
+    total_rows = sum(r for r, _ in groups)
+    total_bytes = sum(b for _, b in groups)
+    if shard_rows is None:
+        per_row = max(1, total_bytes // max(1, total_rows))
+        shard_rows = max(1, min(MAX_SHARD_ROWS, TARGET_SHARD_BYTES // per_row))
+    shards: list[Shard] = []
+    start, first, pending = 0, 0, []
+    row = 0
+
+    def flush(stop: int) -> None:
+        nonlocal start, pending
+        if pending:
+            shards.append(
+                Shard(_shard_id(file, start, stop), file, start, stop, tuple(pending), first)
+            )
+        start, pending = stop, []
+
+    for i, (rows, _) in enumerate(groups):
+        if rows == 0:
+            continue
+        if rows > shard_rows:  # split a large row group into row ranges
+            flush(row)
+            pieces = -(-rows // shard_rows)
+            bounds = [row + rows * k // pieces for k in range(pieces + 1)]
+            for lo, hi in zip(bounds, bounds[1:], strict=False):
+                shards.append(Shard(_shard_id(file, lo, hi), file, lo, hi, (i,), row))
+            row += rows
+            start = row
+            continue
+        if pending and (row + rows - start) > shard_rows:
+            flush(row)
+        if not pending:
+            first, start = row, row
+        pending.append(i)
+        row += rows
+    flush(row)
+    return shards
+
+
+def plan_shards(dataset: Dataset, shard_rows: int | None) -> list[Shard]:
+    """Every row of the input in exactly one shard, in file order."""
+    if dataset.format != "parquet":
+        return [Shard(_shard_id(f, 0, None), f) for f in dataset.files]
+    with ThreadPoolExecutor(max_workers=16) as pool:
+        per_file = pool.map(lambda f: _parquet_shards(dataset, f, shard_rows), dataset.files)
+        return [s for shards in per_file for s in shards]
