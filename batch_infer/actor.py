@@ -13,6 +13,7 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
+import ray
 
 from batch_infer.backends import load_backend
 from batch_infer.backends.base import Feeds
@@ -126,6 +127,7 @@ class InferenceActor:
             "run": run_id,
             "attempt": attempt,
             "seconds": round(time.time() - started, 3),
+            "node": ray.get_runtime_context().get_node_id(),
         }
         if shard.rows is not None and shard.rows != table.num_rows:
             raise RuntimeError(

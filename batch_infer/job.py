@@ -23,7 +23,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from batch_infer.actor import InferenceActor, threads_for
 from batch_infer.backends import choose_backend
 from batch_infer.errors import BadRowsError, JobFailedError, OutputError, UserError
-from batch_infer.manifest import RUNS, SHARDS, SUCCESS, Output, OutputLock, recover
+from batch_infer.manifest import RUNS, SHARDS, STAGING, SUCCESS, Output, OutputLock, recover
 from batch_infer.planning import JobPlan, build_plan
 from batch_infer.sharding import Shard, plan_shards
 from batch_infer.spec import JobSpec, load_spec, spec_from_dict
@@ -311,6 +311,7 @@ def run(
             gpus = int(ray.cluster_resources().get("GPU", 0))
             backend, summary.backend_reason = choose_backend(spec.backend, gpus)
             _execute(plan, todo, summary, lock, backend, progress)
+            out.delete(STAGING)  # the writers are gone: nothing is staged any more
         _finish(out, plan, summary, shards)
     except BaseException as exc:
         summary.status = "interrupted" if isinstance(exc, KeyboardInterrupt) else "failed"

@@ -1,0 +1,39 @@
+"""Several nodes: a real two-node Ray cluster from `ray.cluster_utils.Cluster`."""
+
+from __future__ import annotations
+
+import json
+
+import pyarrow.dataset as ds
+import pytest
+import ray
+from ray.cluster_utils import Cluster
+
+import batch_infer
+from tests.conftest import assert_matches_direct, read_output, two_io_spec, write_parquet_dataset
+
+
+@pytest.fixture
+def two_node_cluster():
+    if ray.is_initialized():
+        ray.shutdown()
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1})
+    cluster.add_node(num_cpus=1)
+    cluster.wait_for_nodes()
+    ray.init(address=cluster.address)
+    yield cluster
+    ray.shutdown()
+    cluster.shutdown()
+
+
+def test_shards_spread_over_both_nodes(two_node_cluster, tmp_path, models):
+    data = write_parquet_dataset(tmp_path / "in", files=2, rows=400, row_group=50)
+    out = tmp_path / "out"
+    summary = batch_infer.run(two_io_spec(data, out, models["two_io"], shard_rows=50))
+    assert summary.actors == 2
+    entries = [json.loads(p.read_text()) for p in (out / "_manifest" / "shards").glob("*.json")]
+    nodes = {e["node"] for e in entries}
+    assert nodes == {n["NodeID"] for n in ray.nodes() if n["Alive"]}
+    assert len(nodes) == 2
+    inputs = ds.dataset(str(data), format="parquet", partitioning="hive").to_table()
+    assert_matches_direct(models["two_io"], inputs, read_output(out))

@@ -1,0 +1,184 @@
+"""Exactly once under failure: a killed driver, a killed actor, a changed input, two runs."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+import ray
+import yaml
+
+import batch_infer
+from batch_infer.errors import OutputError
+from tests.conftest import ROOT, assert_matches_direct, make_table, read_output, two_io_spec
+
+
+def _big_input(root: Path, files: int = 4, rows: int = 4000) -> Path:
+    root.mkdir(parents=True)
+    for i in range(files):
+        pq.write_table(make_table(rows, start=i * rows, seed=i), root / f"f{i}.parquet",
+                       row_group_size=100)
+    return root
+
+
+def _committed(out: Path) -> dict[str, dict]:
+    d = out / "_manifest" / "shards"
+    return {p.stem: json.loads(p.read_text()) for p in d.glob("*.json")} if d.exists() else {}
+
+
+def _inputs(data: Path):
+    import pyarrow as pa
+
+    return pa.concat_tables(pq.read_table(p) for p in sorted(data.glob("*.parquet")))
+
+
+def _start_driver(spec_path: Path) -> subprocess.Popen:
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    return subprocess.Popen(
+        [sys.executable, "-m", "batch_infer.cli", "run", str(spec_path), "--quiet"],
+        env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True,
+    )
+
+
+def _wait_for_commits(out: Path, proc: subprocess.Popen, at_least: int, timeout: float = 120) -> None:
+    deadline = time.time() + timeout
+    while len(_committed(out)) < at_least:
+        if proc.poll() is not None:
+            raise AssertionError(f"driver exited early: {proc.stderr.read().decode()[-2000:]}")
+        assert time.time() < deadline, "no shard was committed in time"
+        time.sleep(0.05)
+
+
+def test_driver_sigkill_then_rerun_resumes(tmp_path, models):
+    """SIGKILL the driver mid-run; rerun: one copy of every row, committed shards kept."""
+    data = _big_input(tmp_path / "in")
+    out = tmp_path / "out"
+    spec = two_io_spec(data, out, models["two_io"], shard_rows=200, batch_size=20)
+    spec_path = tmp_path / "job.yaml"
+    spec_path.write_text(yaml.safe_dump(spec))
+    proc = _start_driver(spec_path)
+    try:
+        _wait_for_commits(out, proc, at_least=3)
+        os.killpg(proc.pid, signal.SIGKILL)  # the driver and the Ray it started
+    finally:
+        proc.wait(timeout=60)
+    before = _committed(out)
+    total = 80  # 16000 rows / 200
+    assert 3 <= len(before) < total, "the kill must land mid-run"
+    files_before = {
+        name: (out / name).stat().st_mtime_ns
+        for e in before.values() for name in e["files"] if (out / name).exists()
+    }
+    assert (out / "_LOCK").exists() and not (out / "_SUCCESS").exists()
+
+    rerun = subprocess.run(
+        [sys.executable, "-m", "batch_infer.cli", "run", str(spec_path), "--quiet"],
+        env={**os.environ, "PYTHONPATH": str(ROOT)}, capture_output=True, text=True, timeout=300,
+    )
+    assert rerun.returncode == 0, rerun.stderr
+    after = _committed(out)
+    assert len(after) == total
+    for shard, entry in before.items():  # committed shards were not recomputed
+        assert after[shard]["run"] == entry["run"]
+    for name, mtime in files_before.items():
+        assert (out / name).stat().st_mtime_ns == mtime
+    assert_matches_direct(models["two_io"], _inputs(data), read_output(out))
+    runs = [json.loads(p.read_text()) for p in (out / "_runs").glob("*.json")]
+    assert [r["status"] for r in runs] == ["succeeded"]  # the killed run could not write one
+    assert runs[0]["shards_skipped"] == len(before)
+    assert not (out / "_staging").exists()
+
+
+@pytest.mark.usefixtures("ray_start_regular")
+def test_actor_killed_mid_shard_is_retried_without_duplicates(tmp_path, models):
+    data = _big_input(tmp_path / "in", files=2, rows=3000)
+    out = tmp_path / "out"
+    spec = two_io_spec(data, out, models["two_io"], shard_rows=150, batch_size=10)
+    killed: list[str] = []
+
+    def kill_one_actor() -> None:
+        deadline = time.time() + 120
+        while time.time() < deadline and len(_committed(out)) < 2:
+            time.sleep(0.02)
+        for actor in ray.util.list_named_actors(all_namespaces=True):
+            if ":infer-" in actor["name"]:
+                handle = ray.get_actor(actor["name"], namespace=actor["namespace"])
+                ray.kill(handle, no_restart=True)
+                killed.append(actor["name"])
+                return
+
+    killer = threading.Thread(target=kill_one_actor)
+    killer.start()
+    summary = batch_infer.run(spec)
+    killer.join()
+    assert killed, "no actor was killed"
+    assert summary.retries >= 1
+    assert summary.status == "succeeded" and summary.rows == 6000
+    assert_matches_direct(models["two_io"], _inputs(data), read_output(out))
+    attempts = [e["attempt"] for e in _committed(out).values()]
+    assert max(attempts) >= 1
+
+
+@pytest.mark.usefixtures("ray_start_regular")
+def test_changed_input_is_refused_then_overwrite_starts_over(tmp_path, models):
+    data = _big_input(tmp_path / "in", files=2, rows=300)
+    out = tmp_path / "out"
+    spec = two_io_spec(data, out, models["two_io"])
+    batch_infer.run(spec)
+    time.sleep(0.01)
+    pq.write_table(make_table(300, start=0, seed=99), data / "f0.parquet")
+    with pytest.raises(OutputError, match=r"input changed since shard .* \(f0.parquet"):
+        batch_infer.run(spec)
+    assert (out / "_SUCCESS").exists()  # the refused run changed nothing
+    assert len(_committed(out)) == 2
+    summary = batch_infer.run(spec, overwrite=True)
+    assert summary.shards_committed == 2 and summary.shards_skipped == 0
+    assert_matches_direct(models["two_io"], _inputs(data), read_output(out))
+
+
+@pytest.mark.usefixtures("ray_start_regular")
+def test_changed_model_is_refused(tmp_path, models):
+    data = _big_input(tmp_path / "in", files=1, rows=100)
+    out = tmp_path / "out"
+    batch_infer.run(two_io_spec(data, out, models["two_io"]))
+    spec = {
+        "name": "other", "input": {"path": str(data)},
+        "model": {"onnx": models["linear"], "inputs": {"x": ["a", "b", "c"]}},
+        "output": {"path": str(out)},
+    }
+    with pytest.raises(OutputError, match="different model_sha256"):
+        batch_infer.run(spec)
+
+
+@pytest.mark.usefixtures("ray_start_regular")
+def test_second_run_into_same_output_is_refused(tmp_path, models):
+    """A run holding the output (another process) makes a second run fail at once."""
+    data = _big_input(tmp_path / "in", files=1, rows=100)
+    out = tmp_path / "out"
+    holder = subprocess.Popen(
+        [sys.executable, "-c",
+         "import sys, time; from batch_infer.manifest import Output, OutputLock;"
+         f"lock = OutputLock(Output.at({str(out)!r}), 'first-run'); lock.acquire();"
+         "print('held', flush=True); time.sleep(120)"],
+        env={**os.environ, "PYTHONPATH": str(ROOT)}, stdout=subprocess.PIPE, text=True,
+    )
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        with pytest.raises(OutputError) as err:
+            batch_infer.run(two_io_spec(data, out, models["two_io"]))
+        assert "another batch-infer run is writing to this output" in str(err.value)
+        assert f"run first-run, pid {holder.pid}" in str(err.value)
+        assert not list(out.glob("part-*")) and not (out / "_manifest").exists()
+    finally:
+        holder.kill()
+        holder.wait()
+    summary = batch_infer.run(two_io_spec(data, out, models["two_io"]))  # free once it is gone
+    assert summary.status == "succeeded"
