@@ -17,6 +17,7 @@ import ray
 
 from batch_infer.backends import load_backend
 from batch_infer.backends.base import Feeds
+from batch_infer.errors import UserError
 from batch_infer.planning import JobPlan
 from batch_infer.reading import read_rows
 from batch_infer.sharding import Shard
@@ -28,12 +29,25 @@ ERROR_COLUMNS = ("_shard", "_file", "_row", "_reason")
 class InferenceActor:
     """Loads the model once; then processes shards one at a time."""
 
-    def __init__(self, plan: JobPlan, backend: str, threads: int) -> None:
+    def __init__(self, plan: JobPlan, device: str, threads: int) -> None:
         self.plan = plan
-        self.backend = load_backend(backend, plan.signature, threads)
+        self.error: UserError | None = None
+        try:
+            self.backend, self.why = load_backend(
+                plan.spec.backend,
+                plan.signature,
+                device=device,
+                threads=threads,
+                slots=plan.spec.slots,
+            )
+        except UserError as exc:  # kept for describe(): the driver gets it as a clear error
+            self.error = exc
 
-    def describe(self) -> str:
-        return self.backend.describe()
+    def describe(self) -> tuple[str, str]:
+        """(backend, why it was chosen); raises the load error, if any."""
+        if self.error is not None:
+            raise self.error
+        return self.backend.describe(), self.why
 
     def _feeds(self, table: pa.Table) -> Iterator[tuple[int, Feeds]]:
         """(real rows, feeds) per micro-batch; a model with a fixed batch gets padded batches."""

@@ -21,7 +21,7 @@ from ray.exceptions import RayActorError, RayTaskError, WorkerCrashedError
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from batch_infer.actor import InferenceActor, threads_for
-from batch_infer.backends import choose_backend
+from batch_infer.backends import check_request
 from batch_infer.errors import BadRowsError, JobFailedError, OutputError, UserError
 from batch_infer.manifest import RUNS, SHARDS, STAGING, SUCCESS, Output, OutputLock, recover
 from batch_infer.planning import JobPlan, build_plan
@@ -119,13 +119,13 @@ def _connect() -> None:
 class _Pool:
     """The inference actors and writers of one run; replaces the ones that die."""
 
-    def __init__(self, plan: JobPlan, backend: str, run_id: str) -> None:
+    def __init__(self, plan: JobPlan, device: str, run_id: str) -> None:
         spec = plan.spec
         resources = ray.cluster_resources()
-        self.gpus = int(resources.get("GPU", 0))
-        self.plan, self.backend, self.run_id = plan, backend, run_id
-        if self.gpus:
-            self.count, self.options = self.gpus, {"num_gpus": 1, "num_cpus": 1}
+        self.plan, self.device, self.run_id = plan, device, run_id
+        if device == "gpu":  # one actor per GPU
+            self.count = int(resources.get("GPU", 0))
+            self.options = {"num_gpus": 1, "num_cpus": 1}
         else:
             self.count = spec.num_actors or max(1, int(resources.get("CPU", 1)))
             self.options = {"num_cpus": 1}
@@ -141,7 +141,7 @@ class _Pool:
             scheduling_strategy="SPREAD",
             max_restarts=0,
         )
-        return cls.remote(self.plan, self.backend, self.threads)
+        return cls.remote(self.plan, self.device, self.threads)
 
     def _new_writer(self, i: int) -> Any:
         cls = ray.remote(ShardWriter).options(
@@ -174,12 +174,18 @@ def _execute(
     todo: list[Shard],
     summary: RunSummary,
     lock: OutputLock,
-    backend: str,
+    device: str,
     progress: bool,
 ) -> None:
-    pool = _Pool(plan, backend, summary.run_id)
-    describe = ray.get(pool.actors[0].describe.remote())
-    summary.backend, summary.actors = describe, pool.count
+    pool = _Pool(plan, device, summary.run_id)
+    try:
+        summary.backend, summary.backend_reason = ray.get(pool.actors[0].describe.remote())
+    except RayTaskError as exc:
+        pool.shutdown()
+        cause = _cause(exc)
+        raise cause if isinstance(cause, UserError) else exc from None
+    log.info("backend: %s", summary.backend_reason)
+    summary.actors = pool.count
     per_actor = 2  # one running, one waiting in the actor's mailbox
     max_pending_commits = 2 * len(pool.writers) + pool.count  # backpressure on writers
     queue: deque[tuple[Shard, int]] = deque((s, 0) for s in todo)
@@ -309,8 +315,8 @@ def run(
         if todo:
             _connect()
             gpus = int(ray.cluster_resources().get("GPU", 0))
-            backend, summary.backend_reason = choose_backend(spec.backend, gpus)
-            _execute(plan, todo, summary, lock, backend, progress)
+            device = check_request(spec.backend, spec.device, gpus)
+            _execute(plan, todo, summary, lock, device, progress)
             out.delete(STAGING)  # the writers are gone: nothing is staged any more
         _finish(out, plan, summary, shards)
     except BaseException as exc:

@@ -9,6 +9,7 @@ hashes the file's path relative to the dataset base and the range, so the same i
 from __future__ import annotations
 
 import hashlib
+import itertools
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
@@ -79,7 +80,7 @@ def _parquet_shards(dataset: Dataset, file: InputFile, shard_rows: int | None) -
             flush(row)
             pieces = -(-rows // shard_rows)
             bounds = [row + rows * k // pieces for k in range(pieces + 1)]
-            for lo, hi in zip(bounds, bounds[1:], strict=False):
+            for lo, hi in itertools.pairwise(bounds):
                 shards.append(Shard(_shard_id(file, lo, hi), file, lo, hi, (i,), row))
             row += rows
             start = row

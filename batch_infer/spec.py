@@ -59,6 +59,10 @@ class JobSpec(_Strict):
     model: ModelSpec
     output: OutputSpec
     backend: Backend = "auto"
+    device: Literal["auto", "cpu", "gpu"] = Field(
+        default="auto", description="auto: one actor per GPU when the cluster has GPUs."
+    )
+    slots: int = Field(default=2, ge=1, le=8, description="Batches in flight per GPU actor.")
     batch_size: int = Field(default=512, ge=1)
     max_bad_rows: int = Field(default=0, ge=0)
     max_retries: int = Field(default=3, ge=0, description="Extra attempts per shard.")

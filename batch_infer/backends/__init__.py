@@ -1,29 +1,78 @@
-"""Choosing and loading a backend. Each backend lives in its own module behind `Backend`."""
+"""Choosing and loading a backend. Each backend lives in its own module behind `Backend`.
+
+The driver only refuses what the cluster as a whole cannot do; the choice itself is made
+in each actor, on its own node, where the installed libraries and the GPU can be seen.
+"""
 
 from __future__ import annotations
+
+import importlib.util
+import logging
 
 from batch_infer.backends.base import Backend
 from batch_infer.errors import BackendError
 from batch_infer.model import ModelSignature
 
-NAMES = ("onnxruntime", "tensorrt", "tensorrt-rtx")
+log = logging.getLogger("batch_infer")
+
+# Compute capabilities TensorRT-RTX runs on (it does not run on Hopper, 9.0).
+RTX_CAPABILITIES = {(8, 0), (8, 6), (8, 9)}
 
 
-def choose_backend(requested: str, gpus: int) -> tuple[str, str]:
-    """The backend to run and why, given what the cluster has. Never falls back silently."""
-    if requested == "auto":
-        if gpus == 0:
-            return "onnxruntime", "auto: the cluster has no GPU, so ONNX Runtime on the CPU"
-        return "onnxruntime", "auto: ONNX Runtime"
-    if requested in ("tensorrt", "tensorrt-rtx") and gpus == 0:
-        raise BackendError(f"backend {requested!r} needs a GPU, and this Ray cluster has none")
-    return requested, f"backend {requested!r} as the spec asks"
+def check_request(requested: str, device: str, gpus: int) -> str:
+    """'gpu' or 'cpu' for the actors; refuse what this cluster cannot run."""
+    if device == "gpu" and gpus == 0:
+        raise BackendError("device: gpu, but this Ray cluster has no GPU")
+    use_gpu = gpus > 0 and device != "cpu"
+    if requested in ("tensorrt", "tensorrt-rtx") and not use_gpu:
+        why = "device: cpu was asked for" if gpus else "this Ray cluster has no GPU"
+        raise BackendError(f"backend {requested!r} needs a GPU, and {why}")
+    return "gpu" if use_gpu else "cpu"
 
 
-def load_backend(name: str, signature: ModelSignature, threads: int) -> Backend:
-    """Load the model on this process's device; raise BackendError if the backend cannot run."""
-    if name == "onnxruntime":
+def _has(module: str) -> bool:
+    return importlib.util.find_spec(module) is not None
+
+
+def _rtx_runs_here(capability: tuple[int, int]) -> bool:
+    return capability in RTX_CAPABILITIES or capability[0] == 12
+
+
+def resolve(requested: str, device: str) -> tuple[str, str]:
+    """(backend, why) for this process; `auto` prefers TensorRT, then TensorRT-RTX, then ORT."""
+    if device == "cpu":
+        return "onnxruntime", "ONNX Runtime on the CPU: no GPU for this actor"
+    if requested != "auto":
+        return requested, f"{requested} as the spec asks"
+    from batch_infer.backends.onnxruntime_cuda import cuda_available
+    from batch_infer.cuda_streams import compute_capability
+
+    cc = compute_capability()
+    if _has("tensorrt"):
+        return "tensorrt", "auto: TensorRT is installed and a GPU is present"
+    if _has("tensorrt_rtx_bindings") and _rtx_runs_here(cc):
+        return "tensorrt-rtx", f"auto: TensorRT-RTX runs on compute capability {cc[0]}.{cc[1]}"
+    why = "TensorRT is not installed"
+    if _has("tensorrt_rtx_bindings"):
+        why += f", TensorRT-RTX does not run on compute capability {cc[0]}.{cc[1]}"
+    if cuda_available():
+        return "onnxruntime", f"auto: ONNX Runtime CUDA ({why})"
+    return "onnxruntime-cpu", f"auto: ONNX Runtime on the CPU ({why}, no onnxruntime-gpu)"
+
+
+def load_backend(
+    requested: str, signature: ModelSignature, *, device: str, threads: int, slots: int = 2
+) -> tuple[Backend, str]:
+    """Load the model on this process's device; BackendError if the backend cannot run."""
+    name, why = resolve(requested, device)
+    log.info("backend: %s", why)
+    if name == "onnxruntime" and device == "gpu":
+        from batch_infer.backends.onnxruntime_cuda import OnnxRuntimeCUDA
+
+        # Ray sets CUDA_VISIBLE_DEVICES to the actor's own GPU, which is then device 0.
+        return OnnxRuntimeCUDA(signature, slots=slots, device=0), why
+    if name in ("onnxruntime", "onnxruntime-cpu"):
         from batch_infer.backends.onnxruntime_cpu import OnnxRuntimeCPU
 
-        return OnnxRuntimeCPU(signature, threads=threads)
+        return OnnxRuntimeCPU(signature, threads=threads), why
     raise BackendError(f"backend {name!r} is not available in this build")

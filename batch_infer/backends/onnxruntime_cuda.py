@@ -1,0 +1,103 @@
+"""ONNX Runtime on CUDA, driven through the shared slot ring.
+
+One session per slot, each bound to that slot's stream (`user_compute_stream`), inputs and
+outputs bound to the slot's device buffers (IO binding), and run with
+`disable_synchronize_execution_providers=1` so `run_with_iobinding` only enqueues work.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator
+
+import numpy as np
+import onnxruntime as ort
+
+from batch_infer.backends.base import Backend, Feeds
+from batch_infer.cuda_streams import Slot, SlotRing
+from batch_infer.errors import BackendError
+from batch_infer.model import ModelSignature
+
+
+def cuda_available() -> bool:
+    return "CUDAExecutionProvider" in ort.get_available_providers()
+
+
+class OnnxRuntimeCUDA(Backend):
+    name = "onnxruntime-cuda"
+
+    def __init__(self, signature: ModelSignature, slots: int = 2, device: int = 0) -> None:
+        if not cuda_available():
+            raise BackendError(
+                "ONNX Runtime here has no CUDAExecutionProvider: install onnxruntime-gpu "
+                "(pip install 'batch-infer[gpu]') on the GPU nodes"
+            )
+        self.inputs, self.outputs, self.device = signature.inputs, signature.outputs, device
+        self.ring = SlotRing(signature.inputs, signature.outputs, slots=slots, device=device)
+        self._static = {t.name: all(d > 0 for d in t.item_shape) for t in self.outputs}
+        self._sessions = []
+        try:
+            for slot in self.ring.slots:
+                provider = (
+                    "CUDAExecutionProvider",
+                    {
+                        "device_id": str(device),
+                        "user_compute_stream": str(slot.stream_handle),
+                    },
+                )
+                session = ort.InferenceSession(
+                    signature.path, ort.SessionOptions(), providers=[provider]
+                )
+                if session.get_providers()[0] != "CUDAExecutionProvider":
+                    raise BackendError(f"ONNX Runtime did not put {signature.path} on CUDA")
+                self._sessions.append((session, session.io_binding()))
+        except Exception as exc:
+            self.ring.close()
+            if isinstance(exc, BackendError):
+                raise
+            raise BackendError(f"ONNX Runtime CUDA cannot load {signature.path}: {exc}") from None
+        self._run_options = ort.RunOptions()
+        self._run_options.add_run_config_entry("disable_synchronize_execution_providers", "1")
+
+    def _enqueue(
+        self, slot: Slot, shapes: dict[str, tuple[int, ...]]
+    ) -> dict[str, tuple[tuple[int, ...], int]]:
+        session, io = self._sessions[slot.index]
+        io.clear_binding_inputs()
+        io.clear_binding_outputs()
+        for t in self.inputs:
+            io.bind_input(
+                t.name, "cuda", self.device, t.dtype, list(shapes[t.name]), slot.dev_in[t.name].ptr
+            )
+        rows = next(iter(shapes.values()))[0]
+        produced: dict[str, tuple[tuple[int, ...], int]] = {}
+        for t in self.outputs:
+            if self._static[t.name]:  # written straight into the slot's own buffer
+                shape = (rows, *t.item_shape)
+                ptr = self.ring.output_buffer(slot, t, shape)
+                io.bind_output(t.name, "cuda", self.device, t.dtype, list(shape), ptr)
+                produced[t.name] = (shape, ptr)
+            else:  # shape known only after the run: ORT allocates; it lives until the next bind
+                io.bind_output(t.name, "cuda", self.device)
+        session.run_with_iobinding(io, self._run_options)
+        if len(produced) < len(self.outputs):
+            for t, value in zip(self.outputs, io.get_outputs(), strict=True):
+                if t.name not in produced:
+                    produced[t.name] = (tuple(value.shape()), int(value.data_ptr()))
+        return produced
+
+    def run(self, batches: Iterable[Feeds]) -> Iterator[Feeds]:
+        def contiguous() -> Iterator[Feeds]:
+            for feeds in batches:
+                yield {k: np.ascontiguousarray(v) for k, v in feeds.items()}
+
+        yield from self.ring.run(contiguous(), self._enqueue)
+
+    def describe(self) -> str:
+        return (
+            f"onnxruntime {ort.__version__} CUDA (GPU {self.device}, "
+            f"{len(self.ring.slots)} streams)"
+        )
+
+    def close(self) -> None:
+        self._sessions = []
+        self.ring.close()
