@@ -34,11 +34,7 @@ class InferenceActor:
         self.error: UserError | None = None
         try:
             self.backend, self.why = load_backend(
-                plan.spec.backend,
-                plan.signature,
-                device=device,
-                threads=threads,
-                slots=plan.spec.slots,
+                plan.spec, plan.signature, device=device, threads=threads
             )
         except UserError as exc:  # kept for describe(): the driver gets it as a clear error
             self.error = exc
@@ -142,6 +138,7 @@ class InferenceActor:
             "attempt": attempt,
             "seconds": round(time.time() - started, 3),
             "node": ray.get_runtime_context().get_node_id(),
+            "gpu": ",".join(map(str, ray.get_gpu_ids())) or None,
         }
         if shard.rows is not None and shard.rows != table.num_rows:
             raise RuntimeError(

@@ -56,6 +56,17 @@ def _cmd_run(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_build(args: argparse.Namespace) -> int:
+    from batch_infer.backends.tensorrt import build_for_spec
+    from batch_infer.spec import load_spec
+
+    spec = load_spec(args.spec, parse_overrides(args.set))
+    engine = build_for_spec(spec)
+    state = "built" if engine.built else "already cached"
+    Console().print(f"engine {state}: {engine.path} ({len(engine.data):,} bytes)", highlight=False)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="batch-infer", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -73,6 +84,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=_cmd_run)
+    b = sub.add_parser("build", help="build the TensorRT engine a spec's actors will use")
+    b.add_argument("spec")
+    b.add_argument("--set", action="append", default=[], metavar="KEY.SUB=VALUE")
+    b.set_defaults(func=_cmd_build)
     return parser
 
 

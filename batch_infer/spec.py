@@ -53,6 +53,21 @@ class OutputSpec(_Strict):
     row_group_rows: int = Field(default=65536, ge=1)
 
 
+class TensorRTSpec(_Strict):
+    """Engine build options for the tensorrt and tensorrt-rtx backends."""
+
+    precision: Literal["fp32", "fp16", "int8"] | None = Field(
+        default=None, description="Builder flag (TensorRT); TensorRT-RTX takes it from the ONNX."
+    )
+    profile: dict[str, dict[str, list[int]]] = Field(
+        default_factory=dict, description="input -> {min, opt, max} shapes (batch first)."
+    )
+    cache_dir: str | None = None
+    compute_capability: str | None = Field(
+        default=None, description="Build for this GPU, e.g. '8.9' (TensorRT-RTX, ahead of time)."
+    )
+
+
 class JobSpec(_Strict):
     name: str = Field(pattern=r"^[A-Za-z0-9_.-]+$")
     input: InputSpec
@@ -63,6 +78,7 @@ class JobSpec(_Strict):
         default="auto", description="auto: one actor per GPU when the cluster has GPUs."
     )
     slots: int = Field(default=2, ge=1, le=8, description="Batches in flight per GPU actor.")
+    tensorrt: TensorRTSpec = Field(default_factory=TensorRTSpec)
     batch_size: int = Field(default=512, ge=1)
     max_bad_rows: int = Field(default=0, ge=0)
     max_retries: int = Field(default=3, ge=0, description="Extra attempts per shard.")

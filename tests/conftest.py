@@ -49,11 +49,16 @@ def make_two_io_model(path: Path) -> str:
         helper.make_node("ReduceSum", ["emb"], ["score"], keepdims=1, axes=[1]),
     ]
     graph = helper.make_graph(
-        nodes, "two_io",
-        [helper.make_tensor_value_info("seq", TensorProto.FLOAT, ["N", 4]),
-         helper.make_tensor_value_info("feat", TensorProto.FLOAT, ["N", 3])],
-        [helper.make_tensor_value_info("emb", TensorProto.FLOAT, ["N", 2]),
-         helper.make_tensor_value_info("score", TensorProto.FLOAT, ["N", 1])],
+        nodes,
+        "two_io",
+        [
+            helper.make_tensor_value_info("seq", TensorProto.FLOAT, ["N", 4]),
+            helper.make_tensor_value_info("feat", TensorProto.FLOAT, ["N", 3]),
+        ],
+        [
+            helper.make_tensor_value_info("emb", TensorProto.FLOAT, ["N", 2]),
+            helper.make_tensor_value_info("score", TensorProto.FLOAT, ["N", 1]),
+        ],
         [w, v],
     )
     return _save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 11)]), path)
@@ -63,9 +68,11 @@ def make_linear_model(path: Path, width: int = 3) -> str:
     """x float[N,width] (stacked scalar columns) -> y float[N,1]."""
     w = numpy_helper.from_array(np.arange(1, width + 1, dtype=np.float32).reshape(width, 1), "w")
     graph = helper.make_graph(
-        [helper.make_node("MatMul", ["x", "w"], ["y"])], "linear",
+        [helper.make_node("MatMul", ["x", "w"], ["y"])],
+        "linear",
         [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", width])],
-        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 1])], [w],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 1])],
+        [w],
     )
     return _save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 11)]), path)
 
@@ -84,14 +91,16 @@ def make_table(n: int, start: int = 0, seed: int = 0) -> pa.Table:
     """Rows for the two_io model: id, seq list<float>[4], a/b/c scalars, label."""
     rng = np.random.default_rng(seed)
     seq = rng.standard_normal((n, 4)).astype(np.float32)
-    return pa.table({
-        "id": np.arange(start, start + n, dtype=np.int64),
-        "seq": pa.array(list(seq), pa.list_(pa.float32())),
-        "a": rng.standard_normal(n),
-        "b": rng.integers(-5, 5, n).astype(np.int32),
-        "c": rng.standard_normal(n).astype(np.float32),
-        "label": pa.array([f"row-{i}" for i in range(start, start + n)]),
-    })
+    return pa.table(
+        {
+            "id": np.arange(start, start + n, dtype=np.int64),
+            "seq": pa.array(list(seq), pa.list_(pa.float32())),
+            "a": rng.standard_normal(n),
+            "b": rng.integers(-5, 5, n).astype(np.int32),
+            "c": rng.standard_normal(n).astype(np.float32),
+            "label": pa.array([f"row-{i}" for i in range(start, start + n)]),
+        }
+    )
 
 
 def write_parquet_dataset(root: Path, files: int = 3, rows: int = 500, row_group: int = 64) -> Path:
@@ -99,8 +108,9 @@ def write_parquet_dataset(root: Path, files: int = 3, rows: int = 500, row_group
     for i in range(files):
         d = root / f"part={i % 2}"
         d.mkdir(parents=True, exist_ok=True)
-        pq.write_table(make_table(rows, start=i * rows, seed=i), d / f"f{i}.parquet",
-                       row_group_size=row_group)
+        pq.write_table(
+            make_table(rows, start=i * rows, seed=i), d / f"f{i}.parquet", row_group_size=row_group
+        )
     return root
 
 

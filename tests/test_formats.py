@@ -26,8 +26,13 @@ pytestmark = pytest.mark.usefixtures("ray_start_regular")
 def test_hive_parquet_multi_file_multi_row_group(tmp_path, models):
     data = write_parquet_dataset(tmp_path / "in", files=3, rows=500, row_group=64)
     out = tmp_path / "out"
-    spec = two_io_spec(data, out, models["two_io"], shard_rows=200,
-                       output={"keep_columns": ["id", "label", "part"]})
+    spec = two_io_spec(
+        data,
+        out,
+        models["two_io"],
+        shard_rows=200,
+        output={"keep_columns": ["id", "label", "part"]},
+    )
     summary = batch_infer.run(spec)
     inputs = ds.dataset(str(data), format="parquet", partitioning="hive").to_table()
     output = read_output(out)
@@ -71,7 +76,9 @@ def test_single_file_and_glob(tmp_path, models):
     assert_matches_direct(models["two_io"], pq.read_table(one), read_output(out1))
     out2 = tmp_path / "glob"
     batch_infer.run(two_io_spec(f"{data}/part=0/*.parquet", out2, models["two_io"]))
-    assert sorted(read_output(out2)["id"].to_pylist()) == list(range(0, 120)) + list(range(240, 360))
+    assert sorted(read_output(out2)["id"].to_pylist()) == list(range(0, 120)) + list(
+        range(240, 360)
+    )
 
 
 def test_ipc_input(tmp_path, models):
@@ -95,7 +102,8 @@ def test_csv_input_stacked_columns(tmp_path, models):
         pacsv.write_csv(t, data / f"f{i}.csv")
     out = tmp_path / "out"
     spec = {
-        "name": "csv", "input": {"path": str(data), "format": "csv"},
+        "name": "csv",
+        "input": {"path": str(data), "format": "csv"},
         "model": {"onnx": models["linear"], "inputs": {"x": ["a", "b", "c"]}},
         "output": {"path": str(out), "keep_columns": ["id"]},
     }
@@ -104,15 +112,17 @@ def test_csv_input_stacked_columns(tmp_path, models):
     output = read_output(out).sort_by("id")
     assert output["id"].to_pylist() == list(range(600))
     x = np.column_stack([inputs[c].to_numpy().astype(np.float32) for c in "abc"])
-    np.testing.assert_allclose(output["y"].to_numpy(), x @ np.array([1, 2, 3], np.float32),
-                               rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(
+        output["y"].to_numpy(), x @ np.array([1, 2, 3], np.float32), rtol=1e-5, atol=1e-6
+    )
     assert summary.rows == 600
 
 
 def test_fixed_size_list_and_binary_inputs(tmp_path, models):
     """The same pixels as fixed_size_list<uint8> and as raw bytes: same predictions."""
-    src = ds.dataset(str(batch_infer_root() / "data" / "digits"), format="parquet",
-                     partitioning="hive").to_table()
+    src = ds.dataset(
+        str(batch_infer_root() / "data" / "digits"), format="parquet", partitioning="hive"
+    ).to_table()
     pixels = np.stack(src["pixels"].to_pylist()).astype(np.uint8)
     fixed = pa.FixedSizeListArray.from_arrays(pa.array(pixels.reshape(-1)), 64)
     raw = pa.array([row.astype(np.float32).tobytes() for row in pixels], pa.binary())
@@ -122,11 +132,14 @@ def test_fixed_size_list_and_binary_inputs(tmp_path, models):
     outs = {}
     for col in ("fixed", "raw"):
         out = tmp_path / col
-        batch_infer.run({
-            "name": col, "input": {"path": str(tmp_path / "in")},
-            "model": {"onnx": models["digits"], "inputs": {"pixels": col}},
-            "output": {"path": str(out), "keep_columns": ["id", "label"]},
-        })
+        batch_infer.run(
+            {
+                "name": col,
+                "input": {"path": str(tmp_path / "in")},
+                "model": {"onnx": models["digits"], "inputs": {"pixels": col}},
+                "output": {"path": str(out), "keep_columns": ["id", "label"]},
+            }
+        )
         outs[col] = read_output(out).sort_by("id")
     assert outs["fixed"]["predicted"].to_pylist() == outs["raw"]["predicted"].to_pylist()
     accuracy = np.mean(outs["fixed"]["predicted"].to_numpy() == outs["fixed"]["label"].to_numpy())

@@ -24,8 +24,9 @@ from tests.conftest import ROOT, assert_matches_direct, make_table, read_output,
 def _big_input(root: Path, files: int = 4, rows: int = 4000) -> Path:
     root.mkdir(parents=True)
     for i in range(files):
-        pq.write_table(make_table(rows, start=i * rows, seed=i), root / f"f{i}.parquet",
-                       row_group_size=100)
+        pq.write_table(
+            make_table(rows, start=i * rows, seed=i), root / f"f{i}.parquet", row_group_size=100
+        )
     return root
 
 
@@ -44,11 +45,16 @@ def _start_driver(spec_path: Path) -> subprocess.Popen:
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     return subprocess.Popen(
         [sys.executable, "-m", "batch_infer.cli", "run", str(spec_path), "--quiet"],
-        env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        start_new_session=True,
     )
 
 
-def _wait_for_commits(out: Path, proc: subprocess.Popen, at_least: int, timeout: float = 120) -> None:
+def _wait_for_commits(
+    out: Path, proc: subprocess.Popen, at_least: int, timeout: float = 120
+) -> None:
     deadline = time.time() + timeout
     while len(_committed(out)) < at_least:
         if proc.poll() is not None:
@@ -75,13 +81,18 @@ def test_driver_sigkill_then_rerun_resumes(tmp_path, models):
     assert 3 <= len(before) < total, "the kill must land mid-run"
     files_before = {
         name: (out / name).stat().st_mtime_ns
-        for e in before.values() for name in e["files"] if (out / name).exists()
+        for e in before.values()
+        for name in e["files"]
+        if (out / name).exists()
     }
     assert (out / "_LOCK").exists() and not (out / "_SUCCESS").exists()
 
     rerun = subprocess.run(
         [sys.executable, "-m", "batch_infer.cli", "run", str(spec_path), "--quiet"],
-        env={**os.environ, "PYTHONPATH": str(ROOT)}, capture_output=True, text=True, timeout=300,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert rerun.returncode == 0, rerun.stderr
     after = _committed(out)
@@ -150,7 +161,8 @@ def test_changed_model_is_refused(tmp_path, models):
     out = tmp_path / "out"
     batch_infer.run(two_io_spec(data, out, models["two_io"]))
     spec = {
-        "name": "other", "input": {"path": str(data)},
+        "name": "other",
+        "input": {"path": str(data)},
         "model": {"onnx": models["linear"], "inputs": {"x": ["a", "b", "c"]}},
         "output": {"path": str(out)},
     }
@@ -164,11 +176,16 @@ def test_second_run_into_same_output_is_refused(tmp_path, models):
     data = _big_input(tmp_path / "in", files=1, rows=100)
     out = tmp_path / "out"
     holder = subprocess.Popen(
-        [sys.executable, "-c",
-         "import sys, time; from batch_infer.manifest import Output, OutputLock;"
-         f"lock = OutputLock(Output.at({str(out)!r}), 'first-run'); lock.acquire();"
-         "print('held', flush=True); time.sleep(120)"],
-        env={**os.environ, "PYTHONPATH": str(ROOT)}, stdout=subprocess.PIPE, text=True,
+        [
+            sys.executable,
+            "-c",
+            "import sys, time; from batch_infer.manifest import Output, OutputLock;"
+            f"lock = OutputLock(Output.at({str(out)!r}), 'first-run'); lock.acquire();"
+            "print('held', flush=True); time.sleep(120)",
+        ],
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+        stdout=subprocess.PIPE,
+        text=True,
     )
     try:
         assert holder.stdout.readline().strip() == "held"

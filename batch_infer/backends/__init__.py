@@ -12,6 +12,7 @@ import logging
 from batch_infer.backends.base import Backend
 from batch_infer.errors import BackendError
 from batch_infer.model import ModelSignature
+from batch_infer.spec import JobSpec
 
 log = logging.getLogger("batch_infer")
 
@@ -61,11 +62,26 @@ def resolve(requested: str, device: str) -> tuple[str, str]:
 
 
 def load_backend(
-    requested: str, signature: ModelSignature, *, device: str, threads: int, slots: int = 2
+    spec: JobSpec, signature: ModelSignature, *, device: str, threads: int
 ) -> tuple[Backend, str]:
     """Load the model on this process's device; BackendError if the backend cannot run."""
-    name, why = resolve(requested, device)
+    name, why = resolve(spec.backend, device)
     log.info("backend: %s", why)
+    slots = spec.slots
+    if name in ("tensorrt", "tensorrt-rtx"):
+        from batch_infer.backends.tensorrt import TensorRTBackend
+
+        trt = spec.tensorrt
+        backend = TensorRTBackend(
+            signature,
+            backend=name,
+            batch_size=spec.batch_size,
+            slots=slots,
+            precision=trt.precision,
+            profile=trt.profile,
+            cache_dir=trt.cache_dir,
+        )
+        return backend, why
     if name == "onnxruntime" and device == "gpu":
         from batch_infer.backends.onnxruntime_cuda import OnnxRuntimeCUDA
 
@@ -75,4 +91,4 @@ def load_backend(
         from batch_infer.backends.onnxruntime_cpu import OnnxRuntimeCPU
 
         return OnnxRuntimeCPU(signature, threads=threads), why
-    raise BackendError(f"backend {name!r} is not available in this build")
+    raise BackendError(f"unknown backend {name!r}")

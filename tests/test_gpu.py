@@ -1,0 +1,147 @@
+"""On a GPU (marked `gpu`): the job on ONNX Runtime CUDA gives the CPU run's predictions.
+
+Run on the GPU machine: python -m pytest -m gpu tests/test_gpu.py
+Tolerances (stated, measured values are printed): relative L2 error of the outputs against
+ONNX Runtime on the CPU, 1e-3 for the digits MLP and 2e-2 for ResNet-50 and BERT-base in
+fp32 (cuDNN/cuBLAS may use TF32 on Hopper); the predicted classes must agree.
+"""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.dataset as ds
+import pyarrow.parquet as pq
+import pytest
+
+import batch_infer
+from batch_infer.cuda_streams import device_count
+from tests.conftest import ROOT, read_output
+
+pytestmark = [
+    pytest.mark.gpu,
+    pytest.mark.skipif(device_count() == 0, reason="needs an NVIDIA GPU"),
+    pytest.mark.usefixtures("ray_start_regular"),
+]
+
+
+def _rel(a: np.ndarray, b: np.ndarray) -> float:
+    return float(np.linalg.norm(a.astype(np.float64) - b) / np.linalg.norm(b.astype(np.float64)))
+
+
+def _run_both(spec: dict, tmp_path) -> tuple[pa.Table, pa.Table, batch_infer.RunSummary]:
+    gpu_spec = {**spec, "output": {**spec["output"], "path": str(tmp_path / "gpu")}}
+    cpu_spec = {
+        **spec,
+        "device": "cpu",
+        "output": {**spec["output"], "path": str(tmp_path / "cpu")},
+    }
+    summary = batch_infer.run(gpu_spec)
+    assert "CUDA" in summary.backend, summary.backend
+    batch_infer.run(cpu_spec)
+    return (
+        read_output(tmp_path / "gpu").sort_by("id"),
+        read_output(tmp_path / "cpu").sort_by("id"),
+        summary,
+    )
+
+
+def test_quickstart_on_cuda_matches_cpu(tmp_path):
+    spec = batch_infer.load_spec(ROOT / "jobs" / "quickstart.yaml").model_dump()
+    spec["batch_size"] = 100  # several batches in flight, a smaller last batch per shard
+    gpu, cpu, summary = _run_both(spec, tmp_path)
+    assert gpu.num_rows == cpu.num_rows == 1797
+    err = _rel(
+        np.stack(gpu["logits"].to_numpy(zero_copy_only=False)),
+        np.stack(cpu["logits"].to_numpy(zero_copy_only=False)),
+    )
+    print(f"digits logits relative error {err:.2e}; backend {summary.backend}")
+    assert err < 1e-3
+    assert gpu["predicted"].to_pylist() == cpu["predicted"].to_pylist()
+
+
+def _images(path, n: int) -> None:
+    rng = np.random.default_rng(0)
+    pixels = rng.integers(0, 256, (n, 224, 224, 3), dtype=np.uint8)
+    raw = pa.array([p.tobytes() for p in pixels], pa.binary())
+    pq.write_table(pa.table({"id": np.arange(n), "pixels": raw}), path, row_group_size=128)
+
+
+def test_resnet50_on_cuda_matches_cpu(tmp_path):
+    from tests.gpu_models import export_resnet50
+
+    model = export_resnet50(tmp_path / "resnet50.onnx")
+    (tmp_path / "in").mkdir()
+    _images(tmp_path / "in" / "images.parquet", 384)
+    spec = {
+        "name": "resnet",
+        "input": {"path": str(tmp_path / "in")},
+        "model": {"onnx": model, "inputs": {"pixels": "pixels"}},
+        "batch_size": 64,
+        "output": {"path": "", "keep_columns": ["id"]},
+    }
+    gpu, cpu, _ = _run_both(spec, tmp_path)
+    a = np.stack(gpu["logits"].to_numpy(zero_copy_only=False))
+    b = np.stack(cpu["logits"].to_numpy(zero_copy_only=False))
+    err = _rel(a, b)
+    agree = float(np.mean(a.argmax(1) == b.argmax(1)))
+    print(f"resnet50 logits relative error {err:.2e}; top-1 agreement {agree:.4f}")
+    assert err < 2e-2 and agree >= 0.99
+
+
+def test_bert_on_cuda_matches_cpu(tmp_path):
+    from tests.gpu_models import export_bert
+
+    model = export_bert(tmp_path / "bert.onnx")
+    rng = np.random.default_rng(0)
+    n, seq = 256, 128
+    ids = rng.integers(1000, 30000, (n, seq))
+    lengths = rng.integers(8, seq, n)
+    mask = (np.arange(seq)[None, :] < lengths[:, None]).astype(np.int64)
+    (tmp_path / "in").mkdir()
+    pq.write_table(
+        pa.table(
+            {
+                "id": np.arange(n),
+                "ids": pa.FixedSizeListArray.from_arrays(pa.array(ids.reshape(-1)), seq),
+                "mask": pa.FixedSizeListArray.from_arrays(pa.array(mask.reshape(-1)), seq),
+            }
+        ),
+        tmp_path / "in" / "tokens.parquet",
+        row_group_size=64,
+    )
+    spec = {
+        "name": "bert",
+        "input": {"path": str(tmp_path / "in")},
+        "model": {"onnx": model, "inputs": {"ids": "ids", "mask": "mask"}},
+        "batch_size": 32,
+        "output": {"path": "", "keep_columns": ["id"]},
+    }
+    gpu, cpu, _ = _run_both(spec, tmp_path)
+    err = _rel(
+        np.stack(gpu["pooled"].to_numpy(zero_copy_only=False)),
+        np.stack(cpu["pooled"].to_numpy(zero_copy_only=False)),
+    )
+    print(f"bert pooled relative error {err:.2e}")
+    assert err < 2e-2
+
+
+@pytest.mark.skipif(device_count() < 2, reason="needs two GPUs")
+def test_two_gpus_two_actors_rows_split(tmp_path):
+    spec = batch_infer.load_spec(ROOT / "jobs" / "quickstart.yaml").model_dump()
+    spec["shard_rows"] = 100
+    spec["output"]["path"] = str(tmp_path / "out")
+    summary = batch_infer.run(spec)
+    assert summary.actors == 2
+    entries = [
+        json.loads(p.read_text())
+        for p in (tmp_path / "out" / "_manifest" / "shards").glob("*.json")
+    ]
+    gpus = {e["gpu"] for e in entries}
+    print(f"shards per GPU: { {g: sum(e['gpu'] == g for e in entries) for g in gpus} }")
+    assert len(gpus) == 2
+    assert sum(e["rows"] for e in entries) == 1797
+    out = ds.dataset(str(tmp_path / "out"), format="parquet").to_table()
+    assert sorted(out["id"].to_pylist()) == list(range(1797))
