@@ -1,7 +1,9 @@
-"""The inference actor: reads a shard, converts it, runs the model, returns the tables.
+"""The two stages each shard goes through before it is written.
 
-Its returns stay in the object store on its node; the driver passes them on to a writer
-without ever fetching them, so the data never flows through the driver.
+`prepare_shard` (a Ray task on any core) reads the shard, sets bad rows aside and converts
+the rest to tensors; `InferenceActor.infer` (one actor per GPU, or per core on a CPU-only
+cluster) runs the model on them. Results stay in the object store on their node; the
+driver passes references along, so the data never flows through the driver.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ from batch_infer.errors import UserError
 from batch_infer.planning import JobPlan
 from batch_infer.reading import read_rows
 from batch_infer.sharding import Shard
-from batch_infer.tensors import to_arrow, to_tensor
+from batch_infer.tensors import find_bad_rows, to_arrow, to_tensor
 
 ERROR_COLUMNS = ("_shard", "_file", "_row", "_reason")
 
@@ -45,106 +47,112 @@ class InferenceActor:
             raise self.error
         return self.backend.describe(), self.why
 
-    def _feeds(self, table: pa.Table) -> Iterator[tuple[int, Feeds]]:
+    def _batches(self, feeds: Feeds, rows: int) -> Iterator[tuple[int, Feeds]]:
         """(real rows, feeds) per micro-batch; a model with a fixed batch gets padded batches."""
         fixed = self.plan.bindings[0].tensor.fixed_batch
         size = fixed or self.plan.spec.batch_size
-        for start in range(0, table.num_rows, size):
-            part = table.slice(start, size)
-            feeds = {b.tensor.name: to_tensor(part, b) for b in self.plan.bindings}
-            if fixed and part.num_rows < fixed:
-                pad = fixed - part.num_rows
-                feeds = {
-                    k: np.concatenate([v, np.zeros((pad, *v.shape[1:]), v.dtype)])
-                    for k, v in feeds.items()
+        for start in range(0, rows, size):
+            part = {k: v[start : start + size] for k, v in feeds.items()}
+            real = min(size, rows - start)
+            if fixed and real < fixed:
+                part = {
+                    k: np.concatenate([v, np.zeros((fixed - real, *v.shape[1:]), v.dtype)])
+                    for k, v in part.items()
                 }
-            yield part.num_rows, feeds
+            yield real, part
 
-    def _infer(self, table: pa.Table) -> dict[str, pa.Array]:
+    def infer(
+        self, entry: dict[str, Any], keep: pa.Table, feeds: Feeds
+    ) -> tuple[dict[str, Any], pa.Table]:
+        """Run a prepared shard; (manifest entry draft, predictions)."""
+        started = time.time()
         counts: list[int] = []
 
         def batches() -> Iterator[Feeds]:
-            for rows, feeds in self._feeds(table):
-                counts.append(rows)
-                yield feeds
+            for real, part in self._batches(feeds, keep.num_rows):
+                counts.append(real)
+                yield part
 
         names = {t.name: (t, col) for t, col in self.plan.outputs}
         pieces: dict[str, list[np.ndarray]] = {name: [] for name in names}
         for i, result in enumerate(self.backend.run(batches())):
             for name in names:
                 pieces[name].append(result[name][: counts[i]])
-        columns = {}
+        predictions = keep
         for name, (tensor, col) in names.items():
             if pieces[name]:
-                columns[col] = to_arrow(np.concatenate(pieces[name]), tensor)
+                array = np.concatenate(pieces[name])
             else:
-                empty = np.zeros((0, *(max(d, 1) for d in tensor.item_shape)), tensor.dtype)
-                columns[col] = to_arrow(empty, tensor)
-        return columns
-
-    def process(
-        self, shard: Shard, run_id: str, attempt: int
-    ) -> tuple[dict[str, Any], pa.Table, pa.Table | None]:
-        """(manifest entry draft, predictions, bad rows or None)."""
-        from batch_infer.tensors import find_bad_rows
-
-        started = time.time()
-        plan = self.plan
-        table = read_rows(
-            plan.dataset,
-            shard.file,
-            plan.columns,
-            plan.text_columns,
-            shard.row_groups,
-            shard.first_row,
-            shard.row_start,
-            shard.row_stop,
-        )
-        bad, reasons = find_bad_rows(table, list(plan.bindings))
-        good = table.filter(pa.array(~bad)) if bad.any() else table
-        keep = good.select(plan.keep_schema.names).cast(plan.keep_schema)
-        predictions = keep
-        for col, array in self._infer(good).items():
-            predictions = predictions.append_column(col, array)
-        errors = None
-        if bad.any():
-            rows = np.flatnonzero(bad)
-            errors = (
-                table.filter(pa.array(bad)).select(plan.keep_schema.names).cast(plan.keep_schema)
-            )
-            for name, values in zip(
-                ERROR_COLUMNS,
-                (
-                    pa.array([shard.id] * len(rows)),
-                    pa.array([shard.file.relpath] * len(rows)),
-                    pa.array(rows + shard.row_start),
-                    pa.array(reasons, pa.string()),
-                ),
-                strict=True,
-            ):
-                errors = errors.append_column(name, values)
+                array = np.zeros((0, *(max(d, 1) for d in tensor.item_shape)), tensor.dtype)
+            predictions = predictions.append_column(col, to_arrow(array, tensor))
         entry = {
-            "shard": shard.id,
-            "file": shard.file.relpath,
-            "row_start": shard.row_start,
-            "row_stop": shard.row_start + table.num_rows,
-            "rows": table.num_rows,
-            "good_rows": good.num_rows,
-            "bad_rows": int(bad.sum()),
-            "input_fingerprint": shard.fingerprint,
-            "model_sha256": plan.signature.sha256,
+            **entry,
             "backend": self.backend.describe(),
-            "run": run_id,
-            "attempt": attempt,
-            "seconds": round(time.time() - started, 3),
+            "infer_seconds": round(time.time() - started, 3),
             "node": ray.get_runtime_context().get_node_id(),
             "gpu": ",".join(map(str, ray.get_gpu_ids())) or None,
         }
-        if shard.rows is not None and shard.rows != table.num_rows:
-            raise RuntimeError(
-                f"shard {shard.id}: read {table.num_rows} rows, planned {shard.rows}"
-            )
-        return entry, predictions, errors
+        return entry, predictions
+
+
+def _errors_table(
+    plan: JobPlan, shard: Shard, table: pa.Table, bad: np.ndarray, reasons: list[str]
+) -> pa.Table:
+    """The rows that could not be converted: kept columns, where they came from, and why."""
+    rows = np.flatnonzero(bad)
+    errors = table.filter(pa.array(bad)).select(plan.keep_schema.names).cast(plan.keep_schema)
+    columns = (
+        pa.array([shard.id] * len(rows)),
+        pa.array([shard.file.relpath] * len(rows)),
+        pa.array(rows + shard.row_start),
+        pa.array(reasons, pa.string()),
+    )
+    for name, values in zip(ERROR_COLUMNS, columns, strict=True):
+        errors = errors.append_column(name, values)
+    return errors
+
+
+def prepare_shard(
+    plan: JobPlan, shard: Shard, run_id: str, attempt: int
+) -> tuple[dict[str, Any], pa.Table, Feeds, pa.Table | None]:
+    """Read a shard, set its bad rows aside and convert the good ones to model tensors.
+
+    Runs as a Ray task on any free core, ahead of the actor, so decoding Parquet never
+    starves the GPU. Returns (manifest entry draft, kept columns, tensors, bad rows or None).
+    """
+    started = time.time()
+    table = read_rows(
+        plan.dataset,
+        shard.file,
+        plan.columns,
+        plan.text_columns,
+        shard.row_groups,
+        shard.first_row,
+        shard.row_start,
+        shard.row_stop,
+    )
+    if shard.rows is not None and shard.rows != table.num_rows:
+        raise RuntimeError(f"shard {shard.id}: read {table.num_rows} rows, planned {shard.rows}")
+    bad, reasons = find_bad_rows(table, list(plan.bindings))
+    good = table.filter(pa.array(~bad)) if bad.any() else table
+    keep = good.select(plan.keep_schema.names).cast(plan.keep_schema)
+    feeds = {b.tensor.name: to_tensor(good, b) for b in plan.bindings}
+    errors = _errors_table(plan, shard, table, bad, reasons) if bad.any() else None
+    entry = {
+        "shard": shard.id,
+        "file": shard.file.relpath,
+        "row_start": shard.row_start,
+        "row_stop": shard.row_start + table.num_rows,
+        "rows": table.num_rows,
+        "good_rows": good.num_rows,
+        "bad_rows": int(bad.sum()),
+        "input_fingerprint": shard.fingerprint,
+        "model_sha256": plan.signature.sha256,
+        "run": run_id,
+        "attempt": attempt,
+        "prepare_seconds": round(time.time() - started, 3),
+    }
+    return entry, keep, feeds, errors
 
 
 def threads_for(num_cpus: float) -> int:

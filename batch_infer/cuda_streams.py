@@ -13,6 +13,7 @@ waited on; nothing in the loop synchronizes the whole device.
 from __future__ import annotations
 
 import ctypes
+import queue
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
@@ -126,6 +127,7 @@ class SlotRing:
         check(cudart.cudaSetDevice(device), "cudaSetDevice")
         self.inputs, self.outputs, self.device = inputs, outputs, device
         self.slots: list[Slot] = []
+        self._free: queue.Queue[Slot] = queue.Queue()
         try:
             for i in range(slots):
                 stream = check(
@@ -137,6 +139,7 @@ class SlotRing:
                     "cudaEventCreateWithFlags",
                 )
                 self.slots.append(Slot(i, stream, done))
+                self._free.put(self.slots[-1])
         except CudaError:
             self.close()
             raise
@@ -207,19 +210,33 @@ class SlotRing:
         }
 
     def run(self, batches: Iterable[Feeds], enqueue: Enqueue) -> Iterator[Feeds]:
-        """Keep up to K batches in flight; yield outputs in submission order."""
-        in_flight: deque[Slot] = deque()
-        free = deque(self.slots)
-        for feeds in batches:  # converting the next batch overlaps with the GPU's work
-            if not free:
-                oldest = in_flight.popleft()
+        """Keep batches in flight on free slots; yield outputs in submission order.
+
+        Several threads may call this at once (one shard each): they share the slots, so
+        one shard's last batches overlap with the next shard's first. A thread waits for
+        a slot only when it holds none, so two threads never wait on each other.
+        """
+        mine: deque[Slot] = deque()
+        try:
+            for feeds in batches:  # converting the next batch overlaps with the GPU's work
+                try:
+                    slot = self._free.get_nowait()
+                except queue.Empty:
+                    if mine:
+                        oldest = mine.popleft()
+                        yield self._collect(oldest)
+                        self._free.put(oldest)
+                    slot = self._free.get()
+                mine.append(slot)
+                self._submit(slot, feeds, enqueue)
+            while mine:
+                oldest = mine.popleft()
                 yield self._collect(oldest)
-                free.append(oldest)
-            slot = free.popleft()
-            self._submit(slot, feeds, enqueue)
-            in_flight.append(slot)
-        while in_flight:
-            yield self._collect(in_flight.popleft())
+                self._free.put(oldest)
+        finally:  # a failed batch: wait for this thread's slots, then hand them back
+            for slot in mine:
+                cudart.cudaEventSynchronize(slot.done)
+                self._free.put(slot)
 
     def close(self) -> None:
         """Free every buffer, event and stream; safe to call twice and after an error."""

@@ -20,7 +20,7 @@ import ray
 from ray.exceptions import RayActorError, RayTaskError, WorkerCrashedError
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from batch_infer.actor import InferenceActor, threads_for
+from batch_infer.actor import InferenceActor, prepare_shard, threads_for
 from batch_infer.backends import check_request
 from batch_infer.errors import BadRowsError, JobFailedError, OutputError, UserError
 from batch_infer.manifest import RUNS, SHARDS, STAGING, SUCCESS, Output, OutputLock, recover
@@ -123,13 +123,23 @@ class _Pool:
         spec = plan.spec
         resources = ray.cluster_resources()
         self.plan, self.device, self.run_id = plan, device, run_id
-        if device == "gpu":  # one actor per GPU
+        cpus = max(1, int(resources.get("CPU", 1)))
+        if device == "gpu":  # one actor per GPU; the other cores prepare shards ahead of it
             self.count = int(resources.get("GPU", 0))
-            self.options = {"num_gpus": 1, "num_cpus": 1}
-        else:
-            self.count = spec.num_actors or max(1, int(resources.get("CPU", 1)))
+            # Two shards at once share the actor's slots, so the GPU never drains between them.
+            self.options = {"num_gpus": 1, "num_cpus": 1, "max_concurrency": 2}
+            self.prepare_cpus = 1.0
+            self.depth = max(3, (cpus - 2 * self.count) // self.count)
+        else:  # the actors hold the cores; preparing shares them, two shards per actor
+            self.count = spec.num_actors or cpus
             self.options = {"num_cpus": 1}
+            self.prepare_cpus = 0.0
+            self.depth = 2
         self.threads = threads_for(self.options["num_cpus"])
+        self.plan_ref = ray.put(plan)
+        self.prepare = ray.remote(prepare_shard).options(
+            num_returns=4, num_cpus=self.prepare_cpus, max_retries=2
+        )
         self.actors = [self._new_actor(i) for i in range(self.count)]
         writers = spec.num_writers or max(1, -(-self.count // 4))
         self.writers = [self._new_writer(i) for i in range(writers)]
@@ -186,7 +196,7 @@ def _execute(
         raise cause if isinstance(cause, UserError) else exc from None
     log.info("backend: %s", summary.backend_reason)
     summary.actors = pool.count
-    per_actor = 2  # one running, one waiting in the actor's mailbox
+    per_actor = pool.depth  # shards prepared or queued ahead of each actor
     max_pending_commits = 2 * len(pool.writers) + pool.count  # backpressure on writers
     queue: deque[tuple[Shard, int]] = deque((s, 0) for s in todo)
     running: dict[Any, tuple[str, int, Any, Shard, int]] = {}  # ref -> (kind, slot, handle, ...)
@@ -224,10 +234,11 @@ def _execute(
                 while queue and load[i] < per_actor and commits < max_pending_commits:
                     shard, attempt = queue.popleft()
                     actor = pool.actors[i]
-                    refs = actor.process.options(num_returns=3).remote(
-                        shard, summary.run_id, attempt
+                    entry, keep, feeds, errors = pool.prepare.remote(
+                        pool.plan_ref, shard, summary.run_id, attempt
                     )
-                    running[refs[0]] = ("process", i, actor, shard, attempt, refs[1:])
+                    refs = actor.infer.options(num_returns=2).remote(entry, keep, feeds)
+                    running[refs[0]] = ("process", i, actor, shard, attempt, (refs[1], errors))
                     load[i] += 1
             ready, _ = ray.wait(list(running), num_returns=1, timeout=1.0)
             if time.time() - last_refresh > 10:

@@ -19,7 +19,11 @@ import pyarrow.parquet as pq
 from batch_infer.errors import InputError
 from batch_infer.reading import Dataset, InputFile
 
-TARGET_SHARD_BYTES = 64 << 20  # uncompressed input bytes per shard when shard_rows is unset
+# When shard_rows is unset: about this many uncompressed input bytes per shard, but at least
+# MIN_SHARD_ROWS rows so a GPU gets several batches per shard. Derived from the data alone,
+# so a rerun plans the same shards whatever the cluster or batch size.
+TARGET_SHARD_BYTES = 128 << 20
+MIN_SHARD_ROWS = 1024
 MAX_SHARD_ROWS = 1 << 20
 
 
@@ -60,7 +64,7 @@ def _parquet_shards(dataset: Dataset, file: InputFile, shard_rows: int | None) -
     total_bytes = sum(b for _, b in groups)
     if shard_rows is None:
         per_row = max(1, total_bytes // max(1, total_rows))
-        shard_rows = max(1, min(MAX_SHARD_ROWS, TARGET_SHARD_BYTES // per_row))
+        shard_rows = min(MAX_SHARD_ROWS, max(MIN_SHARD_ROWS, TARGET_SHARD_BYTES // per_row))
     shards: list[Shard] = []
     start, first, pending = 0, 0, []
     row = 0
