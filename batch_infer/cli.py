@@ -8,6 +8,7 @@ import sys
 
 from rich.console import Console
 from rich.table import Table
+from rich.text import Text
 
 from batch_infer.errors import BadRowsError, JobFailedError, UserError
 from batch_infer.job import RunSummary, run
@@ -94,18 +95,20 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    console = Console(stderr=True)
+    console = Console(stderr=True, soft_wrap=True)  # never break a path across lines
+
+    def error(exc: Exception, code: int) -> int:
+        console.print(Text("error: ", style="red") + Text(str(exc)), highlight=False)
+        return code
+
     try:
         return args.func(args)
     except BadRowsError as exc:
-        console.print(f"[red]error:[/red] {exc}", highlight=False)
-        return EXIT_BAD_ROWS
+        return error(exc, EXIT_BAD_ROWS)
     except JobFailedError as exc:
-        console.print(f"[red]error:[/red] {exc}", highlight=False)
-        return EXIT_FAILED
+        return error(exc, EXIT_FAILED)
     except UserError as exc:
-        console.print(f"[red]error:[/red] {exc}", highlight=False)
-        return EXIT_USER_ERROR
+        return error(exc, EXIT_USER_ERROR)
     except KeyboardInterrupt:
         console.print("interrupted: committed shards are kept; rerun the same command to resume")
         return 130

@@ -8,6 +8,7 @@ every run in `_runs/`, failed or not.
 
 from __future__ import annotations
 
+import copy
 import logging
 import os
 import time
@@ -16,6 +17,7 @@ from collections import deque
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+import pyarrow.fs as pafs
 import ray
 from ray.exceptions import RayActorError, RayTaskError, WorkerCrashedError
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
@@ -68,15 +70,23 @@ class RunSummary:
     started_at: float = field(default_factory=time.time)
 
 
-def _check_output(out: Output, plan: JobPlan, overwrite: bool) -> dict[str, dict[str, Any]]:
-    """Make the output ready for this job; return the shards already committed."""
-    has_manifest = out.exists("_manifest")
-    others = [i for i in out.list("") if i.base_name not in ("_LOCK", "_LOCK.json")]
-    if others and not has_manifest:
+def _refuse_foreign(out: Output) -> None:
+    """Before the output is touched at all: it must be new, empty, or a batch-infer output."""
+    info = out.filesystem.get_file_info(out.root)
+    if info.type == pafs.FileType.File:
+        raise OutputError(f"output.path: {out.root} is a file; expected a directory")
+    foreign = info.type == pafs.FileType.Directory and not out.exists("_manifest")
+    if foreign and [i for i in out.list("") if i.base_name not in ("_LOCK", "_LOCK.json")]:
         raise OutputError(
             f"output.path: {out.root} is not empty and holds no batch-infer output; "
             "choose another path or empty it"
         )
+
+
+def _check_output(out: Output, plan: JobPlan, overwrite: bool) -> dict[str, dict[str, Any]]:
+    """Make the output ready for this job; return the shards already committed."""
+    has_manifest = out.exists("_manifest")
+    others = [i for i in out.list("") if i.base_name not in ("_LOCK", "_LOCK.json")]
     if overwrite:
         for info in others:
             out.delete(info.base_name)
@@ -301,7 +311,7 @@ def run(
     were bad than allowed, and `JobFailedError` when shards failed after their retries.
     """
     if isinstance(spec, dict):
-        spec = spec_from_dict(dict(spec), overrides=overrides)
+        spec = spec_from_dict(copy.deepcopy(spec), overrides=overrides)
     elif not isinstance(spec, JobSpec):
         spec = load_spec(spec, overrides)
     plan = build_plan(spec)
@@ -312,12 +322,13 @@ def run(
         model_sha256=plan.signature.sha256,
         output=spec.output.path,
     )
+    shards = plan_shards(plan.dataset, spec.shard_rows)  # reads every Parquet footer
     out = Output.at(spec.output.path)
+    _refuse_foreign(out)
     lock = OutputLock(out, summary.run_id)
     lock.acquire()
     try:
         done = _check_output(out, plan, overwrite)
-        shards = plan_shards(plan.dataset, spec.shard_rows)
         _check_unchanged(out, shards, done)
         out.delete(SUCCESS)
         summary.shards_total = len(shards)

@@ -20,6 +20,8 @@ from batch_infer.model import TensorInfo
 
 # A decimal number as text, with optional sign, fraction and exponent (also inf and nan).
 _NUMBER = r"^\s*[-+]?((\d+\.?\d*|\.\d+)([eE][-+]?\d+)?|inf|infinity|nan)\s*$"
+# Text that may feed an integer input: digits only, so nothing is truncated.
+_INTEGER = r"^\s*[-+]?\d+\s*$"
 
 
 @dataclass(frozen=True)
@@ -174,9 +176,19 @@ def _bad_values_rows(values: pa.Array, counts: np.ndarray, bad_values: np.ndarra
 def _value_problems(values: pa.Array, target: np.dtype) -> tuple[np.ndarray, str] | None:
     """A mask over leaf values that cannot become `target`, and why; None if all can."""
     if _is_stringy(values.type):
-        ok = pc.fill_null(pc.match_substring_regex(values, _NUMBER, ignore_case=True), True)
+        integer = target.kind in "iu"
+        pattern = _INTEGER if integer else _NUMBER
+        ok = pc.fill_null(pc.match_substring_regex(values, pattern, ignore_case=True), True)
         bad = ~ok.to_numpy(zero_copy_only=False)
-        return (bad, "is not a number") if bad.any() else None
+        if bad.any():
+            return bad, "is not an integer" if integer else "is not a number"
+        if integer:  # in range? parsed as float first: text may hold any number of digits
+            info = np.iinfo(target)
+            v = pc.cast(pc.utf8_trim_whitespace(pc.fill_null(values, "0")), pa.float64())
+            v = v.to_numpy(zero_copy_only=False)
+            bad = (v < info.min) | (v > info.max)
+            return (bad, f"has a value outside the range of {target}") if bad.any() else None
+        return None
     if target.kind in "iu" and pa.types.is_integer(values.type):
         info = np.iinfo(target)
         src = np.iinfo(values.type.to_pandas_dtype())
@@ -237,8 +249,9 @@ def _shard_count(counts: np.ndarray, b: InputBinding) -> int:
 
 
 def _leaf_numpy(values: pa.Array, dtype: np.dtype) -> np.ndarray:
-    if _is_stringy(values.type):
-        values = pc.cast(pc.utf8_trim_whitespace(values), pa.float64())
+    if _is_stringy(values.type):  # bad rows are gone: every value parses
+        parsed = pa.int64() if dtype.kind in "iu" else pa.float64()
+        values = pc.cast(pc.utf8_trim_whitespace(values), parsed)
     return values.to_numpy(zero_copy_only=False).astype(dtype, copy=False)
 
 

@@ -208,12 +208,6 @@ def test_set_overrides_nested_keys(tmp_path: Path, data: Path, models):
         load_spec(path, parse_overrides(["output.row_group_rows=0"]))
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=AssertionError,
-    reason="run(dict, overrides=...) writes nested overrides into the caller's dict "
-    "(job.run() copies only the top level; spec._set_dotted mutates the nested dicts)",
-)
 def test_overrides_do_not_change_the_callers_spec(tmp_path: Path, models):
     spec = two_io_spec(tmp_path / "no-such-input", tmp_path / "out", models["two_io"])
     with pytest.raises(InputError):
@@ -440,12 +434,6 @@ def test_output_is_a_foreign_nonempty_directory(tmp_path: Path, data: Path, mode
     _assert_nothing_committed(out)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=AssertionError,
-    reason="a refused foreign output directory still gets _LOCK (manifest.OutputLock."
-    "acquire) and _runs/<run>.json (the finally of job.run()) written into it",
-)
 def test_refused_foreign_directory_is_left_untouched(tmp_path: Path, data: Path, models):
     out = tmp_path / "results"
     out.mkdir()
@@ -455,12 +443,6 @@ def test_refused_foreign_directory_is_left_untouched(tmp_path: Path, data: Path,
     assert sorted(str(p.relative_to(out)) for p in out.rglob("*")) == ["notes.txt"]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=FileExistsError,
-    reason="an output.path that is a regular file raises a raw FileExistsError from "
-    "manifest.OutputLock.acquire instead of an OutputError: the CLI shows a traceback",
-)
 def test_output_path_is_a_file(tmp_path: Path, data: Path, models):
     out = tmp_path / "results.parquet"
     out.write_bytes(b"someone's file")
@@ -522,12 +504,6 @@ def test_cli_missing_input_path(tmp_path: Path, models):
     assert not out.exists()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=AssertionError,
-    reason="cli.main() prints with rich at the console width (80 when not a terminal): "
-    "a long message is wrapped over several lines and the file path is cut in two",
-)
 def test_cli_error_is_one_line_on_a_pipe(tmp_path: Path, models):
     missing = tmp_path / "a-rather-long-directory-name-for-the-input-data" / "2024-01-01"
     _write_spec(tmp_path / "job.yaml", two_io_spec(missing, tmp_path / "out", models["two_io"]))
@@ -536,12 +512,6 @@ def test_cli_error_is_one_line_on_a_pipe(tmp_path: Path, models):
     assert proc.stderr.strip() == f"error: input.path: {missing}: no such file or directory"
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=AssertionError,
-    reason="cli.main() passes the message to rich as markup: '[v2]' in a file name is "
-    "taken for a style tag and dropped (and '[/x]' would raise MarkupError with a traceback)",
-)
 def test_cli_error_keeps_brackets_in_file_names(tmp_path: Path):
     (tmp_path / "job[v2].yaml").write_text("name: [job\n")
     proc = _cli(["job[v2].yaml"], tmp_path)
@@ -705,24 +675,10 @@ def _check_row_is_bad(run: tuple[pa.Table, pa.Table], row: int) -> None:
     assert row in errors.column("id").to_pylist()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=AssertionError,
-    reason="tensors._value_problems only checks text against the number regex and "
-    "tensors._leaf_numpy casts float64 -> int64: '1e30' for an int64 input is predicted "
-    "with x = -9223372036854775808 instead of being a bad row",
-)
 def test_csv_text_out_of_int64_range_is_a_bad_row(int64_csv_run):
     _check_row_is_bad(int64_csv_run, 2)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=AssertionError,
-    reason="tensors._leaf_numpy: text '2.5' for an int64 input is silently "
-    "truncated to 2, while a float column for the same input is refused "
-    "('would be truncated')",
-)
 def test_csv_text_with_a_fraction_for_int64_is_a_bad_row(int64_csv_run):
     _check_row_is_bad(int64_csv_run, 1)
 
