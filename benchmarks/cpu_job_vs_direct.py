@@ -12,6 +12,7 @@ Then the driver's peak RSS for the job as the data grows 10x (each size in a fre
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import shutil
@@ -27,27 +28,27 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from onnx import TensorProto, helper, numpy_helper
 
-WIDTH, HIDDEN, CLASSES = 64, 128, 10
+WIDTH, CLASSES = 64, 10
+HIDDEN = {"light": (128,), "heavy": (1024, 1024)}  # IO-bound and compute-bound MLPs
 ROWS_PER_FILE = 250_000
 
 
-def make_model(path: Path) -> None:
+def make_model(path: Path, hidden: tuple[int, ...]) -> None:
     rng = np.random.default_rng(0)
-    inits = [
-        numpy_helper.from_array(rng.standard_normal(s).astype(np.float32) * 0.1, n)
-        for n, s in (
-            ("w1", (WIDTH, HIDDEN)),
-            ("b1", (HIDDEN,)),
-            ("w2", (HIDDEN, CLASSES)),
-            ("b2", (CLASSES,)),
-        )
-    ]
-    nodes = [
-        helper.make_node("Gemm", ["x", "w1", "b1"], ["h"]),
-        helper.make_node("Relu", ["h"], ["hr"]),
-        helper.make_node("Gemm", ["hr", "w2", "b2"], ["logits"]),
-        helper.make_node("ArgMax", ["logits"], ["predicted"], axis=1, keepdims=0),
-    ]
+    widths = [WIDTH, *hidden, CLASSES]
+    inits, nodes, x = [], [], "x"
+    for i, (a, b) in enumerate(itertools.pairwise(widths)):
+        inits += [
+            numpy_helper.from_array(rng.standard_normal((a, b)).astype(np.float32) * 0.1, f"w{i}"),
+            numpy_helper.from_array(np.zeros(b, np.float32), f"b{i}"),
+        ]
+        out = "logits" if i == len(widths) - 2 else f"h{i}"
+        nodes.append(helper.make_node("Gemm", [x, f"w{i}", f"b{i}"], [out]))
+        if out != "logits":
+            nodes.append(helper.make_node("Relu", [out], [f"r{i}"]))
+            out = f"r{i}"
+        x = out
+    nodes.append(helper.make_node("ArgMax", ["logits"], ["predicted"], axis=1, keepdims=0))
     graph = helper.make_graph(
         nodes,
         "bench",
@@ -110,17 +111,23 @@ def direct(data: Path, model: Path, out: Path, batch: int) -> float:
     return rows / (time.perf_counter() - start)
 
 
-def job_in_subprocess(data: Path, model: Path, out: Path, batch: int) -> dict:
+def job_in_subprocess(data: Path, model: Path, out: Path, batch: int, shard_rows: int) -> dict:
     """The job in a fresh driver process: rows/s and the driver's peak RSS."""
     code = f"""
 import json, resource, time, batch_infer
 spec = {{"name": "bench", "input": {{"path": {str(data)!r}}},
         "model": {{"onnx": {str(model)!r}, "inputs": {{"x": "x"}}}},
-        "batch_size": {batch}, "output": {{"path": {str(out)!r}, "keep_columns": ["id"]}}}}
+        "batch_size": {batch}, "shard_rows": {shard_rows},
+        "output": {{"path": {str(out)!r}, "keep_columns": ["id"]}}}}
 t = time.perf_counter()
 s = batch_infer.run(spec, overwrite=True)
 dt = time.perf_counter() - t
-print(json.dumps({{"rows": s.rows, "seconds": dt, "job_seconds": s.seconds,
+import glob
+entries = [json.load(open(p)) for p in glob.glob({str(out)!r} + "/_manifest/shards/*.json")]
+first = min(entries, key=lambda e: e["committed_at"])
+span = max(e["committed_at"] for e in entries) - first["committed_at"]
+print(json.dumps({{"rows": s.rows, "seconds": dt, "steady": (s.rows - first["rows"]) / span,
+                   "shards": len(entries),
                    "rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}}))
 """
     res = subprocess.run(
@@ -137,38 +144,56 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--rows", type=int, default=2_000_000)
     ap.add_argument("--batch", type=int, default=4096)
+    ap.add_argument("--shard-rows", type=int, default=100_000)
     ap.add_argument("--work", type=Path, default=Path("benchmarks/data"))
-    ap.add_argument("--out", type=Path, default=Path("benchmarks/results/cpu.md"))
+    ap.add_argument("--out", type=Path, default=Path("docs/performance.md"))
     args = ap.parse_args()
     args.work.mkdir(parents=True, exist_ok=True)
-    model = args.work / "mlp.onnx"
-    make_model(model)
     small, big = args.work / f"rows-{args.rows // 10}", args.work / f"rows-{args.rows}"
     make_data(small, args.rows // 10)
     make_data(big, args.rows)
-    job_in_subprocess(small, model, args.work / "out-warm", args.batch)  # warm the page cache
-    direct_rate = direct(big, model, args.work / "out-direct", args.batch)
-    job = job_in_subprocess(big, model, args.work / "out-job", args.batch)
-    job_rate = job["rows"] / job["seconds"]
-    small_job = job_in_subprocess(small, model, args.work / "out-small", args.batch)
+    table = [
+        "| model | direct loop rows/s | job rows/s, wall (incl. Ray start) | ratio | "
+        "job rows/s, steady | ratio | shards |",
+        "|---|---:|---:|---:|---:|---:|---:|",
+    ]
+    memory = []
+    for kind, hidden in HIDDEN.items():
+        model = args.work / f"mlp-{kind}.onnx"
+        make_model(model, hidden)
+        job_in_subprocess(small, model, args.work / "out-warm", args.batch, args.shard_rows)
+        direct_rate = direct(big, model, args.work / "out-direct", args.batch)
+        job = job_in_subprocess(big, model, args.work / "out-job", args.batch, args.shard_rows)
+        wall = job["rows"] / job["seconds"]
+        table.append(
+            f"| {kind}: {' -> '.join(map(str, [WIDTH, *hidden, CLASSES]))} | {direct_rate:,.0f} | "
+            f"{wall:,.0f} | {wall / direct_rate:.2f} | {job['steady']:,.0f} | "
+            f"{job['steady'] / direct_rate:.2f} | {job['shards']} |"
+        )
+        if kind == "light":
+            small_job = job_in_subprocess(
+                small, model, args.work / "out-small", args.batch, args.shard_rows
+            )
+            memory = [f"| {r['rows']:,} | {r['rss_mib']:,.0f} |" for r in (small_job, job)]
+        print(table[-1], flush=True)
     lines = [
-        f"# CPU: batch-infer job vs direct onnxruntime loop ({os.cpu_count()} cores)",
+        f"# CPU: batch-infer job vs a direct onnxruntime loop ({os.cpu_count()} cores)",
         "",
-        f"Model: MLP {WIDTH}->{HIDDEN}->{CLASSES} + ArgMax, fp32; batch {args.batch}; "
-        "input fixed_size_list<float32, 64>; Parquet in, Parquet (zstd) out. One run, side by side.",
+        "Written by `python benchmarks/cpu_job_vs_direct.py` (one run, side by side). "
+        f"{args.rows:,} rows of fixed_size_list<float32, {WIDTH}> in "
+        f"{ROWS_PER_FILE:,}-row Parquet files; Parquet (zstd) out; batch {args.batch}; "
+        f"the job with shard_rows {args.shard_rows:,}. Direct loop: one process, "
+        "iter_batches -> onnxruntime on all cores -> ParquetWriter. Job: `batch_infer.run` "
+        "in a fresh driver process on a local Ray. *Steady*: rows after the first committed "
+        "shard over the time from the first to the last commit.",
         "",
-        "| | rows | rows/s | ratio to direct |",
-        "|---|---:|---:|---:|",
-        f"| direct loop (1 process, ORT on all cores) | {args.rows:,} | {direct_rate:,.0f} | 1.00 |",
-        f"| batch-infer job (wall clock incl. Ray start) | {job['rows']:,} | {job_rate:,.0f} | "
-        f"{job_rate / direct_rate:.2f} |",
+        *table,
         "",
-        "Driver peak RSS (fresh driver process per size; includes Ray start-up):",
+        "Driver peak RSS (light model; fresh driver process per size, Ray start-up included):",
         "",
         "| rows | driver peak RSS (MiB) |",
         "|---:|---:|",
-        f"| {small_job['rows']:,} | {small_job['rss_mib']:,.0f} |",
-        f"| {job['rows']:,} | {job['rss_mib']:,.0f} |",
+        *memory,
     ]
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text("\n".join(lines) + "\n")

@@ -173,7 +173,7 @@ class Sampler:
                 "-lms",
                 "200",
             ],
-            stdout=open(path, "w"),
+            stdout=open(path, "w"),  # noqa: SIM115 - nvidia-smi writes to it until finish()
         )
         self.path, self.rss, self.stop = path, 0, False
         self.thread = threading.Thread(target=self._rss, daemon=True)

@@ -22,8 +22,9 @@ from benchmarks.gpu_bench import Sampler, workload
 
 
 def run_on(gpus: int, name: str, w: dict, work: Path, out_dir: Path) -> dict:
-    ray.init(num_gpus=gpus, include_dashboard=False, log_to_driver=False,
-             object_store_memory=40 * 2**30)
+    ray.init(
+        num_gpus=gpus, include_dashboard=False, log_to_driver=False, object_store_memory=40 * 2**30
+    )
     out = work / f"scale-{name}-{gpus}"
     spec = {
         "name": name,
