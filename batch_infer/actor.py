@@ -8,6 +8,7 @@ driver passes references along, so the data never flows through the driver.
 
 from __future__ import annotations
 
+import logging
 import math
 import time
 from collections.abc import Iterator
@@ -19,11 +20,13 @@ import ray
 
 from batch_infer.backends import load_backend
 from batch_infer.backends.base import Feeds
-from batch_infer.errors import UserError
+from batch_infer.errors import CudaError, UserError
 from batch_infer.planning import JobPlan
 from batch_infer.reading import read_rows
 from batch_infer.sharding import Shard
 from batch_infer.tensors import find_bad_rows, to_arrow, to_tensor
+
+log = logging.getLogger("batch_infer")
 
 ERROR_COLUMNS = ("_shard", "_file", "_row", "_reason")
 
@@ -75,9 +78,15 @@ class InferenceActor:
 
         names = {t.name: (t, col) for t, col in self.plan.outputs}
         pieces: dict[str, list[np.ndarray]] = {name: [] for name in names}
-        for i, result in enumerate(self.backend.run(batches())):
-            for name in names:
-                pieces[name].append(result[name][: counts[i]])
+        try:
+            for i, result in enumerate(self.backend.run(batches())):
+                for name in names:
+                    pieces[name].append(result[name][: counts[i]])
+        except CudaError:
+            # The CUDA context may be unusable now: leave, so the driver retries the shard
+            # on a fresh actor. The process exit releases device memory, streams and events.
+            log.exception("CUDA error; this actor exits and its shard is retried")
+            ray.actor.exit_actor()
         predictions = keep
         for name, (tensor, col) in names.items():
             if pieces[name]:

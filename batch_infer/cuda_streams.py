@@ -22,16 +22,13 @@ from typing import Any
 import numpy as np
 
 from batch_infer.backends.base import Feeds
+from batch_infer.errors import CudaError
 from batch_infer.model import TensorInfo
 
 try:  # cuda-python 12.6+ / 13
     from cuda.bindings import runtime as cudart
 except ImportError:  # pragma: no cover - older cuda-python
     from cuda import cudart  # type: ignore[no-redef]
-
-
-class CudaError(RuntimeError):
-    """A CUDA runtime call failed; the message names the call."""
 
 
 def check(result: Any, call: str) -> Any:

@@ -33,3 +33,7 @@ class BadRowsError(UserError):
 
 class JobFailedError(Exception):
     """Shards kept failing after their retries; the committed ones are kept."""
+
+
+class CudaError(RuntimeError):
+    """A CUDA runtime call failed; the message names the call. The actor is replaced."""
