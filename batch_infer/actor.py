@@ -44,6 +44,11 @@ class InferenceActor:
         except UserError as exc:  # kept for describe(): the driver gets it as a clear error
             self.error = exc
 
+    def close(self) -> None:
+        """Release the backend's sessions, device buffers, streams and events."""
+        if self.error is None:
+            self.backend.close()
+
     def describe(self) -> tuple[str, str]:
         """(backend, why it was chosen); raises the load error, if any."""
         if self.error is not None:

@@ -180,6 +180,9 @@ class _Pool:
             self.writers[i] = self._new_writer(i)
 
     def shutdown(self) -> None:
+        """Let every live actor release its GPU resources, then end them all."""
+        closing = [actor.close.remote() for actor in self.actors]
+        ray.wait(closing, num_returns=len(closing), timeout=30)
         for handle in self.actors + self.writers:
             ray.kill(handle)
 
