@@ -12,7 +12,10 @@ from rich.text import Text
 
 from batch_infer.errors import BadRowsError, JobFailedError, UserError
 from batch_infer.job import RunSummary, run
-from batch_infer.spec import parse_overrides
+from batch_infer.query import register as register_query
+from batch_infer.scheduling import register as register_schedule
+from batch_infer.spec import parse_date, parse_overrides
+from batch_infer.submitting import register as register_submit
 
 EXIT_USER_ERROR = 2
 EXIT_BAD_ROWS = 3
@@ -25,6 +28,8 @@ def _print_summary(console: Console, s: RunSummary) -> None:
     )
     table.add_column(style="bold")
     table.add_column()
+    if s.date:
+        table.add_row("date", s.date)
     table.add_row("rows", f"{s.rows:,} ({s.good_rows:,} predicted, {s.bad_rows:,} bad)")
     table.add_row(
         "this run",
@@ -52,6 +57,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
         overrides=parse_overrides(args.set),
         overwrite=args.overwrite,
         progress=not args.quiet,
+        date=parse_date(args.date) if args.date else None,
     )
     _print_summary(console, summary)
     return 0
@@ -83,12 +89,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--overwrite", action="store_true", help="discard what the output holds and start over"
     )
+    p.add_argument(
+        "--date",
+        metavar="YYYY-MM-DD",
+        help="the logical date filled into {date} in the spec's paths (default: today in the "
+        "schedule's time zone, UTC without a schedule); rerunning a date resumes it",
+    )
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=_cmd_run)
     b = sub.add_parser("build", help="build the TensorRT engine a spec's actors will use")
     b.add_argument("spec")
     b.add_argument("--set", action="append", default=[], metavar="KEY.SUB=VALUE")
     b.set_defaults(func=_cmd_build)
+    for register in (register_submit, register_schedule, register_query):
+        register(sub)  # each module adds its own subcommands
     return parser
 
 

@@ -9,6 +9,7 @@ every run in `_runs/`, failed or not.
 from __future__ import annotations
 
 import copy
+import datetime as dt
 import logging
 import os
 import time
@@ -24,11 +25,11 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from batch_infer.actor import InferenceActor, prepare_shard, threads_for
 from batch_infer.backends import check_request
-from batch_infer.errors import BadRowsError, JobFailedError, OutputError, UserError
+from batch_infer.errors import BadRowsError, JobFailedError, OutputError, SpecError, UserError
 from batch_infer.manifest import RUNS, SHARDS, STAGING, SUCCESS, Output, OutputLock, recover
 from batch_infer.planning import JobPlan, build_plan
 from batch_infer.sharding import Shard, plan_shards
-from batch_infer.spec import JobSpec, load_spec, spec_from_dict
+from batch_infer.spec import JobSpec, load_spec, parse_date, spec_from_dict
 from batch_infer.writing import ShardWriter
 
 log = logging.getLogger("batch_infer")
@@ -46,6 +47,7 @@ _DIED = (
 class RunSummary:
     run_id: str
     name: str
+    date: str | None = None  # the logical date (YYYY-MM-DD) of a dated or scheduled spec
     status: str = "running"
     rows: int = 0  # input rows accounted for in the output, all runs
     good_rows: int = 0
@@ -307,20 +309,31 @@ def run(
     overrides: dict[str, Any] | None = None,
     overwrite: bool = False,
     progress: bool = False,
+    date: dt.date | str | None = None,
 ) -> RunSummary:
     """Run a job to completion; committed shards of an earlier run of it are skipped.
+
+    `date` is the logical date filled into `{date}` in the spec's paths (default: today in
+    the schedule's time zone, UTC without one); it needs the spec as a path or a dict.
 
     Raises a `UserError` for bad specs, inputs and outputs, `BadRowsError` when more rows
     were bad than allowed, and `JobFailedError` when shards failed after their retries.
     """
+    day = parse_date(date) if date is not None else None
     if isinstance(spec, dict):
-        spec = spec_from_dict(copy.deepcopy(spec), overrides=overrides)
+        spec = spec_from_dict(copy.deepcopy(spec), overrides=overrides, date=day)
     elif not isinstance(spec, JobSpec):
-        spec = load_spec(spec, overrides)
+        spec = load_spec(spec, overrides, date=day)
+    elif day is not None and spec.date != day.isoformat():
+        raise SpecError(
+            f"date={day}: this JobSpec was loaded for {spec.date or 'no date'}; pass the spec "
+            "as a path or a dict to fill in another date"
+        )
     plan = build_plan(spec)
     summary = RunSummary(
         run_id=time.strftime("%Y%m%dT%H%M%S") + "-" + uuid.uuid4().hex[:6],
         name=spec.name,
+        date=spec.date,
         model=spec.model.onnx,
         model_sha256=plan.signature.sha256,
         output=spec.output.path,

@@ -2,15 +2,25 @@
 
 Relative paths are resolved against the directory the command runs from and stored absolute,
 so actors on other processes or nodes see the same files.
+
+A spec may carry a `schedule` (a cron expression and a time zone) and use `{date}` or
+`{date:FORMAT}` (strftime) in `input.path`, `output.path` and `model.onnx`: they are filled
+in with the run's logical date when the spec is loaded (`--date`, default: today in the
+schedule's time zone, or in UTC without a schedule). `{{` and `}}` are literal braces.
 """
 
 from __future__ import annotations
 
+import datetime as dt
 import os
+import re
+import string
+import zoneinfo
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
+from croniter import croniter
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from batch_infer.errors import SpecError
@@ -68,6 +78,79 @@ class TensorRTSpec(_Strict):
     )
 
 
+# Macros every target understands: cronie/Vixie cron, systemd (via croniter's expansion),
+# Kubernetes CronJob and KubeRay's RayCronJob (robfig/cron's ParseStandard).
+CRON_MACROS = ("@yearly", "@annually", "@monthly", "@weekly", "@daily", "@hourly")
+_MONTHS = ("jan", "feb", "mar", "apr", "may", "jun", "jul", "aug", "sep", "oct", "nov", "dec")
+_WEEKDAYS = ("sun", "mon", "tue", "wed", "thu", "fri", "sat")
+_CRON_FIELDS = ("minute", "hour", "day-of-month", "month", "day-of-week")
+
+
+def _check_cron_field(index: int, text: str) -> None:
+    names = _MONTHS if index == 3 else _WEEKDAYS if index == 4 else ()
+    for atom in re.split(r"[,/-]", text):
+        if not (atom == "*" or atom.isdigit() or atom.lower() in names):
+            raise ValueError(
+                f"{_CRON_FIELDS[index]} field {text!r}: {atom!r} is not portable to cron, "
+                "systemd and Kubernetes (use numbers, *, ranges a-b, lists a,b and steps /n)"
+            )
+
+
+class ScheduleSpec(_Strict):
+    """When a job runs: a standard 5-field cron expression in an IANA time zone."""
+
+    cron: str = Field(
+        description="minute hour day-of-month month day-of-week, or @daily, @hourly, ..."
+    )
+    timezone: str = Field(default="UTC", description="IANA time zone, e.g. Europe/Berlin.")
+
+    @field_validator("cron")
+    @classmethod
+    def _valid_cron(cls, v: str) -> str:
+        expr = " ".join(v.split())
+        if expr.startswith("@"):
+            if expr.lower() not in CRON_MACROS:
+                known = ", ".join(CRON_MACROS)
+                raise ValueError(f"{expr!r}: unknown macro; expected one of {known}")
+            return expr.lower()
+        fields = expr.split(" ")
+        if len(fields) != 5:
+            raise ValueError(
+                f"{expr!r}: expected 5 fields (minute hour day-of-month month day-of-week), "
+                f"got {len(fields)}"
+            )
+        for i, text in enumerate(fields):
+            _check_cron_field(i, text)
+        dom, dow = fields[2], fields[4]
+        if "*" not in (dom, dow) and (dom.startswith("*") or dow.startswith("*")):
+            raise ValueError(
+                f"{expr!r}: day-of-month {dom!r} with day-of-week {dow!r} is ambiguous (cron "
+                "implementations disagree on */n here); list the days instead"
+            )
+        if not croniter.is_valid(expr):
+            raise ValueError(f"{expr!r}: not a valid cron expression (a value is out of range?)")
+        return expr
+
+    @field_validator("timezone")
+    @classmethod
+    def _valid_timezone(cls, v: str) -> str:
+        try:
+            zoneinfo.ZoneInfo(v)
+        except (zoneinfo.ZoneInfoNotFoundError, ValueError):
+            raise ValueError(
+                f"unknown time zone {v!r}; expected an IANA name such as UTC or Europe/Berlin"
+            ) from None
+        return v
+
+    @property
+    def tz(self) -> zoneinfo.ZoneInfo:
+        return zoneinfo.ZoneInfo(self.timezone)
+
+    def today(self) -> dt.date:
+        """The current date in the schedule's time zone: a run's default logical date."""
+        return dt.datetime.now(self.tz).date()
+
+
 class JobSpec(_Strict):
     name: str = Field(pattern=r"^[A-Za-z0-9_.-]+$")
     input: InputSpec
@@ -88,6 +171,14 @@ class JobSpec(_Strict):
     num_writers: int | None = Field(default=None, ge=1)
     shard_rows: int | None = Field(
         default=None, ge=1, description="Target rows per shard (default: planned from the data)."
+    )
+    schedule: ScheduleSpec | None = Field(
+        default=None, description="When the job runs (`batch-infer schedule` emits the timers)."
+    )
+    date: str | None = Field(
+        default=None,
+        description="The logical date (YYYY-MM-DD) the paths were filled in for; set when the "
+        "spec is loaded (--date, or the schedule's today), never written in a spec.",
     )
 
 
@@ -135,31 +226,119 @@ def _format_validation(where: str, exc: ValidationError) -> str:
     return "\n".join(lines)
 
 
+def parse_date(value: str | dt.date, what: str = "--date") -> dt.date:
+    """A logical date from `YYYY-MM-DD` (or a date; a datetime gives its date)."""
+    if isinstance(value, dt.datetime):
+        return value.date()
+    if isinstance(value, dt.date):
+        return value
+    try:
+        return dt.date.fromisoformat(str(value).strip())
+    except ValueError:
+        raise SpecError(f"{what} {value!r}: expected a date as YYYY-MM-DD") from None
+
+
+# strftime directives that Python documents plus the C99/POSIX ones glibc has (%F, %e, ...).
+_DIRECTIVES = set("aAbBcCdDeFgGhHIjmMpRSTuUVwWxXyYzZf%")
+
+
+def _check_date_format(key: str, template: str, fmt: str) -> None:
+    directives = re.findall(r"%(.?)", fmt)
+    if not directives:
+        raise SpecError(
+            f"{key}: {template!r}: {{date:{fmt}}} has no strftime directive "
+            "(e.g. {date:%Y/%m/%d})"
+        )
+    for d in directives:
+        if d not in _DIRECTIVES:
+            shown = f"%{d}" if d else "a lone % at the end"
+            raise SpecError(
+                f"{key}: {template!r}: bad date format {fmt!r}: {shown} is not a strftime "
+                "directive (e.g. %Y %m %d %j; %% for a literal %)"
+            )
+
+
+def _fill_date(key: str, template: str, day: dt.date) -> tuple[str, bool]:
+    """(`template` with `{date}` / `{date:FMT}` filled in, whether it used the date)."""
+    if "{" not in template and "}" not in template:
+        return template, False
+    try:
+        parts = list(string.Formatter().parse(template))
+    except ValueError as exc:
+        raise SpecError(
+            f"{key}: {template!r}: {exc} (write {{{{ and }}}} for literal braces)"
+        ) from None
+    out, used = [], False
+    for literal, field, fmt, conversion in parts:
+        out.append(literal)
+        if field is None:
+            continue
+        if field != "date" or conversion:
+            shown = "{" + field + (f"!{conversion}" if conversion else "") + "}"
+            raise SpecError(
+                f"{key}: {template!r}: unknown placeholder {shown}; the known ones are {{date}} "
+                "(YYYY-MM-DD) and {date:FORMAT} (strftime, e.g. {date:%Y/%m/%d})"
+            )
+        used = True
+        if fmt:
+            _check_date_format(key, template, fmt)
+            out.append(day.strftime(fmt))
+        else:
+            out.append(day.isoformat())
+    return "".join(out), used
+
+
 def spec_from_dict(
-    doc: Any, where: str = "spec", overrides: dict[str, Any] | None = None
+    doc: Any,
+    where: str = "spec",
+    overrides: dict[str, Any] | None = None,
+    date: dt.date | None = None,
 ) -> JobSpec:
-    """Validate a spec mapping (after applying `--set` overrides) and resolve its paths."""
+    """Validate a spec mapping (after applying `--set` overrides), fill in `{date}` and
+    resolve its paths.
+
+    `date` is the run's logical date; default: today in the schedule's time zone (UTC
+    without a schedule). It is recorded in `JobSpec.date` when it was given, the spec has a
+    schedule, or a path uses it.
+    """
     if not isinstance(doc, dict):
         raise SpecError(
             f"{where}: expected a YAML mapping at the top level, got {type(doc).__name__}"
         )
     for key, value in (overrides or {}).items():
         _set_dotted(doc, key, value)
+    if "date" in doc:
+        raise SpecError(
+            f"{where}: key 'date': the logical date is not written in the spec; pass --date "
+            "YYYY-MM-DD (or date= from Python)"
+        )
     try:
         spec = JobSpec.model_validate(doc)
     except ValidationError as exc:
         raise SpecError(_format_validation(where, exc)) from None
+    day = parse_date(date) if date is not None else None
+    if day is None:
+        day = spec.schedule.today() if spec.schedule else dt.datetime.now(dt.timezone.utc).date()
+    input_path, used_in = _fill_date("input.path", spec.input.path, day)
+    onnx, used_model = _fill_date("model.onnx", spec.model.onnx, day)
+    output_path, used_out = _fill_date("output.path", spec.output.path, day)
+    dated = date is not None or spec.schedule is not None or used_in or used_model or used_out
     return spec.model_copy(
         update={
-            "input": spec.input.model_copy(update={"path": _resolve(spec.input.path)}),
-            "model": spec.model.model_copy(update={"onnx": _resolve(spec.model.onnx)}),
-            "output": spec.output.model_copy(update={"path": _resolve(spec.output.path)}),
+            "input": spec.input.model_copy(update={"path": _resolve(input_path)}),
+            "model": spec.model.model_copy(update={"onnx": _resolve(onnx)}),
+            "output": spec.output.model_copy(update={"path": _resolve(output_path)}),
+            "date": day.isoformat() if dated else None,
         }
     )
 
 
-def load_spec(path: str | os.PathLike[str], overrides: dict[str, Any] | None = None) -> JobSpec:
-    """Read and validate a YAML job spec."""
+def load_spec(
+    path: str | os.PathLike[str],
+    overrides: dict[str, Any] | None = None,
+    date: dt.date | None = None,
+) -> JobSpec:
+    """Read and validate a YAML job spec (`date`: see `spec_from_dict`)."""
     p = Path(path)
     try:
         text = p.read_text()
@@ -174,4 +353,4 @@ def load_spec(path: str | os.PathLike[str], overrides: dict[str, Any] | None = N
         at = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
         problem = getattr(exc, "problem", None) or str(exc)
         raise SpecError(f"{p}: malformed YAML{at}: {problem}") from None
-    return spec_from_dict(doc, where=str(p), overrides=overrides)
+    return spec_from_dict(doc, where=str(p), overrides=overrides, date=date)
