@@ -18,6 +18,9 @@ from onnx import TensorProto, helper, numpy_helper
 
 ROOT = Path(__file__).resolve().parent.parent
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # a local test cluster on loopback only
+# Ray's own switch for picking the loopback address for local nodes: every test cluster (and
+# every driver a test starts as a subprocess, which inherits this) listens on 127.0.0.1 only.
+os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
 
 
 @pytest.fixture(scope="module")
