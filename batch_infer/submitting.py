@@ -19,6 +19,7 @@ import argparse
 import asyncio
 import contextlib
 import copy
+import datetime as dt
 import ipaddress
 import logging
 import os
@@ -39,7 +40,7 @@ from rich.text import Text
 
 import batch_infer
 from batch_infer.errors import SpecError, UserError
-from batch_infer.spec import JobSpec, _set_dotted, parse_overrides, spec_from_dict
+from batch_infer.spec import JobSpec, _set_dotted, parse_date, parse_overrides, spec_from_dict
 
 SPEC_NAME = "spec.yaml"  # the carried spec, in the job's working_dir
 MODEL_DIR = "model"  # the carried model, in the job's working_dir
@@ -212,6 +213,7 @@ class Submission:
         shared_model: bool,
         cluster_is_local: bool,
         overwrite: bool = False,
+        date: dt.date | None = None,
     ) -> None:
         path = Path(spec_path)
         try:
@@ -223,7 +225,8 @@ class Submission:
         except yaml.YAMLError as exc:
             raise SpecError(f"{path}: malformed YAML: {exc}") from None
         overrides = parse_overrides(sets)
-        self.spec: JobSpec = spec_from_dict(copy.deepcopy(raw), str(path), overrides)
+        # {date} is filled in here, once: the driver gets the same date with --date.
+        self.spec: JobSpec = spec_from_dict(copy.deepcopy(raw), str(path), overrides, date)
         given = copy.deepcopy(raw)  # the paths as written, after the overrides
         for key, value in overrides.items():
             _set_dotted(given, key, value)
@@ -281,7 +284,11 @@ class Submission:
 
     def _carried_doc(self) -> dict[str, Any]:
         doc = self.spec.model_dump(mode="json")
+        doc.pop("date", None)  # never written in a spec: the entrypoint passes --date
         doc["model"]["onnx"] = self.carried_model  # relative: resolved in the job's working_dir
+        # The paths are filled in already: braces left in them are literal ones.
+        for section, key in (("input", "path"), ("output", "path"), ("model", "onnx")):
+            doc[section][key] = doc[section][key].replace("{", "{{").replace("}", "}}")
         return doc
 
     @contextlib.contextmanager
@@ -300,20 +307,23 @@ class Submission:
                 "working_dir": str(work),
                 "py_modules": [str(pkg)],
                 "excludes": ["__pycache__"],
-                "env_vars": {"PYTHONUNBUFFERED": "1"},
+                # Logs promptly; the driver's summary table wide enough for session paths.
+                "env_vars": {"PYTHONUNBUFFERED": "1", "COLUMNS": "200"},
             }
 
     def entrypoint(self) -> str:
         argv = ["python", "-m", "batch_infer.cli", "run", SPEC_NAME]
+        if self.spec.date:
+            argv += ["--date", self.spec.date]
         if self.overwrite:
             argv.append("--overwrite")
         return shlex.join(argv)
 
     def metadata(self) -> dict[str, str]:
-        return {
-            "batch_infer_job": self.spec.name,
-            "batch_infer_output": self.spec.output.path,
-        }
+        meta = {"batch_infer_job": self.spec.name, "batch_infer_output": self.spec.output.path}
+        if self.spec.date:
+            meta["batch_infer_date"] = self.spec.date
+        return meta
 
 
 # --------------------------------------------------------------------------- the cluster
@@ -508,8 +518,9 @@ def _warn(message: str) -> None:
 def _outcome(info: Any) -> int:
     status = str(info.status)
     message = f"job {info.submission_id}: {status}"
-    if info.message and status != "SUCCEEDED":
-        message += f" ({info.message.strip()})"
+    if info.message and status != "SUCCEEDED":  # Ray appends the logs' tail: shown above
+        why = info.message.strip().split(", last available logs")[0].splitlines()[0]
+        message += f" ({why})"
     _note(message, "green" if status == "SUCCEEDED" else "red")
     if status == "SUCCEEDED":
         return 0
@@ -526,6 +537,7 @@ def cmd_submit(args: argparse.Namespace) -> int:
         shared_model=args.shared_model,
         cluster_is_local=_is_local_address(address),
         overwrite=args.overwrite,
+        date=parse_date(args.date) if args.date else None,
     )
     for warning in submission.warnings:
         _warn(warning)
@@ -539,9 +551,10 @@ def cmd_submit(args: argparse.Namespace) -> int:
         )
     print(job_id, flush=True)
     carried = f", model {submission.model_files[0][0]}" if submission.model_files else ""
+    dated = f" for {submission.spec.date}" if submission.spec.date else ""
     _note(
-        f"submitted {submission.spec.name} as {job_id} to {cluster.address} (carried: the spec, "
-        f"batch_infer{carried}); output: {submission.spec.output.path}"
+        f"submitted {submission.spec.name}{dated} as {job_id} to {cluster.address} (carried: the "
+        f"spec, batch_infer{carried}); output: {submission.spec.output.path}"
     )
     if not args.wait:
         _note(f"follow it: batch-infer jobs logs {job_id} --follow --address {cluster.address}")
@@ -596,7 +609,11 @@ def cmd_jobs_status(args: argparse.Namespace) -> int:
     if info.message:
         print(f"  {info.message.strip()}")
     if meta.get("batch_infer_job"):
-        print(f"  spec: {meta['batch_infer_job']}  output: {meta.get('batch_infer_output', '-')}")
+        dated = f"  date: {meta['batch_infer_date']}" if meta.get("batch_infer_date") else ""
+        print(
+            f"  spec: {meta['batch_infer_job']}{dated}  "
+            f"output: {meta.get('batch_infer_output', '-')}"
+        )
     print(f"  started: {_time(info.start_time)}  ended: {_time(info.end_time)}")
     if info.driver_exit_code is not None:
         print(f"  driver exit code: {info.driver_exit_code}")
@@ -656,6 +673,12 @@ def register(subparsers: Any) -> None:
         "--wait",
         action="store_true",
         help="stream the job's logs; exit 0 if it succeeds, non-zero otherwise",
+    )
+    s.add_argument(
+        "--date",
+        metavar="YYYY-MM-DD",
+        help="the logical date filled into {date} in the spec's paths (default: today in the "
+        "schedule's time zone, UTC without a schedule), passed on to the run",
     )
     s.add_argument(
         "--shared-model",

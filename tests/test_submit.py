@@ -1,0 +1,456 @@
+"""`batch-infer submit` / `batch-infer jobs` against a real Ray head that requires a token.
+
+The head is started with `ray start --head` (loopback only, its own --temp-dir and free ports,
+RAY_AUTH_MODE=token with a token generated here) and stopped at the end by the ids of the
+processes it started: `ray stop` would stop every Ray on the machine, other people's included.
+The CLI runs in subprocesses, as a user runs it; no mocks.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime as dt
+import json
+import os
+import secrets
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import requests
+import yaml
+from onnx import TensorProto, helper, numpy_helper
+
+from batch_infer.spec import spec_from_dict
+from batch_infer.submitting import Submission, carry_limit
+from tests.conftest import ROOT, read_output
+
+pytestmark = pytest.mark.slow
+
+CLI_TIMEOUT = 240
+
+
+# --------------------------------------------------------------------------- the head
+
+
+@dataclass
+class Head:
+    address: str
+    token: str
+    home: Path  # an empty HOME for the CLI: no ~/.ray/auth_token of the machine's user
+
+    def env(self, token: str | None = "cluster", **extra: str) -> dict[str, str]:
+        """The CLI's environment: the cluster's token in RAY_AUTH_TOKEN, another, or none."""
+        env = _clean_env()
+        env["HOME"] = str(self.home)
+        if token == "cluster":
+            env["RAY_AUTH_TOKEN"] = self.token
+        elif token is not None:
+            env["RAY_AUTH_TOKEN"] = token
+        env.update(extra)
+        return env
+
+
+def _clean_env() -> dict[str, str]:
+    drop = ("RAY_ADDRESS", "RAY_API_SERVER_ADDRESS", "RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH")
+    return {k: v for k, v in os.environ.items() if k not in drop}
+
+
+def _free_ports(n: int) -> list[int]:
+    socks = []
+    try:
+        for _ in range(n):
+            s = socket.socket()
+            s.bind(("127.0.0.1", 0))
+            socks.append(s)
+        return [s.getsockname()[1] for s in socks]
+    finally:
+        for s in socks:
+            s.close()
+
+
+def _ray_executable() -> str:
+    beside = Path(sys.executable).with_name("ray")
+    return str(beside) if beside.exists() else (shutil.which("ray") or "ray")
+
+
+def _proc(pid: int) -> tuple[int, int, str] | None:
+    """(parent pid, session id, command line) of a live process, from /proc (Linux)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
+    except (OSError, UnicodeDecodeError):
+        return None
+    fields = stat[stat.rindex(")") + 2 :].split()  # after "pid (comm) "
+    if fields[0] == "Z":  # a zombie is already dead
+        return None
+    return int(fields[1]), int(fields[3]), cmdline
+
+
+def _processes_of(session: int, marker: str) -> set[int]:
+    """The head's processes: its session (ray start ran as a session leader), anything naming
+    its temp dir, and their descendants (workers, job drivers)."""
+    table = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit() and (info := _proc(int(entry.name))) is not None:
+            table[int(entry.name)] = info
+    found = {pid for pid, (_, sid, cmd) in table.items() if sid == session or marker in cmd}
+    grew = True
+    while grew:
+        children = {pid for pid, (ppid, _, _) in table.items() if ppid in found} - found
+        grew = bool(children)
+        found |= children
+    found.discard(os.getpid())
+    return found
+
+
+def _signal(pids: set[int], sig: int) -> None:
+    for pid in pids:
+        with contextlib.suppress(OSError):
+            os.kill(pid, sig)
+
+
+def _stop(session: int, marker: str) -> None:
+    """SIGTERM the head's processes, SIGKILL what is left after a grace period."""
+    _signal(_processes_of(session, marker), signal.SIGTERM)
+    deadline = time.time() + 5
+    while _processes_of(session, marker) and time.time() < deadline:
+        time.sleep(0.5)
+    for _ in range(3):
+        left = _processes_of(session, marker)
+        if not left:
+            return
+        _signal(left, signal.SIGKILL)
+        time.sleep(1)
+
+
+@pytest.fixture(scope="module")
+def head() -> Iterator[Head]:
+    temp = Path(tempfile.mkdtemp(prefix="bi-ray-", dir="/tmp"))  # short: socket path limits
+    token = secrets.token_hex(32)
+    gcs, dash, client, agent, agent_grpc, runtime_env, metrics, node, objects = _free_ports(9)
+    env = _clean_env()
+    env.update(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=token, RAY_USAGE_STATS_ENABLED="0")
+    cmd = [
+        _ray_executable(), "start", "--head", f"--port={gcs}", "--node-ip-address=127.0.0.1",
+        "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}", "--include-dashboard=true",
+        "--num-cpus=2", f"--temp-dir={temp / 'ray'}", f"--ray-client-server-port={client}",
+        f"--dashboard-agent-listen-port={agent}", f"--dashboard-agent-grpc-port={agent_grpc}",
+        f"--runtime-env-agent-port={runtime_env}", f"--metrics-export-port={metrics}",
+        f"--node-manager-port={node}", f"--object-manager-port={objects}",
+        "--disable-usage-stats",
+    ]  # fmt: skip
+    starter = subprocess.Popen(
+        cmd, env=env, start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+        text=True,
+    )  # fmt: skip
+    session = starter.pid
+    try:
+        out, _ = starter.communicate(timeout=180)
+        assert starter.returncode == 0, f"ray start failed:\n{out}"
+        address = f"http://127.0.0.1:{dash}"
+        deadline = time.time() + 120
+        while True:  # the job API answers once the dashboard's modules are up
+            try:
+                r = requests.get(
+                    f"{address}/api/jobs/", headers={"Authorization": f"Bearer {token}"}, timeout=5
+                )
+                if r.status_code == 200:
+                    break
+            except requests.RequestException:
+                pass
+            assert time.time() < deadline, "the dashboard's job API did not come up"
+            time.sleep(1)
+        home = temp / "home"
+        home.mkdir()
+        yield Head(address, token, home)
+    finally:
+        _stop(session, str(temp))
+        left = _processes_of(session, str(temp))
+        shutil.rmtree(temp, ignore_errors=True)
+        assert not left, f"processes left behind: {sorted(left)}"
+
+
+def cli(*args: str, env: dict[str, str], cwd: Path | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "batch_infer.cli", *args],
+        env=env,
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=CLI_TIMEOUT,
+    )
+
+
+def _assert_no_token(result: subprocess.CompletedProcess, *tokens: str) -> None:
+    for token in tokens:
+        assert token not in result.stdout and token not in result.stderr
+
+
+def _spec(path: Path, **changes: object) -> Path:
+    doc = yaml.safe_load((ROOT / "jobs" / "quickstart.yaml").read_text())
+    doc["input"]["path"] = str(ROOT / "data" / "digits")
+    doc["model"]["onnx"] = str(ROOT / "models" / "digits.onnx")
+    for key, value in changes.items():
+        section, _, name = key.partition("__")
+        doc[section][name] = value
+    path.write_text(yaml.safe_dump(doc, sort_keys=False))
+    return path
+
+
+def _runs(out: Path) -> list[dict]:
+    runs = [json.loads(p.read_text()) for p in (out / "_runs").glob("*.json")]
+    return sorted(runs, key=lambda r: r["started_at"])
+
+
+# --------------------------------------------------------------------------- tests
+
+
+def test_quickstart_submit_wait_status_logs_list(head: Head, tmp_path: Path) -> None:
+    out = tmp_path / "out" / "2024-05-01"  # {date} filled in at submit, passed on as --date
+    spec = _spec(tmp_path / "quickstart.yaml", output__path=str(tmp_path / "out" / "{date}"))
+    env = head.env()
+    r = cli("submit", str(spec), "--address", head.address, "--date", "2024-05-01", "--wait",
+            env=env)  # fmt: skip
+    assert r.returncode == 0, r.stdout + r.stderr
+    job_id = r.stdout.splitlines()[0]
+    assert job_id.startswith("raysubmit_")
+    assert "batch-infer run digits: succeeded" in r.stdout  # the job's logs, streamed
+    assert f"job {job_id}: SUCCEEDED" in r.stderr
+    _assert_no_token(r, head.token)
+
+    table = read_output(out)
+    assert table.num_rows == 1797
+    assert sorted(table.column("id").to_pylist()) == list(range(1797))
+    # The driver read the carried copy of the model, not the repository's file.
+    (run,) = _runs(out)
+    assert run["status"] == "succeeded" and run["date"] == "2024-05-01"
+    assert "runtime_resources" in run["model"] and run["model"].endswith("model/digits.onnx")
+
+    # The package went as a py_module, the spec and model as the working_dir.
+    from ray.job_submission import JobSubmissionClient
+
+    client = JobSubmissionClient(head.address, headers={"Authorization": f"Bearer {head.token}"})
+    runtime_env = client.get_job_info(job_id).runtime_env
+    assert runtime_env["py_modules"][0].startswith("gcs://")
+    assert runtime_env["working_dir"].startswith("gcs://")
+    assert head.token not in json.dumps(runtime_env)
+
+    status = cli("jobs", "status", job_id, "--address", head.address, env=env)
+    assert status.returncode == 0 and f"{job_id}: SUCCEEDED" in status.stdout
+    assert "date: 2024-05-01" in status.stdout
+    logs = cli("jobs", "logs", job_id, "--address", head.address, env=env)
+    assert logs.returncode == 0
+    assert "batch-infer run digits: succeeded" in logs.stdout and "1,797" in logs.stdout
+    listed = cli("jobs", "list", "--address", head.address, env=env)
+    assert listed.returncode == 0
+    (line,) = [ln for ln in listed.stdout.splitlines() if ln.startswith(job_id)]
+    assert "SUCCEEDED" in line and str(out) in line
+    for result in (status, logs, listed):
+        _assert_no_token(result, head.token)
+
+
+def test_failed_job_exits_with_the_drivers_code(head: Head, tmp_path: Path) -> None:
+    missing = tmp_path / "no-such-input"
+    spec = _spec(tmp_path / "bad.yaml", input__path=str(missing), output__path=str(tmp_path / "o"))
+    r = cli("submit", str(spec), "--address", head.address, "--wait", env=head.env())
+    assert r.returncode == 2, r.stdout + r.stderr  # batch-infer run's exit code for a user error
+    assert "error: " in r.stdout and str(missing) in r.stdout  # the driver's one-line error
+    assert "Traceback" not in r.stdout
+    job_id = r.stdout.splitlines()[0]
+    assert f"job {job_id}: FAILED" in r.stderr
+
+
+def test_token_from_ray_default_file_and_token_path(head: Head, tmp_path: Path) -> None:
+    (head.home / ".ray").mkdir(exist_ok=True)
+    default = head.home / ".ray" / "auth_token"
+    default.write_text(head.token + "\n")
+    try:
+        r = cli("jobs", "list", "--address", head.address, env=head.env(token=None))
+        assert r.returncode == 0, r.stderr
+        _assert_no_token(r, head.token)
+    finally:
+        default.unlink()
+    path = tmp_path / "token"
+    path.write_text(head.token)
+    r = cli(
+        "jobs", "list", "--address", head.address,
+        env=head.env(token=None, RAY_AUTH_TOKEN_PATH=str(path)),
+    )  # fmt: skip
+    assert r.returncode == 0, r.stderr
+
+
+def test_missing_or_wrong_token_is_refused(head: Head, tmp_path: Path) -> None:
+    spec = _spec(tmp_path / "quickstart.yaml", output__path=str(tmp_path / "out"))
+    missing = cli("submit", str(spec), "--address", head.address, env=head.env(token=None))
+    assert missing.returncode == 2
+    assert f"the Ray cluster at {head.address} requires a token" in missing.stderr
+    assert "RAY_AUTH_TOKEN" in missing.stderr and "Traceback" not in missing.stderr
+
+    wrong = secrets.token_hex(32)
+    refused = cli("submit", str(spec), "--address", head.address, "--wait",
+                  env=head.env(token=wrong))  # fmt: skip
+    assert refused.returncode == 2
+    assert "refused the token from RAY_AUTH_TOKEN" in refused.stderr
+    assert "Traceback" not in refused.stderr
+
+    path = tmp_path / "token"
+    path.write_text(wrong)
+    listed = cli("jobs", "list", "--address", head.address,
+                 env=head.env(token=None, RAY_AUTH_TOKEN_PATH=str(path)))  # fmt: skip
+    assert listed.returncode == 2
+    assert f"refused the token from the file RAY_AUTH_TOKEN_PATH names ({path})" in listed.stderr
+    for result in (missing, refused, listed):
+        _assert_no_token(result, head.token, wrong)
+    assert not (tmp_path / "out").exists()  # nothing was submitted
+
+
+def _heavy_model(path: Path, width: int = 1024, repeats: int = 48) -> Path:
+    """x float[N,16] -> y float[N,1] through `repeats` tanh(h @ W): ~2 ms a row on one core."""
+    rng = np.random.default_rng(3)
+    inits = [
+        numpy_helper.from_array((rng.standard_normal((16, width)) / 4).astype(np.float32), "w0"),
+        numpy_helper.from_array(
+            (rng.standard_normal((width, width)) / np.sqrt(width)).astype(np.float32), "w"
+        ),
+        numpy_helper.from_array((rng.standard_normal((width, 1))).astype(np.float32), "w1"),
+    ]
+    nodes = [helper.make_node("MatMul", ["x", "w0"], ["h0"])]
+    for i in range(repeats):
+        nodes.append(helper.make_node("MatMul", [f"h{i}", "w"], [f"m{i}"]))
+        nodes.append(helper.make_node("Tanh", [f"m{i}"], [f"h{i + 1}"]))
+    nodes.append(helper.make_node("MatMul", [f"h{repeats}", "w1"], ["y"]))
+    graph = helper.make_graph(
+        nodes,
+        "heavy",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 16])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 1])],
+        inits,
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+    model.ir_version = 8
+    onnx.save(model, path)
+    return path
+
+
+def test_stopped_job_resubmitted_resumes_exactly_once(head: Head, tmp_path: Path) -> None:
+    rows, shard_rows = 6000, 60  # 100 shards of ~0.1 s of compute each
+    data = tmp_path / "data"
+    data.mkdir()
+    x = np.random.default_rng(0).random((rows, 16), dtype=np.float32)
+    pq.write_table(
+        pa.table(
+            {
+                "id": np.arange(rows, dtype=np.int64),
+                "x": pa.FixedSizeListArray.from_arrays(pa.array(x.ravel()), 16),
+            }
+        ),
+        data / "part-0.parquet",
+        row_group_size=1200,
+    )
+    out = tmp_path / "out"
+    spec = tmp_path / "heavy.yaml"
+    spec.write_text(
+        yaml.safe_dump(
+            {
+                "name": "heavy",
+                "input": {"path": str(data)},
+                "model": {"onnx": str(_heavy_model(tmp_path / "heavy.onnx")), "inputs": {"x": "x"}},
+                "output": {"path": str(out), "keep_columns": ["id"]},
+            }
+        )
+    )
+    sets = ["--set", f"shard_rows={shard_rows}", "--set", "batch_size=20"]
+    env = head.env()
+    first = cli("submit", str(spec), "--address", head.address, *sets, env=env)
+    assert first.returncode == 0, first.stderr
+    job_id = first.stdout.splitlines()[0]
+
+    shards = out / "_manifest" / "shards"
+    deadline = time.time() + 150
+    while len(list(shards.glob("*.json"))) < 2:  # running, a few shards committed
+        assert time.time() < deadline, cli("jobs", "logs", job_id, "--address", head.address,
+                                           env=env).stdout  # fmt: skip
+        time.sleep(0.2)
+    stop = cli("jobs", "stop", job_id, "--address", head.address, "--wait", env=env)
+    assert stop.returncode == 0, stop.stderr
+    status = cli("jobs", "status", job_id, "--address", head.address, env=env)
+    assert f"{job_id}: STOPPED" in status.stdout
+    committed = len(list(shards.glob("*.json")))
+    total = rows // shard_rows  # row groups of 1200 rows: 20 shards each
+    assert 0 < committed < total, "the job was not stopped mid-run"
+
+    again = cli("submit", str(spec), "--address", head.address, *sets, "--wait", env=env)
+    assert again.returncode == 0, again.stdout + again.stderr
+    assert "batch-infer run heavy: succeeded" in again.stdout
+
+    table = read_output(out)
+    assert table.num_rows == rows
+    assert sorted(table.column("id").to_pylist()) == list(range(rows))  # one copy of each
+    last = _runs(out)[-1]
+    assert last["status"] == "succeeded"
+    assert last["shards_skipped"] >= committed
+    assert last["shards_total"] == total
+    assert last["shards_skipped"] + last["shards_committed"] == total
+    assert len(list(shards.glob("*.json"))) == total
+    for result in (first, stop, status, again):
+        _assert_no_token(result, head.token)
+
+
+def test_carried_spec(tmp_path: Path) -> None:
+    """What goes to the cluster: the spec as validated here, dated, model path rewritten."""
+    spec = _spec(
+        tmp_path / "dated.yaml",
+        output__path=str(tmp_path / "out{{x}}" / "{date:%Y/%m}"),
+        model__onnx=str(ROOT / "models" / "digits.onnx"),
+    )
+    sub = Submission(str(spec), ["batch_size=64"], shared_model=False, cluster_is_local=True,
+                     date=dt.date(2024, 5, 1))  # fmt: skip
+    assert sub.spec.output.path == str(tmp_path / "out{x}" / "2024" / "05")
+    assert sub.entrypoint() == "python -m batch_infer.cli run spec.yaml --date 2024-05-01"
+    carried = yaml.safe_load(sub.spec_text)
+    assert "date" not in carried and carried["batch_size"] == 64
+    assert carried["model"]["onnx"] == "model/digits.onnx"
+    assert carried["output"]["path"] == str(tmp_path / "out{{x}}" / "2024" / "05")  # literal
+    # The driver reads it back to the same paths and date.
+    again = spec_from_dict(carried, date=dt.date(2024, 5, 1))
+    assert again.output.path == sub.spec.output.path and again.date == "2024-05-01"
+    assert sub.warnings == []
+
+
+def test_model_too_large_to_carry(tmp_path: Path) -> None:
+    big = tmp_path / "big.onnx"
+    with big.open("wb") as f:  # sparse: no disk used
+        f.truncate(carry_limit())
+    spec = _spec(tmp_path / "big.yaml", output__path=str(tmp_path / "out"))
+    doc = yaml.safe_load(spec.read_text())
+    doc["model"]["onnx"] = str(big)
+    spec.write_text(yaml.safe_dump(doc))
+    r = cli("submit", str(spec), "--address", "http://127.0.0.1:9", env=_clean_env())
+    assert r.returncode == 2
+    assert f"model.onnx: {big} is 100.0 MiB" in r.stderr
+    assert "carries at most 100.0 MiB" in r.stderr and "--shared-model" in r.stderr
+
+
+def test_relative_paths_warned_and_unreachable_cluster(tmp_path: Path) -> None:
+    shutil.copytree(ROOT / "data" / "digits", tmp_path / "digits")
+    spec = _spec(tmp_path / "rel.yaml", input__path="digits", output__path="out/digits")
+    port = _free_ports(1)[0]
+    r = cli("submit", "rel.yaml", "--address", f"127.0.0.1:{port}", env=_clean_env(),
+            cwd=tmp_path)  # fmt: skip
+    assert spec.exists() and r.returncode == 2
+    assert "warning: input.path: 'digits' is relative" in r.stderr
+    assert "warning: output.path: 'out/digits' is relative" in r.stderr
+    assert f"cannot reach the Ray dashboard at http://127.0.0.1:{port}" in r.stderr
