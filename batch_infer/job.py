@@ -12,6 +12,7 @@ import copy
 import datetime as dt
 import logging
 import os
+import sys
 import time
 import uuid
 from collections import deque
@@ -224,12 +225,14 @@ def _execute(
         MofNCompleteColumn(),
         TextColumn("shards  {task.fields[rows]:,} rows  {task.fields[rate]:,.0f} rows/s"),
         TimeElapsedColumn(),
-        disable=not progress,
+        disable=not progress or not sys.stderr.isatty(),
         transient=False,
     )
     task = bar.add_task(plan.spec.name, total=len(todo), rows=0, rate=0.0)
     started = time.time()
-    last_refresh = started
+    last_refresh = last_line = started
+    # Not a terminal (a submitted job's log, cron): a plain line every 10 s instead of a bar.
+    lines = progress and not sys.stderr.isatty()
 
     def retry(shard: Shard, attempt: int, why: str) -> None:
         if attempt < plan.spec.max_retries:
@@ -298,6 +301,15 @@ def _execute(
                 summary.files_written += len(result["files"])
                 rate = summary.rows_this_run / max(1e-9, time.time() - started)
                 bar.update(task, advance=1, rows=summary.rows_this_run, rate=rate)
+                done = summary.shards_committed
+                if lines and (time.time() - last_line > 10 or done == len(todo)):
+                    last_line = time.time()
+                    print(
+                        f"{plan.spec.name}: {done}/{len(todo)} shards, "
+                        f"{summary.rows_this_run:,} rows, {rate:,.0f} rows/s",
+                        file=sys.stderr,
+                        flush=True,
+                    )
             del ready
     summary.nodes = sorted(nodes)
     pool.shutdown()
