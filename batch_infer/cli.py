@@ -14,7 +14,7 @@ from batch_infer.errors import BadRowsError, JobFailedError, UserError
 from batch_infer.job import RunSummary, run
 from batch_infer.query import register as register_query
 from batch_infer.scheduling import register as register_schedule
-from batch_infer.spec import parse_date, parse_overrides
+from batch_infer.spec import add_spec_arguments, parse_date, parse_overrides
 from batch_infer.submitting import register as register_submit
 
 EXIT_USER_ERROR = 2
@@ -79,27 +79,12 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("run", help="run a job spec to completion (resumes an interrupted run)")
     p.add_argument("spec", help="the job spec (YAML)")
-    p.add_argument(
-        "--set",
-        action="append",
-        default=[],
-        metavar="KEY.SUB=VALUE",
-        help="override a spec key, e.g. --set batch_size=256",
-    )
-    p.add_argument(
-        "--overwrite", action="store_true", help="discard what the output holds and start over"
-    )
-    p.add_argument(
-        "--date",
-        metavar="YYYY-MM-DD",
-        help="the logical date filled into {date} in the spec's paths (default: today in the "
-        "schedule's time zone, UTC without a schedule); rerunning a date resumes it",
-    )
+    add_spec_arguments(p, run=True)
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=_cmd_run)
     b = sub.add_parser("build", help="build the TensorRT engine a spec's actors will use")
     b.add_argument("spec")
-    b.add_argument("--set", action="append", default=[], metavar="KEY.SUB=VALUE")
+    add_spec_arguments(b)
     b.set_defaults(func=_cmd_build)
     for register in (register_submit, register_schedule, register_query):
         register(sub)  # each module adds its own subcommands

@@ -42,6 +42,7 @@ from batch_infer.manifest import SUCCESS, Output
 from batch_infer.spec import (
     JobSpec,
     ScheduleSpec,
+    add_spec_arguments,
     load_spec,
     parse_date,
     parse_overrides,
@@ -758,13 +759,7 @@ def register(subparsers: Any) -> None:
         help="with --next: count from this time in the schedule's time zone (default: now)",
     )
     s.add_argument("--out", metavar="DIR", help="write the files into DIR instead of stdout")
-    s.add_argument(
-        "--set",
-        action="append",
-        default=[],
-        metavar="KEY.SUB=VALUE",
-        help="a spec override, passed on to every scheduled run",
-    )
+    add_spec_arguments(s)  # the overrides are passed on to every scheduled run
     s.add_argument(
         "--address",
         help="cron/systemd: the Ray cluster each run joins (RAY_ADDRESS, e.g. head-node:6379); "
@@ -790,6 +785,6 @@ def register(subparsers: Any) -> None:
     b.add_argument("spec", help="the job spec (YAML); output.path must use {date}")
     b.add_argument("--from", dest="start", required=True, metavar="YYYY-MM-DD")
     b.add_argument("--to", dest="end", required=True, metavar="YYYY-MM-DD")
-    b.add_argument("--set", action="append", default=[], metavar="KEY.SUB=VALUE")
+    add_spec_arguments(b)
     b.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
     b.set_defaults(func=_cmd_backfill)

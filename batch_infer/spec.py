@@ -11,6 +11,7 @@ schedule's time zone, or in UTC without a schedule). `{{` and `}}` are literal b
 
 from __future__ import annotations
 
+import argparse
 import datetime as dt
 import os
 import re
@@ -197,6 +198,28 @@ def _set_dotted(doc: dict[str, Any], key: str, value: Any) -> None:
             raise SpecError(f"--set {key}: {part!r} is not a mapping")
         node = child
     node[parts[-1]] = value
+
+
+def add_spec_arguments(parser: argparse.ArgumentParser, *, run: bool = False) -> None:
+    """The `--set` overrides every command that reads a spec takes (parsed by
+    `parse_overrides`); with `run`, also the options of a run: `--overwrite` and `--date`."""
+    parser.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY.SUB=VALUE",
+        help="override a spec key, e.g. --set batch_size=256",
+    )
+    if run:
+        parser.add_argument(
+            "--overwrite", action="store_true", help="discard what the output holds and start over"
+        )
+        parser.add_argument(
+            "--date",
+            metavar="YYYY-MM-DD",
+            help="the logical date filled into {date} in the spec's paths (default: today in "
+            "the schedule's time zone, UTC without a schedule); rerunning a date resumes it",
+        )
 
 
 def parse_overrides(pairs: list[str]) -> dict[str, Any]:

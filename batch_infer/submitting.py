@@ -40,7 +40,14 @@ from rich.text import Text
 
 import batch_infer
 from batch_infer.errors import SpecError, UserError
-from batch_infer.spec import JobSpec, _set_dotted, parse_date, parse_overrides, spec_from_dict
+from batch_infer.spec import (
+    JobSpec,
+    _set_dotted,
+    add_spec_arguments,
+    parse_date,
+    parse_overrides,
+    spec_from_dict,
+)
 
 SPEC_NAME = "spec.yaml"  # the carried spec, in the job's working_dir
 MODEL_DIR = "model"  # the carried model, in the job's working_dir
@@ -659,26 +666,11 @@ def register(subparsers: Any) -> None:
         help="submit a job spec to a Ray cluster (Ray Job Submission API); resubmit to resume",
     )
     s.add_argument("spec", help="the job spec (YAML)")
-    s.add_argument(
-        "--set",
-        action="append",
-        default=[],
-        metavar="KEY.SUB=VALUE",
-        help="override a spec key, e.g. --set batch_size=256",
-    )
-    s.add_argument(
-        "--overwrite", action="store_true", help="discard what the output holds and start over"
-    )
+    add_spec_arguments(s, run=True)
     s.add_argument(
         "--wait",
         action="store_true",
         help="stream the job's logs; exit 0 if it succeeds, non-zero otherwise",
-    )
-    s.add_argument(
-        "--date",
-        metavar="YYYY-MM-DD",
-        help="the logical date filled into {date} in the spec's paths (default: today in the "
-        "schedule's time zone, UTC without a schedule), passed on to the run",
     )
     s.add_argument(
         "--shared-model",
