@@ -122,11 +122,9 @@ spec = {{"name": "bench", "input": {{"path": {str(data)!r}}},
 t = time.perf_counter()
 s = batch_infer.run(spec, overwrite=True)
 dt = time.perf_counter() - t
-import glob
-entries = [json.load(open(p)) for p in glob.glob({str(out)!r} + "/_manifest/shards/*.json")]
-first = min(entries, key=lambda e: e["committed_at"])
-span = max(e["committed_at"] for e in entries) - first["committed_at"]
-print(json.dumps({{"rows": s.rows, "seconds": dt, "steady": (s.rows - first["rows"]) / span,
+from benchmarks.steady import shard_entries, steady_rate
+entries = shard_entries({str(out)!r})
+print(json.dumps({{"rows": s.rows, "seconds": dt, "steady": steady_rate(entries),
                    "shards": len(entries),
                    "rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}}))
 """

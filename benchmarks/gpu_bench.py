@@ -29,6 +29,7 @@ import batch_infer
 from batch_infer.backends.onnxruntime_cuda import OnnxRuntimeCUDA
 from batch_infer.cuda_streams import DeviceBuffer, check
 from batch_infer.model import read_signature
+from benchmarks.steady import shard_entries, steady_rate
 from tests.gpu_models import export_bert, export_resnet50
 
 BATCH = 256
@@ -228,15 +229,11 @@ def job_rate(w: dict, work: Path, name: str, slots: int, out_dir: Path) -> dict:
     sampler = Sampler(out_dir / f"smi-{name}.csv")
     summary = batch_infer.run(spec, overwrite=True)
     util, rss = sampler.finish()
-    entries = [json.loads(p.read_text()) for p in (out / "_manifest" / "shards").glob("*.json")]
-    first = min(e["committed_at"] for e in entries)
-    last = max(e["committed_at"] for e in entries)
-    first_rows = min(entries, key=lambda e: e["committed_at"])["rows"]
     busy = [u for u in util if u > 0]
     return {
         "rows": summary.rows,
         "wall_rate": summary.rows / summary.seconds,
-        "steady_rate": (summary.rows - first_rows) / max(last - first, 1e-9),
+        "steady_rate": steady_rate(shard_entries(out)),
         "gpu_util_mean_busy": float(np.mean(busy)) if busy else 0.0,
         "gpu_util_samples": len(util),
         "actor_peak_rss_mib": rss / 2**20,

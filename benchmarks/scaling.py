@@ -19,6 +19,7 @@ import ray
 
 import batch_infer
 from benchmarks.gpu_bench import Sampler, workload
+from benchmarks.steady import shard_entries, steady_rate
 
 
 def run_on(gpus: int, name: str, w: dict, work: Path, out_dir: Path) -> dict:
@@ -40,14 +41,12 @@ def run_on(gpus: int, name: str, w: dict, work: Path, out_dir: Path) -> dict:
     summary = batch_infer.run(spec, overwrite=True)
     util_rows, rss = sampler.finish_per_device()
     ray.shutdown()
-    entries = [json.loads(p.read_text()) for p in (out / "_manifest" / "shards").glob("*.json")]
-    first = min(entries, key=lambda e: e["committed_at"])
-    last = max(e["committed_at"] for e in entries)
+    entries = shard_entries(out)
     return {
         "gpus": gpus,
         "rows": summary.rows,
         "wall_s": time.time() - started,
-        "steady_rate": (summary.rows - first["rows"]) / max(last - first["committed_at"], 1e-9),
+        "steady_rate": steady_rate(entries),
         "shards_per_gpu": {
             g: sum(e["gpu"] == g for e in entries) for g in {e["gpu"] for e in entries}
         },
