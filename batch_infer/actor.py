@@ -8,11 +8,11 @@ driver passes references along, so the data never flows through the driver.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import time
 from collections.abc import Iterator
-from typing import Any
 
 import numpy as np
 import pyarrow as pa
@@ -20,11 +20,12 @@ import ray
 
 from batch_infer.backends import load_backend
 from batch_infer.backends.base import Feeds
+from batch_infer.data.reading import read_rows
+from batch_infer.data.sharding import Shard
+from batch_infer.data.tensors import find_bad_rows, to_arrow, to_tensor
 from batch_infer.errors import CudaError, UserError
 from batch_infer.planning import JobPlan
-from batch_infer.reading import read_rows
-from batch_infer.sharding import Shard
-from batch_infer.tensors import find_bad_rows, to_arrow, to_tensor
+from batch_infer.sink.manifest import ShardEntry
 
 log = logging.getLogger("batch_infer")
 
@@ -39,7 +40,7 @@ class InferenceActor:
         self.error: UserError | None = None
         try:
             self.backend, self.why = load_backend(
-                plan.spec, plan.signature, device=device, threads=threads
+                plan.signature, plan.backend, device=device, threads=threads
             )
         except UserError as exc:  # kept for describe(): the driver gets it as a clear error
             self.error = exc
@@ -70,8 +71,8 @@ class InferenceActor:
             yield real, part
 
     def infer(
-        self, entry: dict[str, Any], keep: pa.Table, feeds: Feeds
-    ) -> tuple[dict[str, Any], pa.Table]:
+        self, entry: ShardEntry, keep: pa.Table, feeds: Feeds
+    ) -> tuple[ShardEntry, pa.Table]:
         """Run a prepared shard; (manifest entry draft, predictions)."""
         started = time.time()
         counts: list[int] = []
@@ -99,13 +100,13 @@ class InferenceActor:
             else:
                 array = np.zeros((0, *(max(d, 1) for d in tensor.item_shape)), tensor.dtype)
             predictions = predictions.append_column(col, to_arrow(array, tensor))
-        entry = {
-            **entry,
-            "backend": self.backend.describe(),
-            "infer_seconds": round(time.time() - started, 3),
-            "node": ray.get_runtime_context().get_node_id(),
-            "gpu": ",".join(map(str, ray.get_gpu_ids())) or None,
-        }
+        entry = dataclasses.replace(
+            entry,
+            backend=self.backend.describe(),
+            infer_seconds=round(time.time() - started, 3),
+            node=ray.get_runtime_context().get_node_id(),
+            gpu=",".join(map(str, ray.get_gpu_ids())) or None,
+        )
         return entry, predictions
 
 
@@ -128,7 +129,7 @@ def _errors_table(
 
 def prepare_shard(
     plan: JobPlan, shard: Shard, run_id: str, attempt: int
-) -> tuple[dict[str, Any], pa.Table, Feeds, pa.Table | None]:
+) -> tuple[ShardEntry, pa.Table, Feeds, pa.Table | None]:
     """Read a shard, set its bad rows aside and convert the good ones to model tensors.
 
     Runs as a Ray task on any free core, ahead of the actor, so decoding Parquet never
@@ -152,20 +153,20 @@ def prepare_shard(
     keep = good.select(plan.keep_schema.names).cast(plan.keep_schema)
     feeds = {b.tensor.name: to_tensor(good, b) for b in plan.bindings}
     errors = _errors_table(plan, shard, table, bad, reasons) if bad.any() else None
-    entry = {
-        "shard": shard.id,
-        "file": shard.file.relpath,
-        "row_start": shard.row_start,
-        "row_stop": shard.row_start + table.num_rows,
-        "rows": table.num_rows,
-        "good_rows": good.num_rows,
-        "bad_rows": int(bad.sum()),
-        "input_fingerprint": shard.fingerprint,
-        "model_sha256": plan.signature.sha256,
-        "run": run_id,
-        "attempt": attempt,
-        "prepare_seconds": round(time.time() - started, 3),
-    }
+    entry = ShardEntry(
+        shard=shard.id,
+        file=shard.file.relpath,
+        row_start=shard.row_start,
+        row_stop=shard.row_start + table.num_rows,
+        rows=table.num_rows,
+        good_rows=good.num_rows,
+        bad_rows=int(bad.sum()),
+        input_fingerprint=shard.fingerprint,
+        model_sha256=plan.signature.sha256,
+        run=run_id,
+        attempt=attempt,
+        prepare_seconds=round(time.time() - started, 3),
+    )
     return entry, keep, feeds, errors
 
 

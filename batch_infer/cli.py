@@ -11,18 +11,18 @@ from rich.table import Table
 from rich.text import Text
 
 from batch_infer.errors import BadRowsError, JobFailedError, UserError
-from batch_infer.job import RunSummary, run
-from batch_infer.query import register as register_query
-from batch_infer.scheduling import register as register_schedule
-from batch_infer.spec import add_spec_arguments, parse_date, parse_overrides
-from batch_infer.submitting import register as register_submit
+from batch_infer.ops.query import register as register_query
+from batch_infer.ops.schedule import register as register_schedule
+from batch_infer.ops.submit import register as register_submit
+from batch_infer.sink.manifest import RunRecord
+from batch_infer.spec import add_spec_arguments, parse_date, parse_overrides, resolve_spec
 
 EXIT_USER_ERROR = 2
 EXIT_BAD_ROWS = 3
 EXIT_FAILED = 4
 
 
-def _print_summary(console: Console, s: RunSummary) -> None:
+def _print_summary(console: Console, s: RunRecord) -> None:
     table = Table(
         title=f"batch-infer run {s.name}: {s.status}", show_header=False, title_justify="left"
     )
@@ -51,6 +51,8 @@ def _print_summary(console: Console, s: RunSummary) -> None:
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
+    from batch_infer.job import run  # Ray and the backends load only for a run
+
     console = Console(stderr=True)
     summary = run(
         args.spec,
@@ -58,17 +60,20 @@ def _cmd_run(args: argparse.Namespace) -> int:
         overwrite=args.overwrite,
         progress=not args.quiet,
         date=parse_date(args.date) if args.date else None,
+        address=args.address,
     )
     _print_summary(console, summary)
     return 0
 
 
 def _cmd_build(args: argparse.Namespace) -> int:
-    from batch_infer.backends.tensorrt import build_for_spec
-    from batch_infer.spec import load_spec
+    from batch_infer.backends.tensorrt_build import build_ahead
+    from batch_infer.model import read_signature
+    from batch_infer.planning import backend_options
 
-    spec = load_spec(args.spec, parse_overrides(args.set))
-    engine = build_for_spec(spec)
+    spec = resolve_spec(args.spec, parse_overrides(args.set))
+    signature = read_signature(spec.model.onnx)
+    engine = build_ahead(signature, backend_options(spec, signature))
     state = "built" if engine.built else "already cached"
     Console().print(f"engine {state}: {engine.path} ({len(engine.data):,} bytes)", highlight=False)
     return 0
@@ -81,6 +86,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("spec", help="the job spec (YAML)")
     add_spec_arguments(p, run=True)
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    p.add_argument(
+        "--address",
+        help="a Ray cluster to join, e.g. HEAD:6379 (default: RAY_ADDRESS, else a local Ray "
+        "started for this run; never one merely running on this machine)",
+    )
     p.set_defaults(func=_cmd_run)
     b = sub.add_parser("build", help="build the TensorRT engine a spec's actors will use")
     b.add_argument("spec")

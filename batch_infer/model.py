@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import hashlib
+import os
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import numpy as np
@@ -67,17 +69,64 @@ def file_sha256(path: str) -> str:
     return digest.hexdigest()
 
 
-def read_signature(path: str) -> ModelSignature:
-    """Load the graph (not external weights) and return its inputs and outputs."""
+def _tensors(graph: onnx.GraphProto) -> Iterator[onnx.TensorProto]:
+    """Every tensor a graph holds: initializers, node attributes, and subgraphs' (If, Loop)."""
+    yield from graph.initializer
+    for node in graph.node:
+        for attr in node.attribute:
+            if attr.HasField("t"):
+                yield attr.t
+            yield from attr.tensors
+            if attr.HasField("g"):
+                yield from _tensors(attr.g)
+            for sub in attr.graphs:
+                yield from _tensors(sub)
+
+
+def external_data_files(model: onnx.ModelProto) -> list[str]:
+    """Locations (relative to the .onnx) of the files holding a model's external weights."""
+    return sorted(
+        {
+            entry.value
+            for tensor in _tensors(model.graph)
+            if tensor.data_location == onnx.TensorProto.EXTERNAL
+            for entry in tensor.external_data
+            if entry.key == "location"
+        }
+    )
+
+
+def load_graph(path: str) -> onnx.ModelProto:
+    """The model without its external weights; a clear error for a missing or corrupt file."""
     try:
-        model = onnx.load(path, load_external_data=False)
+        return onnx.load(path, load_external_data=False)
     except FileNotFoundError:
         raise SpecError(f"model.onnx: {path}: no such file") from None
     except Exception as exc:  # onnx raises DecodeError and friends for a corrupt file
         raise SpecError(f"model.onnx: {path}: not a readable ONNX model ({exc})") from None
+
+
+def model_sha256(path: str, model: onnx.ModelProto) -> str:
+    """The .onnx file's sha256, extended with its external weight files: large models keep
+    their weights outside the .onnx, and changed weights must change the digest."""
+    files = external_data_files(model)
+    if not files:
+        return file_sha256(path)
+    digest = hashlib.sha256(file_sha256(path).encode())
+    for name in files:
+        weights = os.path.join(os.path.dirname(path), name)
+        if not os.path.isfile(weights):
+            raise SpecError(f"model.onnx: {path} refers to {name}, which is missing")
+        digest.update(f"{name}:{file_sha256(weights)}".encode())
+    return digest.hexdigest()
+
+
+def read_signature(path: str) -> ModelSignature:
+    """Load the graph (not external weights) and return its inputs and outputs."""
+    model = load_graph(path)
     initializers = {init.name for init in model.graph.initializer}
     inputs = tuple(_tensor_info(v, path) for v in model.graph.input if v.name not in initializers)
     outputs = tuple(_tensor_info(v, path) for v in model.graph.output)
     if not inputs or not outputs:
         raise SpecError(f"model.onnx: {path}: the graph has no inputs or no outputs")
-    return ModelSignature(path, file_sha256(path), inputs, outputs)
+    return ModelSignature(path, model_sha256(path, model), inputs, outputs)

@@ -11,11 +11,14 @@ from dataclasses import dataclass
 
 import pyarrow as pa
 
-from batch_infer.errors import SpecError
+from batch_infer.backends.base import BackendOptions
+from batch_infer.backends.tensorrt_build import plan_recipe
+from batch_infer.data.reading import Dataset, open_dataset
+from batch_infer.data.tensors import InputBinding, check_binding
+from batch_infer.errors import OutputError, SpecError, UserError
+from batch_infer.location import is_uri, open_location
 from batch_infer.model import ModelSignature, TensorInfo, read_signature
-from batch_infer.reading import Dataset, open_dataset
 from batch_infer.spec import JobSpec
-from batch_infer.tensors import InputBinding, check_binding
 
 
 @dataclass(frozen=True)
@@ -28,6 +31,7 @@ class JobPlan:
     bindings: tuple[InputBinding, ...]
     outputs: tuple[tuple[TensorInfo, str], ...]  # model output -> output column
     keep_schema: pa.Schema
+    backend: BackendOptions
 
     @property
     def columns(self) -> list[str]:
@@ -89,11 +93,51 @@ def _outputs(spec: JobSpec, signature: ModelSignature) -> list[tuple[TensorInfo,
     return [(by_name[name], col) for name, col in mapping.items()]
 
 
+def backend_options(spec: JobSpec, signature: ModelSignature) -> BackendOptions:
+    """The backend's options, checked now: a TensorRT profile or precision the model cannot
+    take is a spec error before Ray starts. With `backend: auto`, a model TensorRT cannot
+    be planned for is noted, and the actors skip TensorRT for the reason given."""
+    engine, problem = None, None
+    if spec.backend in ("auto", "tensorrt", "tensorrt-rtx"):
+        trt = spec.tensorrt
+        try:
+            engine = plan_recipe(
+                spec.backend,
+                signature.inputs,
+                batch_size=spec.batch_size,
+                slots=spec.slots,
+                precision=trt.precision,
+                profile=trt.profile,
+                compute_capability=trt.compute_capability,
+                cache_dir=trt.cache_dir,
+            )
+        except UserError as exc:
+            if spec.backend != "auto":
+                raise
+            problem = str(exc)
+    return BackendOptions(spec.backend, spec.batch_size, spec.slots, engine, problem)
+
+
+def _check_paths(spec: JobSpec, dataset: Dataset) -> None:
+    """Output and input must not hold each other, however the paths are spelled (symbolic
+    links resolved): a run would read its own predictions, or --overwrite delete its input."""
+    out = open_location(spec.output.path, "output.path", OutputError)
+    inp = dataset.location
+    if inp.contains(out):
+        raise SpecError(f"output.path: {out.root} is inside the input directory {inp.root}")
+    if out.contains(inp):
+        raise SpecError(
+            f"input.path: {inp.root} is inside the output directory {out.root}; "
+            "--overwrite would delete it"
+        )
+
+
 def build_plan(spec: JobSpec) -> JobPlan:
     """Check the spec against the model and the input; raise a UserError on any mismatch."""
-    if not os.path.exists(spec.model.onnx) and "://" not in spec.model.onnx:
+    if not is_uri(spec.model.onnx) and not os.path.exists(spec.model.onnx):
         raise SpecError(f"model.onnx: {spec.model.onnx}: no such file")
     signature = read_signature(spec.model.onnx)
+    options = backend_options(spec, signature)
     dataset = open_dataset(spec.input.path, spec.input.format)
     bindings = _bindings(spec, signature, dataset)
     outputs = _outputs(spec, signature)
@@ -110,9 +154,8 @@ def build_plan(spec: JobSpec) -> JobPlan:
         raise SpecError(
             f"output: column {name!r} would be written twice; rename it in model.outputs"
         )
-    out_root = os.path.abspath(spec.output.path) if "://" not in spec.output.path else None
-    base = os.path.abspath(dataset.base) if "://" not in spec.input.path else None
-    if out_root and base and (out_root + os.sep).startswith(base + os.sep):
-        raise SpecError(f"output.path: {out_root} is inside the input directory {base}")
+    _check_paths(spec, dataset)
     keep_schema = pa.schema([dataset.schema.field(c) for c in spec.output.keep_columns])
-    return JobPlan(spec, dataset, signature, tuple(bindings), tuple(outputs), keep_schema)
+    return JobPlan(
+        spec, dataset, signature, tuple(bindings), tuple(outputs), keep_schema, options
+    )

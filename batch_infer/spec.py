@@ -12,6 +12,7 @@ schedule's time zone, or in UTC without a schedule). `{{` and `}}` are literal b
 from __future__ import annotations
 
 import argparse
+import copy
 import datetime as dt
 import os
 import re
@@ -25,6 +26,7 @@ from croniter import croniter
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from batch_infer.errors import SpecError
+from batch_infer.location import absolute
 
 Backend = Literal["auto", "onnxruntime", "tensorrt", "tensorrt-rtx"]
 
@@ -183,13 +185,7 @@ class JobSpec(_Strict):
     )
 
 
-def _resolve(path: str) -> str:
-    if "://" in path:
-        return path
-    return str(Path(os.path.expanduser(path)).absolute())
-
-
-def _set_dotted(doc: dict[str, Any], key: str, value: Any) -> None:
+def set_dotted(doc: dict[str, Any], key: str, value: Any) -> None:
     parts = key.split(".")
     node = doc
     for part in parts[:-1]:
@@ -311,26 +307,18 @@ def _fill_date(key: str, template: str, day: dt.date) -> tuple[str, bool]:
     return "".join(out), used
 
 
-def spec_from_dict(
-    doc: Any,
-    where: str = "spec",
-    overrides: dict[str, Any] | None = None,
-    date: dt.date | None = None,
-) -> JobSpec:
+def _validate(doc: Any, where: str, overrides: dict[str, Any] | None, date: Any) -> JobSpec:
     """Validate a spec mapping (after applying `--set` overrides), fill in `{date}` and
-    resolve its paths.
-
-    `date` is the run's logical date; default: today in the schedule's time zone (UTC
-    without a schedule). It is recorded in `JobSpec.date` when it was given, the spec has a
-    schedule, or a path uses it.
-    """
+    resolve its paths. It is recorded in `JobSpec.date` when it was given, the spec has a
+    schedule, or a path uses it."""
     if not isinstance(doc, dict):
         raise SpecError(
             f"{where}: expected a YAML mapping at the top level, got {type(doc).__name__}"
         )
+    doc = copy.deepcopy(doc)  # the caller's mapping stays as it was
     for key, value in (overrides or {}).items():
-        _set_dotted(doc, key, value)
-    if "date" in doc:
+        set_dotted(doc, key, value)
+    if doc.pop("date", None) is not None:
         raise SpecError(
             f"{where}: key 'date': the logical date is not written in the spec; pass --date "
             "YYYY-MM-DD (or date= from Python)"
@@ -348,20 +336,16 @@ def spec_from_dict(
     dated = date is not None or spec.schedule is not None or used_in or used_model or used_out
     return spec.model_copy(
         update={
-            "input": spec.input.model_copy(update={"path": _resolve(input_path)}),
-            "model": spec.model.model_copy(update={"onnx": _resolve(onnx)}),
-            "output": spec.output.model_copy(update={"path": _resolve(output_path)}),
+            "input": spec.input.model_copy(update={"path": absolute(input_path)}),
+            "model": spec.model.model_copy(update={"onnx": absolute(onnx)}),
+            "output": spec.output.model_copy(update={"path": absolute(output_path)}),
             "date": day.isoformat() if dated else None,
         }
     )
 
 
-def load_spec(
-    path: str | os.PathLike[str],
-    overrides: dict[str, Any] | None = None,
-    date: dt.date | None = None,
-) -> JobSpec:
-    """Read and validate a YAML job spec (`date`: see `spec_from_dict`)."""
+def load_document(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """A spec file's YAML as written; errors name the file and the line."""
     p = Path(path)
     try:
         text = p.read_text()
@@ -376,4 +360,34 @@ def load_spec(
         at = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
         problem = getattr(exc, "problem", None) or str(exc)
         raise SpecError(f"{p}: malformed YAML{at}: {problem}") from None
-    return spec_from_dict(doc, where=str(p), overrides=overrides, date=date)
+    if not isinstance(doc, dict):
+        raise SpecError(f"{p}: expected a YAML mapping at the top level, got {type(doc).__name__}")
+    return doc
+
+
+SpecSource = JobSpec | str | os.PathLike[str] | dict[str, Any]
+
+
+def resolve_spec(
+    source: SpecSource,
+    overrides: dict[str, Any] | None = None,
+    date: dt.date | str | None = None,
+    where: str | None = None,
+) -> JobSpec:
+    """The one way to a validated spec: from a YAML path, a mapping, or a `JobSpec`.
+
+    `overrides` are `--set` pairs ({"batch_size": 256}); `date` is the logical date filled
+    into `{date}` (default: today in the schedule's time zone, UTC without one). A `JobSpec`
+    is returned as it is: it was resolved for its own date, and another needs the source.
+    """
+    if isinstance(source, JobSpec):
+        day = parse_date(date) if date is not None else None
+        if overrides or (day is not None and source.date != day.isoformat()):
+            raise SpecError(
+                f"a JobSpec loaded for {source.date or 'no date'} cannot take overrides or "
+                "another date; pass the spec as a path or a mapping"
+            )
+        return source
+    if isinstance(source, dict):
+        return _validate(source, where or "spec", overrides, date)
+    return _validate(load_document(source), where or str(source), overrides, date)

@@ -26,8 +26,8 @@ import pyarrow.parquet as pq
 from cuda.bindings import runtime as cudart
 
 import batch_infer
+from batch_infer.backends.cuda_streams import DeviceBuffer, check
 from batch_infer.backends.onnxruntime_cuda import OnnxRuntimeCUDA
-from batch_infer.cuda_streams import DeviceBuffer, check
 from batch_infer.model import read_signature
 from benchmarks.steady import shard_entries, steady_rate
 from tests.gpu_models import export_bert, export_resnet50
@@ -98,11 +98,11 @@ def workload(name: str, work: Path, images: int, texts: int) -> dict:
 def sample_batches(w: dict, count: int) -> list[dict[str, np.ndarray]]:
     """Real rows from the data set, converted the way the job converts them."""
     from batch_infer.actor import prepare_shard
+    from batch_infer.data.sharding import plan_shards
     from batch_infer.planning import build_plan
-    from batch_infer.sharding import plan_shards
-    from batch_infer.spec import spec_from_dict
+    from batch_infer.spec import resolve_spec
 
-    spec = spec_from_dict(
+    spec = resolve_spec(
         {
             "name": "s",
             "input": {"path": w["data"]},

@@ -26,8 +26,8 @@ os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
 @pytest.fixture(scope="module")
 def ray_start_regular():
     """A local Ray with 2 CPUs for the module (after Ray's own fixture of that name)."""
-    if not ray.is_initialized():
-        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    if not ray.is_initialized():  # a Ray of the test's own, never one already running here
+        ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
     yield
     ray.shutdown()
 

@@ -33,7 +33,7 @@ from batch_infer.errors import (
     SpecError,
 )
 from batch_infer.planning import build_plan
-from batch_infer.spec import load_spec, parse_overrides, spec_from_dict
+from batch_infer.spec import parse_overrides, resolve_spec
 
 ERROR_COLUMNS = ["_shard", "_file", "_row", "_reason"]
 
@@ -109,7 +109,7 @@ def test_malformed_yaml_names_file_and_line(tmp_path: Path):
     spec = tmp_path / "job.yaml"
     spec.write_text("name: job\ninput:\n  path: data\n format: parquet\n")
     with pytest.raises(SpecError) as err:
-        load_spec(spec)
+        resolve_spec(spec)
     msg = str(err.value)
     assert msg.startswith(f"{spec}: malformed YAML at line 4, column 2")
     assert "\n" not in msg
@@ -128,7 +128,7 @@ def test_unknown_key_names_dotted_key(tmp_path: Path, data: Path, models):
     # the same spec from YAML names the file
     path = _write_spec(tmp_path / "typo.yaml", spec)
     with pytest.raises(SpecError, match=r"typo\.yaml: key 'model\.input': unknown key"):
-        load_spec(path)
+        resolve_spec(path)
 
 
 def test_missing_required_key(tmp_path: Path, data: Path, models):
@@ -180,7 +180,7 @@ def test_set_value_that_is_not_yaml_is_refused():
 def test_set_through_a_scalar_is_refused(tmp_path: Path, data: Path, models):
     path = _write_spec(tmp_path / "job.yaml", two_io_spec(data, tmp_path / "out", models["two_io"]))
     with pytest.raises(SpecError, match=r"^--set name\.x: 'name' is not a mapping$"):
-        load_spec(path, parse_overrides(["name.x=1"]))
+        resolve_spec(path, parse_overrides(["name.x=1"]))
 
 
 def test_set_overrides_nested_keys(tmp_path: Path, data: Path, models):
@@ -196,7 +196,7 @@ def test_set_overrides_nested_keys(tmp_path: Path, data: Path, models):
         ]
     )
     assert overrides["batch_size"] == 7
-    job = load_spec(path, overrides)
+    job = resolve_spec(path, overrides)
     assert job.batch_size == 7
     assert job.output.keep_columns == ["id"]
     assert job.output.row_group_rows == 10
@@ -205,7 +205,7 @@ def test_set_overrides_nested_keys(tmp_path: Path, data: Path, models):
     assert job.model.outputs == {"score": "s"}
     # and an override is validated like the file
     with pytest.raises(SpecError, match=r"key 'output\.row_group_rows': .*greater than or equal"):
-        load_spec(path, parse_overrides(["output.row_group_rows=0"]))
+        resolve_spec(path, parse_overrides(["output.row_group_rows=0"]))
 
 
 def test_overrides_do_not_change_the_callers_spec(tmp_path: Path, models):
@@ -393,7 +393,7 @@ def test_float_column_for_int64_model_input(tmp_path: Path, data: Path):
     assert not out.exists()
     # integer columns (int64, int32) for the same input are accepted
     spec["model"]["inputs"] = {"x": ["id", "b", "id"]}
-    plan = build_plan(spec_from_dict(spec))
+    plan = build_plan(resolve_spec(spec))
     assert [b.columns for b in plan.bindings] == [("id", "b", "id")]
 
 

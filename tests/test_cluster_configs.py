@@ -13,7 +13,7 @@ import pytest
 import ray
 import yaml
 
-from batch_infer.spec import load_spec
+from batch_infer.spec import resolve_spec
 from tests.conftest import ROOT
 
 CLUSTER = ROOT / "cluster"
@@ -234,7 +234,7 @@ def test_the_schemas_above_are_not_vacuous():
 
 
 def test_scheduled_manifests_carry_the_specs_schedule():
-    spec = load_spec(KUBERAY / "job.yaml")
+    spec = resolve_spec(KUBERAY / "job.yaml")
     assert spec.schedule is not None
     docs = {d["kind"]: d for d in yaml.safe_load_all((KUBERAY / "cronjob.yaml").read_text())}
     cron = docs["CronJob"]["spec"]

@@ -19,7 +19,7 @@ import pytest
 import batch_infer
 from tests.conftest import ROOT, read_output
 
-cuda_streams = pytest.importorskip("batch_infer.cuda_streams", reason="needs cuda-python")
+cuda_streams = pytest.importorskip("batch_infer.backends.cuda_streams", reason="needs cuda-python")
 device_count = cuda_streams.device_count
 
 pytestmark = [
@@ -51,7 +51,7 @@ def _run_both(spec: dict, tmp_path) -> tuple[pa.Table, pa.Table, batch_infer.Run
 
 
 def test_quickstart_on_cuda_matches_cpu(tmp_path):
-    spec = batch_infer.load_spec(ROOT / "jobs" / "quickstart.yaml").model_dump()
+    spec = batch_infer.resolve_spec(ROOT / "jobs" / "quickstart.yaml").model_dump()
     spec["batch_size"] = 100  # several batches in flight, a smaller last batch per shard
     gpu, cpu, summary = _run_both(spec, tmp_path)
     assert gpu.num_rows == cpu.num_rows == 1797
@@ -132,7 +132,7 @@ def test_bert_on_cuda_matches_cpu(tmp_path):
 
 @pytest.mark.skipif(device_count() < 2, reason="needs two GPUs")
 def test_two_gpus_two_actors_rows_split(tmp_path):
-    spec = batch_infer.load_spec(ROOT / "jobs" / "quickstart.yaml").model_dump()
+    spec = batch_infer.resolve_spec(ROOT / "jobs" / "quickstart.yaml").model_dump()
     spec["shard_rows"] = 100
     spec["output"]["path"] = str(tmp_path / "out")
     summary = batch_infer.run(spec)

@@ -1,4 +1,4 @@
-"""`batch_infer.query` / `batch-infer query|inspect`: real DuckDB over real outputs.
+"""`batch_infer.ops.query` / `batch-infer query|inspect`: real DuckDB over real outputs.
 
 The module's fixture runs the two_io job three times on the module's real local Ray, into two
 dated outputs under one folder (out/date=2026-11-01/, out/date=2026-11-02/): the first date has
@@ -26,7 +26,7 @@ from conftest import make_table, read_output, two_io_spec
 
 import batch_infer
 from batch_infer.errors import BadRowsError, OutputError, UserError
-from batch_infer.query import query
+from batch_infer.ops.query import query
 
 DATES = ("2026-11-01", "2026-11-02")
 BAD = {3: "seq: null or holds nulls", 25: "a: null", 41: "seq: null or holds nulls"}

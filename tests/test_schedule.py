@@ -20,10 +20,11 @@ import yaml
 from croniter import croniter
 
 import batch_infer
-from batch_infer import cli, scheduling
+from batch_infer import cli
 from batch_infer.errors import SpecError, UserError
-from batch_infer.scheduling import oncalendar, scheduled_dates
-from batch_infer.spec import ScheduleSpec, load_spec, parse_date, spec_from_dict
+from batch_infer.ops import schedule as scheduling
+from batch_infer.ops.schedule import oncalendar, scheduled_dates
+from batch_infer.spec import ScheduleSpec, parse_date, resolve_spec
 from tests.conftest import ROOT, read_output
 
 BERLIN = zoneinfo.ZoneInfo("Europe/Berlin")
@@ -54,27 +55,27 @@ def dated_spec(**extra) -> dict:
 
 def test_date_placeholders_are_filled_in(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    spec = spec_from_dict(dated_spec(), date=dt.date(2026, 3, 5))
+    spec = resolve_spec(dated_spec(), date=dt.date(2026, 3, 5))
     assert spec.input.path == str(tmp_path / "in/2026/03/05")
     assert spec.model.onnx == str(tmp_path / "models/2026/m.onnx")
     assert spec.output.path == str(tmp_path / "out/date=2026-03-05")
     assert spec.date == "2026-03-05"
     # literal braces, %j, a string date, and URIs (not resolved)
     doc = dated_spec(output={"path": "s3://b/{{x}}/{date:%Y-%j}"})
-    spec = spec_from_dict(doc, date=parse_date("2026-02-01"))
+    spec = resolve_spec(doc, date=parse_date("2026-02-01"))
     assert spec.output.path == "s3://b/{x}/2026-032"
 
 
 def test_default_date_is_today_in_the_schedules_zone(tmp_path):
     for zone in ("Pacific/Kiritimati", "Pacific/Pago_Pago"):  # UTC+14 and UTC-11
         before = dt.datetime.now(zoneinfo.ZoneInfo(zone)).date()
-        spec = spec_from_dict(dated_spec(schedule={"cron": "0 2 * * *", "timezone": zone}))
+        spec = resolve_spec(dated_spec(schedule={"cron": "0 2 * * *", "timezone": zone}))
         after = dt.datetime.now(zoneinfo.ZoneInfo(zone)).date()
         assert spec.date in (before.isoformat(), after.isoformat())
         assert spec.output.path.endswith(f"date={spec.date}")
     no_schedule = dated_spec()
     del no_schedule["schedule"]
-    spec = spec_from_dict(no_schedule)
+    spec = resolve_spec(no_schedule)
     assert spec.date == dt.datetime.now(dt.timezone.utc).date().isoformat()
 
 
@@ -85,13 +86,13 @@ def test_a_spec_without_date_is_unaffected(tmp_path):
         "model": {"onnx": str(tmp_path / "m.onnx"), "inputs": {"x": "x"}},
         "output": {"path": str(tmp_path / "out")},
     }
-    spec = spec_from_dict(doc)
+    spec = resolve_spec(doc)
     assert (spec.input.path, spec.output.path, spec.date) == (
         str(tmp_path / "in"),
         str(tmp_path / "out"),
         None,
     )
-    assert spec_from_dict(doc, date=dt.date(2026, 1, 2)).date == "2026-01-02"  # asked for
+    assert resolve_spec(doc, date=dt.date(2026, 1, 2)).date == "2026-01-02"  # asked for
 
 
 @pytest.mark.parametrize(
@@ -109,7 +110,7 @@ def test_a_spec_without_date_is_unaffected(tmp_path):
 )
 def test_bad_placeholders_name_the_key(key, value, message):
     with pytest.raises(SpecError, match=message):
-        spec_from_dict(dated_spec(**{key: value}), date=dt.date(2026, 1, 1))
+        resolve_spec(dated_spec(**{key: value}), date=dt.date(2026, 1, 1))
 
 
 @pytest.mark.parametrize(
@@ -127,12 +128,12 @@ def test_bad_placeholders_name_the_key(key, value, message):
 )
 def test_bad_schedules_are_spec_errors(schedule, message):
     with pytest.raises(SpecError, match=message):
-        spec_from_dict(dated_spec(schedule=schedule))
+        resolve_spec(dated_spec(schedule=schedule))
 
 
 def test_date_is_not_a_spec_key_and_bad_dates_are_refused():
     with pytest.raises(SpecError, match="key 'date'"):
-        spec_from_dict(dated_spec(date="2026-01-01"))
+        resolve_spec(dated_spec(date="2026-01-01"))
     with pytest.raises(SpecError, match="--date '2026-13-01': expected a date as YYYY-MM-DD"):
         parse_date("2026-13-01")
     assert ScheduleSpec(cron=" @DAILY ").cron == "@daily"
@@ -515,7 +516,7 @@ def test_backfill_runs_missing_dates_in_order(ray_start_regular, daily_digits, t
     # Rerunning a date through the Python API with date= resumes it: nothing left to do.
     summary = batch_infer.run(str(daily_digits), date=dt.date(2026, 11, 3))
     assert (summary.date, summary.shards_committed, summary.status) == (DATES[2], 0, "succeeded")
-    assert load_spec(daily_digits, date=dt.date(2026, 11, 3)).output.path == str(
+    assert resolve_spec(daily_digits, date=dt.date(2026, 11, 3)).output.path == str(
         tmp_path / "out/date=2026-11-03"
     )
 

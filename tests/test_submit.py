@@ -33,8 +33,8 @@ import requests
 import yaml
 from onnx import TensorProto, helper, numpy_helper
 
-from batch_infer.spec import spec_from_dict
-from batch_infer.submitting import Submission, carry_limit
+from batch_infer.ops.submit import Submission, carry_limit
+from batch_infer.spec import resolve_spec
 from tests.conftest import ROOT, read_output
 
 pytestmark = pytest.mark.slow
@@ -425,7 +425,7 @@ def test_carried_spec(tmp_path: Path) -> None:
     assert carried["model"]["onnx"] == "model/digits.onnx"
     assert carried["output"]["path"] == str(tmp_path / "out{{x}}" / "2024" / "05")  # literal
     # The driver reads it back to the same paths and date.
-    again = spec_from_dict(carried, date=dt.date(2024, 5, 1))
+    again = resolve_spec(carried, date=dt.date(2024, 5, 1))
     assert again.output.path == sub.spec.output.path and again.date == "2024-05-01"
     assert sub.warnings == []
 

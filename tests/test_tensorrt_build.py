@@ -14,7 +14,6 @@ import os
 import subprocess
 import sys
 import time
-import types
 from pathlib import Path
 
 import numpy as np
@@ -27,10 +26,12 @@ trt = pytest.importorskip(
     reason="TensorRT-RTX bindings are not installed (pip install -e '.[test]' installs them)",
 )
 
-from batch_infer.backends import tensorrt as t  # noqa: E402 - after the skip
-from batch_infer.engine_cache import EngineKey, get_or_build  # noqa: E402
+from batch_infer.backends import tensorrt_build as t  # noqa: E402 - after the skip
+from batch_infer.backends.engine_cache import EngineKey, get_or_build  # noqa: E402
 from batch_infer.errors import BackendError, SpecError  # noqa: E402
 from batch_infer.model import read_signature  # noqa: E402
+from batch_infer.planning import backend_options  # noqa: E402
+from batch_infer.spec import resolve_spec  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 DIGITS = ROOT / "models" / "digits.onnx"
@@ -69,8 +70,11 @@ def make_pooling_model(path: Path, vocab: int = 50, hidden: int = 8, seed: int =
 
 
 def ensure(onnx_path: str | Path, cache: Path, **kwargs):
-    kwargs = {"backend": RTX, "batch_size": 64, "compute_capability": "8.9", **kwargs}
-    return t.ensure_engine(read_signature(str(onnx_path)), cache_dir=cache, **kwargs)
+    """Plan the recipe as planning does, then get the engine as an actor does."""
+    kwargs = {"batch_size": 64, "compute_capability": "8.9", **kwargs}
+    signature = read_signature(str(onnx_path))
+    recipe = t.plan_recipe(RTX, signature.inputs, cache_dir=str(cache), **kwargs)
+    return t.ensure_engine(signature, RTX, recipe)
 
 
 @pytest.fixture
@@ -141,7 +145,7 @@ def test_profile_slots_capability_and_onnx_changes_make_new_keys(tmp_path, build
 RACE = """
 import hashlib, json, os, sys, time
 from pathlib import Path
-from batch_infer.backends import tensorrt as t
+from batch_infer.backends import tensorrt_build as t
 from batch_infer.model import read_signature
 
 cache, counter, ready, go, model = sys.argv[1:6]
@@ -158,31 +162,51 @@ signature = read_signature(model)
 Path(ready, str(os.getpid())).touch()
 while not Path(go).exists():
     time.sleep(0.005)
-got = t.ensure_engine(signature, backend="tensorrt-rtx", batch_size=32, cache_dir=cache,
-                      compute_capability="8.9")
+recipe = t.plan_recipe("tensorrt-rtx", signature.inputs, batch_size=32, cache_dir=cache,
+                       compute_capability="8.9")
+got = t.ensure_engine(signature, "tensorrt-rtx", recipe)
 print(json.dumps({"built": got.built, "sha256": hashlib.sha256(got.data).hexdigest()}))
 """
 
 
-def test_build_for_spec_reads_the_tensorrt_section(tmp_path):
-    spec = types.SimpleNamespace(
-        backend=RTX,
-        batch_size=64,
-        slots=2,
-        model=types.SimpleNamespace(onnx=str(DIGITS)),
-        tensorrt={
-            "precision": None,
-            "slots": None,
-            "profile": None,
-            "cache_dir": str(tmp_path),
-            "compute_capability": "8.9",
-        },
-    )
-    built = t.build_for_spec(spec)
+def test_build_ahead_uses_the_recipe_the_actors_will(tmp_path):
+    doc = {
+        "name": "digits",
+        "input": {"path": str(tmp_path / "unused")},
+        "model": {"onnx": str(DIGITS), "inputs": {"pixels": "pixels"}},
+        "output": {"path": str(tmp_path / "out")},
+        "backend": RTX,
+        "batch_size": 64,
+        "tensorrt": {"cache_dir": str(tmp_path), "compute_capability": "8.9"},
+    }
+    spec = resolve_spec(doc)
+    signature = read_signature(str(DIGITS))
+    built = t.build_ahead(signature, backend_options(spec, signature))
     assert built.built and built.path.parent == tmp_path
     assert built.path == ensure(DIGITS, tmp_path).path  # the key the actors will ask for
+    auto = resolve_spec({**doc, "backend": "auto"})
     with pytest.raises(SpecError, match="set backend: tensorrt or tensorrt-rtx"):
-        t.build_for_spec(types.SimpleNamespace(**{**spec.__dict__, "backend": "auto"}))
+        t.build_ahead(signature, backend_options(auto, signature))
+
+
+def test_planning_refuses_bad_tensorrt_settings_before_any_work(tmp_path):
+    model = make_pooling_model(tmp_path / "pool.onnx")
+    doc = {
+        "name": "pool",
+        "input": {"path": str(tmp_path / "unused")},
+        "model": {"onnx": model, "inputs": {"ids": "ids", "mask": "mask"}},
+        "output": {"path": str(tmp_path / "out")},
+        "backend": RTX,
+    }
+    signature = read_signature(model)
+    with pytest.raises(SpecError, match=r"tensorrt.profile.ids"):
+        backend_options(resolve_spec(doc), signature)
+    with pytest.raises(BackendError, match="strongly typed"):
+        fp16 = {**doc, "tensorrt": {"precision": "fp16", "profile": SEQ_PROFILE}}
+        backend_options(resolve_spec(fp16), signature)
+    # auto: TensorRT is skipped for the model, with the reason, instead of failing the run
+    options = backend_options(resolve_spec({**doc, "backend": "auto"}), signature)
+    assert options.engine is None and "tensorrt.profile.ids" in options.engine_problem
 
 
 def test_two_processes_racing_build_once_and_get_identical_bytes(tmp_path):

@@ -9,10 +9,9 @@ from __future__ import annotations
 import importlib.util
 import logging
 
-from batch_infer.backends.base import Backend
+from batch_infer.backends.base import GPU_CONCURRENCY, Backend, BackendOptions
 from batch_infer.errors import BackendError
 from batch_infer.model import ModelSignature
-from batch_infer.spec import JobSpec
 
 log = logging.getLogger("batch_infer")
 
@@ -31,6 +30,11 @@ def check_request(requested: str, device: str, gpus: int) -> str:
     return "gpu" if use_gpu else "cpu"
 
 
+def actor_concurrency(device: str) -> int:
+    """Threads an inference actor runs with: what its backends declare (`Backend.concurrency`)."""
+    return GPU_CONCURRENCY if device == "gpu" else Backend.concurrency
+
+
 def _has(module: str) -> bool:
     return importlib.util.find_spec(module) is not None
 
@@ -39,54 +43,52 @@ def _rtx_runs_here(capability: tuple[int, int]) -> bool:
     return capability in RTX_CAPABILITIES or capability[0] == 12
 
 
-def resolve(requested: str, device: str) -> tuple[str, str]:
+def resolve(options: BackendOptions, device: str) -> tuple[str, str]:
     """(backend, why) for this process; `auto` prefers TensorRT, then TensorRT-RTX, then ORT."""
     if device == "cpu":
         return "onnxruntime", "ONNX Runtime on the CPU: no GPU for this actor"
-    if requested != "auto":
-        return requested, f"{requested} as the spec asks"
+    if options.requested != "auto":
+        return options.requested, f"{options.requested} as the spec asks"
+    from batch_infer.backends.cuda_streams import compute_capability
     from batch_infer.backends.onnxruntime_cuda import cuda_available
-    from batch_infer.cuda_streams import compute_capability
 
     cc = compute_capability()
-    if _has("tensorrt"):
+    skipped = []
+    if options.engine is None:
+        skipped.append(f"TensorRT skipped: {options.engine_problem}")
+    elif _has("tensorrt"):
         return "tensorrt", "auto: TensorRT is installed and a GPU is present"
-    if _has("tensorrt_rtx_bindings") and _rtx_runs_here(cc):
-        return "tensorrt-rtx", f"auto: TensorRT-RTX runs on compute capability {cc[0]}.{cc[1]}"
-    why = "TensorRT is not installed"
-    if _has("tensorrt_rtx_bindings"):
-        why += f", TensorRT-RTX does not run on compute capability {cc[0]}.{cc[1]}"
+    else:
+        skipped.append("TensorRT is not installed")
+    precision = options.engine.precision if options.engine else None
+    if options.engine is not None and _has("tensorrt_rtx_bindings"):
+        if not _rtx_runs_here(cc):
+            skipped.append(f"TensorRT-RTX does not run on compute capability {cc[0]}.{cc[1]}")
+        elif precision not in (None, "fp32"):
+            skipped.append(f"TensorRT-RTX is strongly typed and precision {precision} is set")
+        else:
+            return "tensorrt-rtx", f"auto: TensorRT-RTX runs on compute capability {cc[0]}.{cc[1]}"
+    why = ", ".join(skipped)
     if cuda_available():
         return "onnxruntime", f"auto: ONNX Runtime CUDA ({why})"
     return "onnxruntime-cpu", f"auto: ONNX Runtime on the CPU ({why}, no onnxruntime-gpu)"
 
 
 def load_backend(
-    spec: JobSpec, signature: ModelSignature, *, device: str, threads: int
+    signature: ModelSignature, options: BackendOptions, *, device: str, threads: int
 ) -> tuple[Backend, str]:
     """Load the model on this process's device; BackendError if the backend cannot run."""
-    name, why = resolve(spec.backend, device)
+    name, why = resolve(options, device)
     log.info("backend: %s", why)
-    slots = spec.slots
     if name in ("tensorrt", "tensorrt-rtx"):
         from batch_infer.backends.tensorrt import TensorRTBackend
 
-        trt = spec.tensorrt
-        backend = TensorRTBackend(
-            signature,
-            backend=name,
-            batch_size=spec.batch_size,
-            slots=slots,
-            precision=trt.precision,
-            profile=trt.profile,
-            cache_dir=trt.cache_dir,
-        )
-        return backend, why
+        return TensorRTBackend(signature, options, backend=name), why
     if name == "onnxruntime" and device == "gpu":
         from batch_infer.backends.onnxruntime_cuda import OnnxRuntimeCUDA
 
         # Ray sets CUDA_VISIBLE_DEVICES to the actor's own GPU, which is then device 0.
-        return OnnxRuntimeCUDA(signature, slots=slots, device=0), why
+        return OnnxRuntimeCUDA(signature, slots=options.slots, device=0), why
     if name in ("onnxruntime", "onnxruntime-cpu"):
         from batch_infer.backends.onnxruntime_cpu import OnnxRuntimeCPU
 

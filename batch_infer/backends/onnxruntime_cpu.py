@@ -20,7 +20,7 @@ class OnnxRuntimeCPU(Backend):
         options.intra_op_num_threads = max(1, threads)
         options.inter_op_num_threads = 1
         try:
-            self._session = ort.InferenceSession(
+            self._session: ort.InferenceSession | None = ort.InferenceSession(
                 signature.path, options, providers=["CPUExecutionProvider"]
             )
         except Exception as exc:
@@ -31,9 +31,14 @@ class OnnxRuntimeCPU(Backend):
         self.threads = threads
 
     def run(self, batches: Iterable[Feeds]) -> Iterator[Feeds]:
-        for feeds in batches:
+        for feeds in self.checked(batches):
+            if self._session is None:
+                raise BackendError(f"{self.name}: run after close")
             values = self._session.run(self._output_names, feeds)
             yield dict(zip(self._output_names, values, strict=True))
 
     def describe(self) -> str:
         return f"onnxruntime {ort.__version__} CPU ({self.threads} thread(s))"
+
+    def close(self) -> None:
+        self._session = None

@@ -7,13 +7,11 @@ outputs bound to the slot's device buffers (IO binding), and run with
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator
+from typing import Any
 
-import numpy as np
 import onnxruntime as ort
 
-from batch_infer.backends.base import Backend, Feeds
-from batch_infer.cuda_streams import Slot, SlotRing
+from batch_infer.backends.cuda_streams import Slot, SlotRing, StreamBackend
 from batch_infer.errors import BackendError
 from batch_infer.model import ModelSignature
 
@@ -22,7 +20,7 @@ def cuda_available() -> bool:
     return "CUDAExecutionProvider" in ort.get_available_providers()
 
 
-class OnnxRuntimeCUDA(Backend):
+class OnnxRuntimeCUDA(StreamBackend):
     name = "onnxruntime-cuda"
 
     def __init__(self, signature: ModelSignature, slots: int = 2, device: int = 0) -> None:
@@ -32,17 +30,14 @@ class OnnxRuntimeCUDA(Backend):
                 "(pip install 'batch-infer[gpu]') on the GPU nodes"
             )
         self.inputs, self.outputs, self.device = signature.inputs, signature.outputs, device
-        self.ring = SlotRing(signature.inputs, signature.outputs, slots=slots, device=device)
         self._static = {t.name: all(d > 0 for d in t.item_shape) for t in self.outputs}
-        self._sessions = []
+        self._sessions: list[tuple[Any, Any]] = []
+        self.ring = SlotRing(signature.inputs, signature.outputs, slots=slots, device=device)
         try:
             for slot in self.ring.slots:
                 provider = (
                     "CUDAExecutionProvider",
-                    {
-                        "device_id": str(device),
-                        "user_compute_stream": str(slot.stream_handle),
-                    },
+                    {"device_id": str(device), "user_compute_stream": str(slot.stream_handle)},
                 )
                 session = ort.InferenceSession(
                     signature.path, ort.SessionOptions(), providers=[provider]
@@ -51,14 +46,14 @@ class OnnxRuntimeCUDA(Backend):
                     raise BackendError(f"ONNX Runtime did not put {signature.path} on CUDA")
                 self._sessions.append((session, session.io_binding()))
         except Exception as exc:
-            self.ring.close()
+            self.close()
             if isinstance(exc, BackendError):
                 raise
             raise BackendError(f"ONNX Runtime CUDA cannot load {signature.path}: {exc}") from None
         self._run_options = ort.RunOptions()
         self._run_options.add_run_config_entry("disable_synchronize_execution_providers", "1")
 
-    def _enqueue(
+    def enqueue(
         self, slot: Slot, shapes: dict[str, tuple[int, ...]]
     ) -> dict[str, tuple[tuple[int, ...], int]]:
         session, io = self._sessions[slot.index]
@@ -73,7 +68,7 @@ class OnnxRuntimeCUDA(Backend):
         for t in self.outputs:
             if self._static[t.name]:  # written straight into the slot's own buffer
                 shape = (rows, *t.item_shape)
-                ptr = self.ring.output_buffer(slot, t, shape)
+                ptr = self._ring().output_buffer(slot, t, shape)
                 io.bind_output(t.name, "cuda", self.device, t.dtype, list(shape), ptr)
                 produced[t.name] = (shape, ptr)
             else:  # shape known only after the run: ORT allocates; it lives until the next bind
@@ -85,19 +80,9 @@ class OnnxRuntimeCUDA(Backend):
                     produced[t.name] = (tuple(value.shape()), int(value.data_ptr()))
         return produced
 
-    def run(self, batches: Iterable[Feeds]) -> Iterator[Feeds]:
-        def contiguous() -> Iterator[Feeds]:
-            for feeds in batches:
-                yield {k: np.ascontiguousarray(v) for k, v in feeds.items()}
-
-        yield from self.ring.run(contiguous(), self._enqueue)
-
     def describe(self) -> str:
-        return (
-            f"onnxruntime {ort.__version__} CUDA (GPU {self.device}, "
-            f"{len(self.ring.slots)} streams)"
-        )
+        streams = len(self._sessions)
+        return f"onnxruntime {ort.__version__} CUDA (GPU {self.device}, {streams} streams)"
 
-    def close(self) -> None:
+    def release(self) -> None:
         self._sessions = []
-        self.ring.close()

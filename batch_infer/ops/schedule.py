@@ -18,7 +18,6 @@ first, in this process, skipping the dates whose output already holds `_SUCCESS`
 from __future__ import annotations
 
 import argparse
-import copy
 import datetime as dt
 import importlib.metadata
 import itertools
@@ -36,17 +35,16 @@ import yaml
 from croniter import croniter
 from rich.console import Console
 
-from batch_infer.errors import SpecError, UserError
-from batch_infer.job import RunSummary, run
-from batch_infer.manifest import SUCCESS, Output
+from batch_infer.errors import OutputError, SpecError, UserError
+from batch_infer.location import is_uri, open_location
+from batch_infer.sink.manifest import SUCCESS, RunRecord
 from batch_infer.spec import (
     JobSpec,
     ScheduleSpec,
     add_spec_arguments,
-    load_spec,
     parse_date,
     parse_overrides,
-    spec_from_dict,
+    resolve_spec,
 )
 
 EMITTERS = ("cron", "systemd", "kubernetes", "raycronjob")
@@ -590,18 +588,8 @@ def _schedule_of(spec: JobSpec) -> ScheduleSpec:
 
 @dataclass
 class BackfillResult:
-    ran: list[tuple[dt.date, RunSummary]] = field(default_factory=list)
+    ran: list[tuple[dt.date, RunRecord]] = field(default_factory=list)
     skipped: list[dt.date] = field(default_factory=list)  # complete before (_SUCCESS)
-
-
-def _load_for(
-    source: str | os.PathLike[str] | dict[str, Any],
-    overrides: dict[str, Any] | None,
-    day: dt.date,
-) -> JobSpec:
-    if isinstance(source, dict):
-        return spec_from_dict(copy.deepcopy(source), overrides=overrides, date=day)
-    return load_spec(source, overrides, date=day)
 
 
 def backfill(
@@ -611,7 +599,7 @@ def backfill(
     *,
     overrides: dict[str, Any] | None = None,
     progress: bool = False,
-    on_date: Callable[[dt.date, str, RunSummary | None], None] | None = None,
+    on_date: Callable[[dt.date, str, RunRecord | None], None] | None = None,
 ) -> BackfillResult:
     """Run every scheduled date from `start` to `end` (inclusive), oldest first, in this
     process; a date whose output holds `_SUCCESS` is skipped, an incomplete one resumed.
@@ -622,8 +610,9 @@ def backfill(
     first, last = parse_date(start, "--from"), parse_date(end, "--to")
     if first > last:
         raise UserError(f"--from {first} is after --to {last}")
-    schedule = _load_for(source, overrides, first).schedule
-    specs = [(d, _load_for(source, overrides, d)) for d in scheduled_dates(schedule, first, last)]
+    schedule = resolve_spec(source, overrides, first).schedule
+    dates = scheduled_dates(schedule, first, last)
+    specs = [(d, resolve_spec(source, overrides, d)) for d in dates]
     seen: dict[str, dt.date] = {}
     for day, spec in specs:
         if spec.output.path in seen:
@@ -634,11 +623,13 @@ def backfill(
         seen[spec.output.path] = day
     result = BackfillResult()
     for day, spec in specs:
-        if Output.at(spec.output.path).exists(SUCCESS):
+        if open_location(spec.output.path, "output.path", OutputError).exists(SUCCESS):
             result.skipped.append(day)
             if on_date:
                 on_date(day, "skipped", None)
             continue
+        from batch_infer.job import run  # Ray loads only when a date runs
+
         summary = run(spec, progress=progress)
         result.ran.append((day, summary))
         if on_date:
@@ -660,7 +651,7 @@ def _parse_after(text: str, schedule: ScheduleSpec) -> dt.datetime:
 def _cmd_schedule(args: argparse.Namespace) -> int:
     err = Console(stderr=True, highlight=False, soft_wrap=True)
     overrides = parse_overrides(args.set)
-    spec = load_spec(args.spec, overrides)
+    spec = resolve_spec(args.spec, overrides)
     schedule = _schedule_of(spec)
     if args.next is not None:
         if args.next < 1:
@@ -689,7 +680,7 @@ def _cmd_schedule(args: argparse.Namespace) -> int:
             raise UserError("--workers and --gpus-per-worker must be 1 or more")
         paths = {"input.path": spec.input.path, "output.path": spec.output.path}
         paths["model.onnx"] = spec.model.onnx
-        local = [key for key, path in paths.items() if "://" not in path]
+        local = [key for key, path in paths.items() if not is_uri(path)]
         if local:
             err.print(
                 f"warning: local path(s) in {', '.join(local)}: the Ray pods must see them at "
@@ -719,7 +710,7 @@ def _cmd_schedule(args: argparse.Namespace) -> int:
 def _cmd_backfill(args: argparse.Namespace) -> int:
     err = Console(stderr=True, highlight=False, soft_wrap=True)
 
-    def report(day: dt.date, what: str, summary: RunSummary | None) -> None:
+    def report(day: dt.date, what: str, summary: RunRecord | None) -> None:
         if summary is None:
             err.print(f"{day}: skipped, already complete")
         else:

@@ -1,4 +1,4 @@
-"""SQL over outputs (DuckDB): `batch-infer query`, `batch-infer inspect`, `batch_infer.query`.
+"""SQL over outputs (DuckDB): `batch-infer query`, `batch-infer inspect`, `batch_infer.ops.query`.
 
 OUTPUT is one job output or any folder above several of them (a scheduled job writing to
 `out/digits/date={date}/` gives `out/digits/date=2026-11-01/`, ...). Every folder at or below

@@ -42,11 +42,12 @@ import batch_infer
 from batch_infer.errors import SpecError, UserError
 from batch_infer.spec import (
     JobSpec,
-    _set_dotted,
     add_spec_arguments,
+    load_document,
     parse_date,
     parse_overrides,
-    spec_from_dict,
+    resolve_spec,
+    set_dotted,
 )
 
 SPEC_NAME = "spec.yaml"  # the carried spec, in the job's working_dir
@@ -222,21 +223,13 @@ class Submission:
         overwrite: bool = False,
         date: dt.date | None = None,
     ) -> None:
-        path = Path(spec_path)
-        try:
-            raw = yaml.safe_load(path.read_text())
-        except FileNotFoundError:
-            raise SpecError(f"{path}: no such job spec file") from None
-        except OSError as exc:
-            raise SpecError(f"{path}: cannot read the job spec ({exc.strerror})") from None
-        except yaml.YAMLError as exc:
-            raise SpecError(f"{path}: malformed YAML: {exc}") from None
+        raw = load_document(spec_path)
         overrides = parse_overrides(sets)
         # {date} is filled in here, once: the driver gets the same date with --date.
-        self.spec: JobSpec = spec_from_dict(copy.deepcopy(raw), str(path), overrides, date)
+        self.spec: JobSpec = resolve_spec(raw, overrides, date, where=spec_path)
         given = copy.deepcopy(raw)  # the paths as written, after the overrides
         for key, value in overrides.items():
-            _set_dotted(given, key, value)
+            set_dotted(given, key, value)
         self.warnings: list[str] = []
         for key, section, resolved in (
             ("input.path", "input", self.spec.input.path),

@@ -19,6 +19,7 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from batch_infer.errors import InputError
+from batch_infer.location import Location, open_location
 
 _GLOB_CHARS = "*?["
 _SUFFIXES = {
@@ -50,15 +51,10 @@ class Dataset:
     schema: pa.Schema  # file columns and hive partition columns
     partition_schema: pa.Schema
 
-
-def resolve_filesystem(path: str) -> tuple[pafs.FileSystem, str]:
-    """A local path or a URI that pyarrow.fs understands (file://, s3://, gs://, hdfs://)."""
-    if "://" in path:
-        try:
-            return pafs.FileSystem.from_uri(path)
-        except (pa.ArrowInvalid, pa.ArrowNotImplementedError, OSError) as exc:
-            raise InputError(f"{path}: cannot open this location ({exc})") from None
-    return pafs.LocalFileSystem(), path
+    @property
+    def location(self) -> Location:
+        """The folder every input file lies under."""
+        return Location(self.filesystem, self.base, self.base)
 
 
 def _hidden(rel: str) -> bool:
@@ -102,8 +98,9 @@ def _list_files(fs: pafs.FileSystem, path: str, fmt: str) -> tuple[str, list[paf
 
 def open_dataset(path: str, fmt: str) -> Dataset:
     """List the input and learn its schema, reading no data."""
-    fs, fs_path = resolve_filesystem(path)
-    base, infos = _list_files(fs, fs_path, fmt)
+    where = open_location(path, "input.path", InputError)
+    fs = where.filesystem
+    base, infos = _list_files(fs, where.root, fmt)
     paths = [i.path for i in infos]
     try:
         dataset = ds.dataset(

@@ -16,8 +16,8 @@ from dataclasses import dataclass
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from batch_infer.data.reading import Dataset, InputFile
 from batch_infer.errors import InputError
-from batch_infer.reading import Dataset, InputFile
 
 # When shard_rows is unset: about this many uncompressed input bytes per shard, but at least
 # MIN_SHARD_ROWS rows so a GPU gets several batches per shard. Derived from the data alone,

@@ -8,12 +8,20 @@ completion event. While slot i computes, the CPU fills slot i+1's pinned buffers
 its host-to-device copy, and slot i-1's results come back device-to-host: the copy engines
 and the compute engine work on different slots at once. Only a slot's own event is ever
 waited on; nothing in the loop synchronizes the whole device.
+
+Two timing events per slot bracket the model's launch, so the ring knows when the device
+was computing (`busy_seconds`): the run's timeline shows it per actor.
+
+`StreamBackend` is what ONNX Runtime CUDA and TensorRT share: they load the model and
+implement `enqueue` (launch on a slot's stream); copies, waits and cleanup live here.
 """
 
 from __future__ import annotations
 
 import ctypes
 import queue
+import threading
+from abc import abstractmethod
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
@@ -21,8 +29,8 @@ from typing import Any
 
 import numpy as np
 
-from batch_infer.backends.base import Feeds
-from batch_infer.errors import CudaError
+from batch_infer.backends.base import GPU_CONCURRENCY, Backend, Feeds
+from batch_infer.errors import BackendError, CudaError
 from batch_infer.model import TensorInfo
 
 try:  # cuda-python 12.6+ / 13
@@ -94,6 +102,8 @@ class Slot:
     index: int
     stream: Any
     done: Any
+    began: Any  # timing events around the launch: when the device computed this batch
+    ended: Any
     host_in: dict[str, PinnedBuffer] = field(default_factory=dict)
     dev_in: dict[str, DeviceBuffer] = field(default_factory=dict)
     host_out: dict[str, PinnedBuffer] = field(default_factory=dict)
@@ -125,17 +135,20 @@ class SlotRing:
         self.inputs, self.outputs, self.device = inputs, outputs, device
         self.slots: list[Slot] = []
         self._free: queue.Queue[Slot] = queue.Queue()
+        self._busy: list[tuple[float, float]] = []  # (start, end) ms after `_origin`
+        self._busy_lock = threading.Lock()
+        self._origin: Any = None
         try:
+            self._origin = _event(timing=True)
+            check(cudart.cudaEventRecord(self._origin, 0), "cudaEventRecord")
             for i in range(slots):
                 stream = check(
                     cudart.cudaStreamCreateWithFlags(cudart.cudaStreamNonBlocking),
                     "cudaStreamCreateWithFlags",
                 )
-                done = check(
-                    cudart.cudaEventCreateWithFlags(cudart.cudaEventDisableTiming),
-                    "cudaEventCreateWithFlags",
+                self.slots.append(
+                    Slot(i, stream, _event(timing=False), _event(timing=True), _event(timing=True))
                 )
-                self.slots.append(Slot(i, stream, done))
                 self._free.put(self.slots[-1])
         except CudaError:
             self.close()
@@ -164,7 +177,15 @@ class SlotRing:
         nbytes = int(np.prod(shape)) * t.dtype.itemsize
         return self._ensure(slot.dev_out, t.name, nbytes, DeviceBuffer).ptr
 
-    def _submit(self, slot: Slot, feeds: Feeds, enqueue: Enqueue) -> None:
+    def acquire(self) -> Slot:
+        """A free slot (waits for one); hand it back with `release`."""
+        return self._free.get()
+
+    def release(self, slot: Slot) -> None:
+        self._free.put(slot)
+
+    def stage(self, slot: Slot, feeds: Feeds) -> dict[str, tuple[int, ...]]:
+        """Queue the copy of `feeds` into the slot's device buffers; return their shapes."""
         copy = cudart.cudaMemcpyKind
         shapes = {}
         for t in self.inputs:
@@ -183,7 +204,18 @@ class SlotRing:
                 ),
                 "cudaMemcpyAsync(host to device)",
             )
+        return shapes
+
+    def launch(self, slot: Slot, shapes: dict[str, tuple[int, ...]], enqueue: Enqueue) -> Any:
+        """Enqueue the model on the slot's stream between its two timing events."""
+        check(cudart.cudaEventRecord(slot.began, slot.stream), "cudaEventRecord")
         produced = enqueue(slot, shapes)
+        check(cudart.cudaEventRecord(slot.ended, slot.stream), "cudaEventRecord")
+        return produced
+
+    def _submit(self, slot: Slot, feeds: Feeds, enqueue: Enqueue) -> None:
+        copy = cudart.cudaMemcpyKind
+        produced = self.launch(slot, self.stage(slot, feeds), enqueue)
         slot.out_shapes = {}
         for t in self.outputs:
             shape, ptr = produced[t.name]
@@ -201,6 +233,10 @@ class SlotRing:
 
     def _collect(self, slot: Slot) -> Feeds:
         check(cudart.cudaEventSynchronize(slot.done), "cudaEventSynchronize")
+        start = check(cudart.cudaEventElapsedTime(self._origin, slot.began), "cudaEventElapsedTime")
+        end = check(cudart.cudaEventElapsedTime(self._origin, slot.ended), "cudaEventElapsedTime")
+        with self._busy_lock:
+            self._busy.append((float(start), float(end)))
         return {
             t.name: slot.host_out[t.name].view(t.dtype, slot.out_shapes[t.name]).copy()
             for t in self.outputs
@@ -223,7 +259,7 @@ class SlotRing:
                         oldest = mine.popleft()
                         yield self._collect(oldest)
                         self._free.put(oldest)
-                    slot = self._free.get()
+                    slot = self.acquire()
                 mine.append(slot)
                 self._submit(slot, feeds, enqueue)
             while mine:
@@ -235,6 +271,17 @@ class SlotRing:
                 cudart.cudaEventSynchronize(slot.done)
                 self._free.put(slot)
 
+    def busy_seconds(self) -> float:
+        """Seconds the device spent computing this ring's batches, overlaps counted once."""
+        with self._busy_lock:
+            spans = sorted(self._busy)
+        total, reach = 0.0, float("-inf")
+        for start, end in spans:
+            if end > reach:
+                total += end - max(start, reach)
+                reach = end
+        return total / 1000
+
     def close(self) -> None:
         """Free every buffer, event and stream; safe to call twice and after an error."""
         for slot in self.slots:
@@ -244,10 +291,96 @@ class SlotRing:
                 for buf in pool.values():
                     buf.free()
                 pool.clear()
-            if slot.done is not None:
-                cudart.cudaEventDestroy(slot.done)
-                slot.done = None
+            for name in ("done", "began", "ended"):
+                if getattr(slot, name) is not None:
+                    cudart.cudaEventDestroy(getattr(slot, name))
+                    setattr(slot, name, None)
             if slot.stream is not None:
                 cudart.cudaStreamDestroy(slot.stream)
                 slot.stream = None
         self.slots = []
+        if self._origin is not None:
+            cudart.cudaEventDestroy(self._origin)
+            self._origin = None
+
+
+def _event(timing: bool) -> Any:
+    flags = cudart.cudaEventDefault if timing else cudart.cudaEventDisableTiming
+    return check(cudart.cudaEventCreateWithFlags(flags), "cudaEventCreateWithFlags")
+
+
+class ResidentBatch:
+    """One batch held on the device: `launch` runs the model on it with no copy at all, so
+    benchmarks measure the backend's own compute rate. Holds one slot until closed."""
+
+    def __init__(self, backend: StreamBackend, feeds: Feeds) -> None:
+        self.backend = backend
+        self.rows = next(iter(feeds.values())).shape[0]
+        self.slot = backend.ring.acquire()
+        self.shapes = backend.ring.stage(self.slot, next(backend.checked([feeds])))
+        self.wait()
+
+    def launch(self, times: int = 1) -> None:
+        for _ in range(times):
+            self.backend.enqueue(self.slot, self.shapes)
+
+    def wait(self) -> None:
+        check(cudart.cudaStreamSynchronize(self.slot.stream), "cudaStreamSynchronize")
+
+    def close(self) -> None:
+        if self.slot is not None:
+            self.wait()
+            self.backend.ring.release(self.slot)
+            self.slot = None
+
+    def __enter__(self) -> ResidentBatch:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+class StreamBackend(Backend):
+    """A GPU backend that launches batches on a `SlotRing` (ONNX Runtime CUDA, TensorRT).
+
+    Subclasses make `self.ring`, load the model, implement `enqueue` and `release`."""
+
+    concurrency = GPU_CONCURRENCY
+    ring: SlotRing | None = None
+
+    @abstractmethod
+    def enqueue(
+        self, slot: Slot, shapes: dict[str, tuple[int, ...]]
+    ) -> dict[str, tuple[tuple[int, ...], int]]:
+        """Launch the model on `slot.stream` reading `slot.dev_in`; {output: (shape, ptr)}."""
+
+    @abstractmethod
+    def release(self) -> None:
+        """Drop the model (sessions, contexts, engine) once the streams are idle."""
+
+    def _ring(self) -> SlotRing:
+        if self.ring is None:
+            raise BackendError(f"{self.name}: used after close")
+        return self.ring
+
+    def run(self, batches: Iterable[Feeds]) -> Iterator[Feeds]:
+        def contiguous() -> Iterator[Feeds]:
+            for feeds in self.checked(batches):
+                yield {k: np.ascontiguousarray(v) for k, v in feeds.items()}
+
+        yield from self._ring().run(contiguous(), self.enqueue)
+
+    def resident(self, feeds: Feeds) -> ResidentBatch:
+        """`feeds` copied to the device once, for launches without copies (benchmarks)."""
+        self._ring()
+        return ResidentBatch(self, feeds)
+
+    def busy_seconds(self) -> float:
+        return self.ring.busy_seconds() if self.ring is not None else 0.0
+
+    def close(self) -> None:
+        """Wait for the streams, free every buffer, then drop the model; idempotent."""
+        ring, self.ring = self.ring, None
+        if ring is not None:
+            ring.close()
+        self.release()

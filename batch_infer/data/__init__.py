@@ -1,0 +1,1 @@
+"""The input side: listing and reading files, planning shards, Arrow columns <-> tensors."""

@@ -1,0 +1,1 @@
+"""Operating jobs: submitting them to clusters, scheduling them, querying their outputs."""

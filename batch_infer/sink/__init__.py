@@ -1,0 +1,1 @@
+"""Where predictions go: the output layout, its records and the exactly-once protocol."""
