@@ -10,16 +10,12 @@ from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
-from batch_infer.errors import BadRowsError, JobFailedError, UserError
+from batch_infer.errors import EXIT_INTERRUPTED, UserError
 from batch_infer.ops.query import register as register_query
 from batch_infer.ops.schedule import register as register_schedule
 from batch_infer.ops.submit import register as register_submit
 from batch_infer.sink.manifest import RunRecord
 from batch_infer.spec import add_spec_arguments, parse_date, parse_overrides, resolve_spec
-
-EXIT_USER_ERROR = 2
-EXIT_BAD_ROWS = 3
-EXIT_FAILED = 4
 
 
 def _print_summary(console: Console, s: RunRecord) -> None:
@@ -112,15 +108,11 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         return args.func(args)
-    except BadRowsError as exc:
-        return error(exc, EXIT_BAD_ROWS)
-    except JobFailedError as exc:
-        return error(exc, EXIT_FAILED)
     except UserError as exc:
-        return error(exc, EXIT_USER_ERROR)
+        return error(exc, exc.exit_code)
     except KeyboardInterrupt:
         console.print("interrupted: committed shards are kept; rerun the same command to resume")
-        return 130
+        return EXIT_INTERRUPTED
 
 
 if __name__ == "__main__":

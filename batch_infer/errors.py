@@ -1,14 +1,32 @@
-"""Errors a user can act on.
+"""Errors a user can act on, and the exit code each one gives.
 
 Everything raised as a `UserError` is printed by the CLI as one line, without a traceback:
 the message must say what is wrong, where (file, column, key) and what was expected.
+
+Exit codes (the CLI's contract with schedulers and scripts):
+    0   success
+    1   an unexpected error (a bug: the traceback is printed)
+    2   a user error: spec, input, model, output, backend; retrying will not help
+    3   more bad rows than `max_bad_rows` (good shards are kept)
+    4   shards failed after their retries (committed shards are kept; rerun to resume)
+    5   the cluster or the network: unreachable, refused, or a server error; retry later
+    130 interrupted (SIGINT or SIGTERM); committed shards are kept; rerun to resume
 """
 
 from __future__ import annotations
 
+EXIT_OK = 0
+EXIT_USER_ERROR = 2
+EXIT_BAD_ROWS = 3
+EXIT_FAILED = 4
+EXIT_CLUSTER = 5
+EXIT_INTERRUPTED = 130
+
 
 class UserError(Exception):
     """A problem with the user's input, spec, model or output location."""
+
+    exit_code = EXIT_USER_ERROR
 
 
 class SpecError(UserError):
@@ -30,9 +48,20 @@ class BackendError(UserError):
 class BadRowsError(UserError):
     """More rows could not be converted than `max_bad_rows` allows."""
 
+    exit_code = EXIT_BAD_ROWS
 
-class JobFailedError(Exception):
+
+class JobFailedError(UserError):
     """Shards kept failing after their retries; the committed ones are kept."""
+
+    exit_code = EXIT_FAILED
+
+
+class ClusterError(UserError):
+    """The Ray cluster cannot be reached, refused a request, or failed on its side: the
+    request may succeed later, so schedulers can tell it from a user error."""
+
+    exit_code = EXIT_CLUSTER
 
 
 class CudaError(RuntimeError):

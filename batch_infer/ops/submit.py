@@ -39,7 +39,7 @@ from rich.console import Console
 from rich.text import Text
 
 import batch_infer
-from batch_infer.errors import SpecError, UserError
+from batch_infer.errors import ClusterError, SpecError, UserError
 from batch_infer.spec import (
     JobSpec,
     add_spec_arguments,
@@ -63,12 +63,9 @@ _CHATTY_LOGGERS = (
 )
 
 
-class ClusterError(UserError):
-    """The Ray cluster cannot be reached, refused a request, or does not know the job."""
-
-
-class ClusterAuthError(ClusterError):
-    """The cluster requires a token and none was sent, or it refused the one sent."""
+class ClusterAuthError(UserError):
+    """The cluster requires a token and none was sent, or it refused the one sent: a setup
+    problem on this side (exit 2), not one that goes away by retrying."""
 
 
 class CarryError(UserError):
