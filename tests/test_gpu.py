@@ -21,6 +21,7 @@ from tests.conftest import ROOT, read_output
 
 cuda_streams = pytest.importorskip("batch_infer.backends.cuda_streams", reason="needs cuda-python")
 device_count = cuda_streams.device_count
+DIGITS = str(ROOT / "models" / "digits.onnx")
 
 pytestmark = [
     pytest.mark.gpu,
@@ -147,3 +148,61 @@ def test_two_gpus_two_actors_rows_split(tmp_path):
     assert sum(e["rows"] for e in entries) == 1797
     out = ds.dataset(str(tmp_path / "out"), format="parquet").to_table()
     assert sorted(out["id"].to_pylist()) == list(range(1797))
+
+
+def _cpu_logits(pixels: np.ndarray) -> np.ndarray:
+    import onnxruntime as ort
+
+    session = ort.InferenceSession(DIGITS, providers=["CPUExecutionProvider"])
+    return session.run(["logits"], {"pixels": pixels})[0]
+
+
+def test_slot_ring_backend_threads_errors_and_close():
+    """ORT CUDA on the slot ring, directly: two threads share the slots and each gets its own
+    outputs in order; a failing batch stream hands every slot back; close is idempotent."""
+    import threading
+
+    from batch_infer.backends.onnxruntime_cuda import OnnxRuntimeCUDA
+    from batch_infer.errors import BackendError
+    from batch_infer.model import read_signature
+
+    rng = np.random.default_rng(0)
+    inputs = [[rng.integers(0, 17, (37, 64)).astype(np.float32) for _ in range(30)] for _ in "ab"]
+    backend = OnnxRuntimeCUDA(read_signature(DIGITS), slots=3)
+    ring = backend.ring
+    results: dict[int, list] = {}
+
+    def work(t: int) -> None:
+        results[t] = [r["logits"] for r in backend.run({"pixels": p} for p in inputs[t])]
+
+    workers = [threading.Thread(target=work, args=(t,)) for t in range(2)]
+    for w in workers:
+        w.start()
+    for w in workers:
+        w.join(timeout=120)
+    for t in range(2):
+        got, want = np.concatenate(results[t]), _cpu_logits(np.concatenate(inputs[t]))
+        assert _rel(got, want) < 1e-3
+    assert backend.busy_seconds() > 0
+
+    def failing():
+        yield {"pixels": inputs[0][0]}
+        yield {"pixels": inputs[0][1]}
+        raise RuntimeError("the shard's reader broke")
+
+    with pytest.raises(RuntimeError, match="reader broke"):
+        list(backend.run(failing()))
+    assert ring._free.qsize() == 3  # every slot is back
+    with pytest.raises(BackendError, match="float64"):
+        backend.infer({"pixels": inputs[0][0].astype(np.float64)})
+    assert ring._free.qsize() == 3
+    assert _rel(backend.infer({"pixels": inputs[1][0]})["logits"], _cpu_logits(inputs[1][0])) < 1e-3
+
+    with backend.resident({"pixels": inputs[0][0]}) as batch:  # compute without copies
+        batch.launch(5)
+        batch.wait()
+    assert ring._free.qsize() == 3
+    backend.close()
+    backend.close()
+    with pytest.raises(BackendError, match="after close"):
+        backend.infer({"pixels": inputs[0][0]})

@@ -1,0 +1,109 @@
+"""Backends exercised directly, without Ray: the lifecycle contract every backend keeps.
+
+ONNX Runtime on the CPU here; the GPU backends and the slot ring have the same checks in
+tests/test_gpu.py (run on the GPU machine).
+"""
+
+from __future__ import annotations
+
+import threading
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+
+from batch_infer.backends import actor_concurrency, load_backend, resolve
+from batch_infer.backends.base import GPU_CONCURRENCY, BackendOptions
+from batch_infer.backends.onnxruntime_cpu import OnnxRuntimeCPU
+from batch_infer.errors import BackendError
+from batch_infer.model import read_signature
+from tests.conftest import ROOT
+
+DIGITS = str(ROOT / "models" / "digits.onnx")
+
+
+@pytest.fixture
+def signature():
+    return read_signature(DIGITS)
+
+
+def _pixels(n: int, seed: int = 0) -> np.ndarray:
+    return np.random.default_rng(seed).integers(0, 17, (n, 64)).astype(np.float32)
+
+
+def _direct(pixels: np.ndarray) -> dict[str, np.ndarray]:
+    session = ort.InferenceSession(DIGITS, providers=["CPUExecutionProvider"])
+    logits, predicted = session.run(["logits", "predicted"], {"pixels": pixels})
+    return {"logits": logits, "predicted": predicted}
+
+
+def test_run_yields_every_batch_in_order(signature):
+    batches = [{"pixels": _pixels(n, seed)} for seed, n in enumerate((7, 64, 1, 33))]
+    with OnnxRuntimeCPU(signature) as backend:
+        results = list(backend.run(iter(batches)))
+    assert len(results) == len(batches)
+    for feeds, got in zip(batches, results, strict=True):
+        want = _direct(feeds["pixels"])
+        np.testing.assert_allclose(got["logits"], want["logits"], rtol=1e-6)
+        assert got["predicted"].tolist() == want["predicted"].tolist()
+
+
+@pytest.mark.parametrize(
+    ("feeds", "message"),
+    [
+        ({}, r"inputs \[\]; the model takes \['pixels'\]"),
+        ({"pixels": _pixels(2), "extra": _pixels(2)}, "the model takes"),
+        ({"pixels": _pixels(2).astype(np.float64)}, "'pixels' is float64; the model takes float32"),
+        ({"pixels": _pixels(2)[:, :63]}, r"shape \[2, 63\]; the model takes \['N', 64\]"),
+        ({"pixels": _pixels(2).reshape(2, 8, 8)}, r"shape \[2, 8, 8\]"),
+    ],
+)
+def test_wrong_feeds_are_one_clear_error(signature, feeds, message):
+    with OnnxRuntimeCPU(signature) as backend, pytest.raises(BackendError, match=message):
+        backend.infer(feeds)
+
+
+def test_close_twice_run_after_close_and_close_after_an_error(signature):
+    backend = OnnxRuntimeCPU(signature)
+    with pytest.raises(BackendError):
+        backend.infer({"pixels": _pixels(2).astype(np.int32)})
+    backend.infer({"pixels": _pixels(2)})  # an error leaves the backend usable
+    backend.close()
+    backend.close()
+    with pytest.raises(BackendError, match="run after close"):
+        backend.infer({"pixels": _pixels(2)})
+
+
+def test_threads_up_to_the_declared_concurrency_get_their_own_results(signature):
+    """The actor runs `concurrency` shards at once; each thread gets its own outputs."""
+    threads = max(2, OnnxRuntimeCPU.concurrency)
+    inputs = [[{"pixels": _pixels(16, 10 * t + i)} for i in range(20)] for t in range(threads)]
+    results: dict[int, list] = {}
+    with OnnxRuntimeCPU(signature) as backend:
+
+        def work(t: int) -> None:
+            results[t] = list(backend.run(inputs[t]))
+
+        workers = [threading.Thread(target=work, args=(t,)) for t in range(threads)]
+        for w in workers:
+            w.start()
+        for w in workers:
+            w.join(timeout=60)
+    for t in range(threads):
+        got = np.concatenate([r["logits"] for r in results[t]])
+        want = _direct(np.concatenate([f["pixels"] for f in inputs[t]]))["logits"]
+        np.testing.assert_allclose(got, want, rtol=1e-6)
+
+
+def test_concurrency_is_declared_by_the_backends():
+    assert actor_concurrency("cpu") == OnnxRuntimeCPU.concurrency == 1
+    assert actor_concurrency("gpu") == GPU_CONCURRENCY == 2
+
+
+def test_cpu_actor_resolves_to_onnxruntime_on_the_cpu(signature):
+    name, why = resolve(BackendOptions(requested="auto"), "cpu")
+    assert name == "onnxruntime" and "CPU" in why
+    backend, _ = load_backend(signature, BackendOptions(), device="cpu", threads=1)
+    with backend:
+        assert isinstance(backend, OnnxRuntimeCPU)
+        assert "CPU (1 thread(s))" in backend.describe()
