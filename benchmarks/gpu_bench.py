@@ -23,10 +23,8 @@ import numpy as np
 import psutil
 import pyarrow as pa
 import pyarrow.parquet as pq
-from cuda.bindings import runtime as cudart
 
 import batch_infer
-from batch_infer.backends.cuda_streams import DeviceBuffer, check
 from batch_infer.backends.onnxruntime_cuda import OnnxRuntimeCUDA
 from batch_infer.model import read_signature
 from benchmarks.steady import shard_entries, steady_rate
@@ -120,33 +118,16 @@ def sample_batches(w: dict, count: int) -> list[dict[str, np.ndarray]]:
 
 
 def compute_rate(sig, batches, seconds: float) -> float:
-    backend = OnnxRuntimeCUDA(sig, slots=1)
-    slot = backend.ring.slots[0]
-    shapes = {}
-    for name, array in batches[0].items():
-        buf = backend.ring._ensure(slot.dev_in, name, array.nbytes, DeviceBuffer)
-        check(
-            cudart.cudaMemcpy(
-                buf.ptr,
-                array.ctypes.data,
-                array.nbytes,
-                cudart.cudaMemcpyKind.cudaMemcpyHostToDevice,
-            ),
-            "cudaMemcpy",
-        )
-        shapes[name] = array.shape
-    for _ in range(5):
-        backend._enqueue(slot, shapes)
-    check(cudart.cudaStreamSynchronize(slot.stream), "cudaStreamSynchronize")
-    runs, start = 0, time.perf_counter()
-    while time.perf_counter() - start < seconds:
-        for _ in range(10):
-            backend._enqueue(slot, shapes)
-        runs += 10
-        check(cudart.cudaStreamSynchronize(slot.stream), "cudaStreamSynchronize")
-    rate = runs * BATCH / (time.perf_counter() - start)
-    backend.close()
-    return rate
+    """The backend's own rate: one batch resident on the device, launched again and again."""
+    with OnnxRuntimeCUDA(sig, slots=1) as backend, backend.resident(batches[0]) as batch:
+        batch.launch(5)
+        batch.wait()
+        runs, start = 0, time.perf_counter()
+        while time.perf_counter() - start < seconds:
+            batch.launch(10)
+            runs += 10
+            batch.wait()
+        return runs * batch.rows / (time.perf_counter() - start)
 
 
 def loop_rate(sig, batches, slots: int, seconds: float) -> float:
