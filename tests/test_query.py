@@ -15,6 +15,7 @@ import os
 import shutil
 import subprocess
 import sys
+from dataclasses import fields
 from pathlib import Path
 
 import pyarrow as pa
@@ -26,6 +27,7 @@ from conftest import make_table, read_output, two_io_spec
 
 import batch_infer
 from batch_infer.errors import BadRowsError, OutputError, UserError
+from batch_infer.sink.manifest import RunRecord
 from batch_infer.ops.query import query
 
 DATES = ("2026-11-01", "2026-11-02")
@@ -234,7 +236,8 @@ def test_output_with_no_predictions_yet_gives_empty_views(out: Path, tmp_path: P
         assert (t.num_rows, t.column_names) == (0, columns)
     runs = query(tmp_path, "SELECT * FROM runs")
     assert runs.num_rows == 0
-    assert runs.column_names[:4] == ["date", "started_at", "finished_at", "run_id"]
+    assert runs.column_names == ["date", *(f.name for f in fields(RunRecord) if f.name != "date")]
+    assert runs.schema.field("started_at").type == pa.timestamp("us", tz="UTC")
     assert query(fresh, "SELECT count(*) AS n FROM predictions").to_pylist() == [{"n": 0}]
 
 

@@ -1,205 +1,162 @@
-"""SQL over outputs (DuckDB): `batch-infer query`, `batch-infer inspect`, `batch_infer.ops.query`.
+"""SQL over outputs (DuckDB): `batch-infer query`, `batch-infer inspect`, `batch_infer.query()`.
 
-OUTPUT is one job output or any folder above several of them (a scheduled job writing to
-`out/digits/date={date}/` gives `out/digits/date=2026-11-01/`, ...). Every folder at or below
-OUTPUT that holds `_manifest/`, `_runs/` or `_errors/` is a job output; folders whose name
-starts with `_` or `.` are never searched. Three views:
+OUTPUT is one job output or any folder above several (a scheduled job writing to
+`out/digits/date={date}/` gives `out/digits/date=2026-11-01/`, ...): every folder at or below
+it that holds `_manifest/`, `_runs/` or `_errors/` is a job output; folders whose name starts
+with `_` or `.` are never searched. Three views:
 
     predictions   the `part-*.parquet` files of every output
-    errors        their `_errors/part-*.parquet` files (keep columns, _shard, _file, _row, _reason)
-    runs          one row per `_runs/<run>.json` summary
+    errors        their `_errors/part-*.parquet` (keep columns, _shard, _file, _row, _reason)
+    runs          one row per `_runs/<run>.json`, a column per `RunRecord` field, oldest first
 
-`key=value` folders in a file's path (hive partitions, e.g. `date=2026-11-01`) become columns
-of all three views: ISO dates as DATE, integers as BIGINT, anything else as VARCHAR. The runs
-view always has a `date` column: the run's own `date` when it recorded one, else the path's.
+`key=value` folders in a path (hive partitions) are columns of all three. Local paths are read
+by DuckDB itself (`read_parquet`, `read_json`), which types those columns (ISO dates DATE,
+integers BIGINT, timestamps TIMESTAMP, else VARCHAR). URIs (s3://, gs://, hdfs://, file://) go
+through `pyarrow.dataset` registered in DuckDB (its httpfs extension cannot be relied on),
+their keys typed DATE, BIGINT or VARCHAR the same way. In `runs`, `date` is the run's own
+logical date, else its path's; `started_at`/`finished_at` are TIMESTAMPTZ (UTC); `output` is
+where the summary was found.
 
-Local paths are read by DuckDB itself (`read_parquet`); URIs (s3://, gs://, hdfs://, file://)
-through `pyarrow.dataset` on the URI's pyarrow filesystem, registered in DuckDB, so any
-filesystem pyarrow can open works without DuckDB extensions.
+Results are written by DuckDB's own COPY, never row by row in Python: csv (a header; lists,
+structs and maps as JSON), json (one array), ndjson, parquet. Floats round-trip exactly; JSON
+spells NaN and infinities `NaN` and `Infinity`, as DuckDB writes them. Stdout is fed through
+a pipe, so `>>` appends; a reader that stops early (`| head -1`) ends the command quietly with
+exit 141, as SIGPIPE would. `query` only reads: DuckDB's `enable_external_access` and
+`allowed_directories` cannot allow reading the output yet refuse writing into it, so
+statements that could write files or change settings (COPY, EXPORT, ATTACH, SET, PRAGMA,
+INSTALL ...) are refused, and so is `--out` inside the output.
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
-import csv
+import dataclasses
 import datetime as dt
 import json
-import logging
-import math
 import os
 import posixpath
 import re
+import shutil
 import sys
-from collections import Counter
-from collections.abc import Iterable, Iterator
-from dataclasses import dataclass, field
-from typing import Any
+import threading
+import types
+import typing
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
-import duckdb
 import pyarrow as pa
-import pyarrow.dataset as ds
 import pyarrow.fs as pafs
-import pyarrow.parquet as pq
-from rich.console import Console
-from rich.table import Table
-from rich.text import Text
 
 from batch_infer.errors import OutputError, UserError
+from batch_infer.location import Location, is_uri, open_location
+from batch_infer.sink.manifest import RunRecord, committed_entries
 
-log = logging.getLogger("batch_infer")
+if TYPE_CHECKING:  # DuckDB and Rich load on first use: `batch-infer --help` stays fast
+    import duckdb
+    from rich.console import Console
+    from rich.text import Text
 
-VIEWS = ("predictions", "errors", "runs")
-ERROR_COLUMNS = (
-    ("_shard", "VARCHAR"),
-    ("_file", "VARCHAR"),
-    ("_row", "BIGINT"),
-    ("_reason", "VARCHAR"),
-)
-_MARKERS = ("_manifest", "_runs", "_errors")  # a folder holding one of these is a job output
-_DATE = re.compile(r"^\d{4}-\d{2}-\d{2}$")
-_INT = re.compile(r"^-?\d{1,18}$")
-_GLOB_CHARS = re.compile(r"[*?\[\]{}]")
+EXIT_PIPE = 141  # 128 + SIGPIPE: what a shell reports for `cmd | head` when cmd is cut off
+MARKERS = ("_manifest", "_runs", "_errors")  # a folder holding one of these is a job output
+COPY = {
+    "csv": "FORMAT csv, HEADER true",
+    "json": "FORMAT json, ARRAY true",
+    "ndjson": "FORMAT json",
+    "parquet": "FORMAT parquet",
+}
+ERROR_COLUMNS = {"_shard": "VARCHAR", "_file": "VARCHAR", "_row": "BIGINT", "_reason": "VARCHAR"}
+_READS = {"SELECT", "EXPLAIN", "CREATE", "INSERT", "UPDATE", "DELETE", "DROP", "MULTI"}  # PIVOT
+_EXPLAIN = re.compile(r"\s*EXPLAIN\s+(ANALY[SZ]E\s+|\([^)]*\)\s*)?", re.IGNORECASE)
+_TYPES = {str: "VARCHAR", int: "BIGINT", float: "DOUBLE", bool: "BOOLEAN", list[str]: "VARCHAR[]"}
+_Command = Callable[[argparse.Namespace], int]
+_TIMES = ("started_at", "finished_at")  # epoch seconds in a record, TIMESTAMPTZ in the view
+_STYLES = {"succeeded": "green", "failed": "red", "interrupted": "yellow", "running": "cyan"}
+_STYLES |= {"yes": "green", "no": "yellow"}
+_RUN_KEYS = ("date", "started_at", "run_id", "status", "rows", "bad_rows", "seconds", "errors")
+_OUTPUT_KEYS = ("output", "success", "shards", "rows", "bad_rows", "retried", "committed_at")
+_OUTPUT_KEYS += ("model_sha256",)
+_WORKER_KEYS = ("node", "gpu", "backend", "shards", "rows", "infer_seconds")
+
+
+def _run_fields() -> dict[str, str]:
+    """RunRecord's fields with DuckDB types (JSON where not a scalar or a list of strings)."""
+    hints = typing.get_type_hints(RunRecord)
+    fields = {}
+    for f in dataclasses.fields(RunRecord):
+        hint = hints[f.name]
+        if isinstance(hint, types.UnionType):  # `str | None` and the like
+            hint = next(a for a in typing.get_args(hint) if a is not type(None))
+        fields[f.name] = _TYPES.get(hint, "JSON")
+    return fields
 
 
 # --------------------------------------------------------------------------- discovery
 
 
 @dataclass
-class _Job:
-    """One job output found at or below OUTPUT."""
+class _Output:
+    """One job output at or below OUTPUT; paths on its filesystem."""
 
-    path: str  # on the filesystem (no scheme)
-    partitions: dict[str, str]  # key=value folders in its path
-    parts: list[str] = field(default_factory=list)
-    errors: list[str] = field(default_factory=list)
-    runs: list[str] = field(default_factory=list)
-    success: bool = False
+    path: str
+    success: bool
+    parts: list[str]
+    errors: list[str]
+    runs: list[str]
 
 
 @dataclass
 class _Layout:
-    location: str  # as the user gave it
-    filesystem: pafs.FileSystem
-    root: str
-    direct: bool  # a local path: DuckDB reads the files itself
-    jobs: list[_Job]
+    root: Location
+    outputs: list[_Output]
 
-    def keys(self) -> dict[str, tuple[pa.DataType, str]]:
-        """Partition keys over all jobs, in order of appearance, with their Arrow/SQL types."""
-        values: dict[str, list[str]] = {}
-        for job in self.jobs:
-            for k, v in job.partitions.items():
-                values.setdefault(k, []).append(v)
-        return {k: _column_type(v) for k, v in values.items()}
+    @property
+    def direct(self) -> bool:
+        """Local paths are read by DuckDB itself, URIs (file:// too) through pyarrow."""
+        return not is_uri(self.root.given)
 
-    def label(self, job: _Job) -> str:
-        rel = posixpath.relpath(job.path, self.root)
-        return "." if rel == "." else rel
-
-    def uri(self, job: _Job) -> str:
-        if self.direct:
-            return job.path
-        return self.location.rstrip("/") + job.path[len(self.root) :]
+    def uri(self, path: str) -> str:
+        """`path` spelled as the user spelled the location (a URI stays a URI)."""
+        return path if self.direct else self.root.given.rstrip("/") + path[len(self.root.root) :]
 
 
-def _partitions(path: str) -> dict[str, str]:
-    """Hive `key=value` folders anywhere in a path (as DuckDB reads them)."""
-    found = {}
-    for part in path.split("/"):
-        key, eq, value = part.partition("=")
-        if eq and key:
-            found[key] = value
-    return found
+def _hive(path: str) -> dict[str, str]:
+    """`key=value` folders of a path, split at the last `=` as DuckDB splits them."""
+    return {k: v for k, _, v in (seg.rpartition("=") for seg in path.split("/")) if k}
 
 
-def _column_type(values: Iterable[str | None]) -> tuple[pa.DataType, str]:
-    present = [v for v in values if v not in (None, "")]
-    if present and all(_DATE.match(v) for v in present):
-        try:
-            for v in present:
-                dt.date.fromisoformat(v)
-            return pa.date32(), "DATE"
-        except ValueError:
-            pass
-    if present and all(_INT.match(v) for v in present):
-        return pa.int64(), "BIGINT"
-    if not present:
-        return pa.date32(), "DATE"
-    return pa.string(), "VARCHAR"
-
-
-def _convert(value: str | None, typ: pa.DataType) -> Any:
-    if value in (None, ""):
-        return None
-    if typ == pa.date32():
-        return dt.date.fromisoformat(value)
-    if typ == pa.int64():
-        return int(value)
-    return value
-
-
-def _open(output: str | os.PathLike[str]) -> tuple[pafs.FileSystem, str, bool]:
-    location = os.fspath(output)
-    if "://" not in location:
-        return pafs.LocalFileSystem(), os.path.abspath(location).replace(os.sep, "/"), True
-    try:
-        fs, root = pafs.FileSystem.from_uri(location)
-    except (pa.ArrowException, OSError, ValueError) as exc:
-        raise OutputError(f"{location}: cannot open this location: {exc}") from None
-    return fs, root.rstrip("/") or "/", False
+def _files(fs: pafs.FileSystem, folder: str, prefix: str, suffix: str) -> list[str]:
+    infos = fs.get_file_info(pafs.FileSelector(folder, allow_not_found=True))
+    ok = [i for i in infos if i.type == pafs.FileType.File and i.base_name.startswith(prefix)]
+    return sorted(i.path for i in ok if i.base_name.endswith(suffix))
 
 
 def _discover(output: str | os.PathLike[str]) -> _Layout:
-    location = os.fspath(output)
-    fs, root, direct = _open(output)
+    root = open_location(os.fspath(output), "output", OutputError)
+    fs, given, outputs, pending = root.filesystem, root.given, [], [root.root]
     try:
-        info = fs.get_file_info(root)
-    except (pa.ArrowException, OSError) as exc:
-        raise OutputError(f"{location}: cannot read this location: {exc}") from None
-    if info.type == pafs.FileType.NotFound:
-        raise OutputError(f"{location}: no such output (the path does not exist)")
-    if info.type != pafs.FileType.Directory:
-        raise OutputError(f"{location}: is a file; expected a batch-infer output directory")
-    jobs: list[_Job] = []
-    pending = [root]
-    while pending:
-        folder = pending.pop()
-        children = fs.get_file_info(pafs.FileSelector(folder))
-        names = {c.base_name: c for c in children}
-        dirs = sorted(c.base_name for c in children if c.type == pafs.FileType.Directory)
-        if any(m in dirs for m in _MARKERS):
-            job = _Job(folder, _partitions(folder))
-            job.parts = sorted(
-                c.path for c in children if c.type == pafs.FileType.File and _is_part(c.base_name)
-            )
-            job.success = "_SUCCESS" in names
-            if "_errors" in dirs:
-                job.errors = sorted(
-                    c.path
-                    for c in fs.get_file_info(pafs.FileSelector(names["_errors"].path))
-                    if c.type == pafs.FileType.File and _is_part(c.base_name)
-                )
-            if "_runs" in dirs:
-                job.runs = sorted(
-                    c.path
-                    for c in fs.get_file_info(pafs.FileSelector(names["_runs"].path))
-                    if c.type == pafs.FileType.File and c.base_name.endswith(".json")
-                )
-            jobs.append(job)
-        pending.extend(
-            posixpath.join(folder, d) for d in reversed(dirs) if not d.startswith(("_", "."))
-        )
-    if not jobs:
-        raise OutputError(
-            f"{location}: holds no batch-infer output (no _manifest/ folder at or below it)"
-        )
-    jobs.sort(key=lambda j: j.path)
-    return _Layout(location, fs, root, direct, jobs)
-
-
-def _is_part(name: str) -> bool:
-    return name.startswith("part-") and name.endswith(".parquet")
+        kind = root.info().type
+        if kind == pafs.FileType.NotFound:
+            raise OutputError(f"{given}: no such output (the path does not exist)")
+        if kind != pafs.FileType.Directory:
+            raise OutputError(f"{given}: is a file; expected a batch-infer output directory")
+        while pending:
+            folder = pending.pop()
+            children = fs.get_file_info(pafs.FileSelector(folder))
+            dirs = sorted(c.base_name for c in children if c.type == pafs.FileType.Directory)
+            if any(m in dirs for m in MARKERS):
+                success = any(c.base_name == "_SUCCESS" for c in children)
+                parts = _files(fs, folder, "part-", ".parquet")
+                errors = _files(fs, f"{folder}/_errors", "part-", ".parquet")
+                runs = [r for r in _files(fs, f"{folder}/_runs", "", ".json") if "/." not in r]
+                outputs.append(_Output(folder, success, parts, errors, runs))
+            pending += [f"{folder}/{d}" for d in reversed(dirs) if not d.startswith(("_", "."))]
+    except (OSError, pa.ArrowException) as exc:
+        raise OutputError(f"{given}: cannot read this location: {_one_line(exc)}") from None
+    if not outputs:
+        raise OutputError(f"{given}: holds no batch-infer output (no _manifest/ at or below it)")
+    return _Layout(root, sorted(outputs, key=lambda o: o.path))
 
 
 # --------------------------------------------------------------------------- views
@@ -213,237 +170,191 @@ def _lit(text: str) -> str:
     return "'" + text.replace("'", "''") + "'"
 
 
-def _columns(con: duckdb.DuckDBPyConnection, view: str) -> dict[str, str]:
-    return {row[0]: row[1] for row in con.execute(f"DESCRIBE {_q(view)}").fetchall()}
+def _list(paths: list[str]) -> str:
+    return "[" + ", ".join(map(_lit, paths)) + "]"
 
 
-def _parquet_view(con: duckdb.DuckDBPyConnection, name: str, layout: _Layout, which: str) -> bool:
-    """`name` over the jobs' `which` files (parts or errors); False when there are none."""
-    jobs = [j for j in layout.jobs if getattr(j, which)]
-    if not jobs:
-        return False
-    keys = layout.keys()
-    if layout.direct:
-        # DuckDB reads the files; one read_parquet per set of partition keys (it refuses
-        # files with different keys in one call), globbing each job's folder.
-        groups: dict[tuple[str, ...], list[str]] = {}
-        for job in jobs:
-            sources = groups.setdefault(tuple(job.partitions), [])
-            folder = job.path if which == "parts" else posixpath.join(job.path, "_errors")
-            if _GLOB_CHARS.search(folder):
-                sources.extend(getattr(job, which))
-            else:
-                sources.append(posixpath.join(folder, "part-*.parquet"))
-        selects = []
-        for group_keys, sources in groups.items():
-            options = ["union_by_name = true"]
-            if group_keys:
-                types = ", ".join(f"{_lit(k)}: {keys[k][1]}" for k in group_keys)
-                options += ["hive_partitioning = true", f"hive_types = {{{types}}}"]
-            else:
-                options.append("hive_partitioning = false")
-            files = ", ".join(_lit(s) for s in sources)
-            selects.append(f"SELECT * FROM read_parquet([{files}], {', '.join(options)})")
-        con.execute(f"CREATE VIEW {_q(name)} AS " + " UNION ALL BY NAME ".join(selects))
-        return True
-    # Any other filesystem: one Arrow dataset over the files, schemas unified by name.
-    files = [f for j in jobs for f in getattr(j, which)]
-    schemas = [pq.read_schema(getattr(j, which)[0], filesystem=layout.filesystem) for j in jobs]
-    schema = pa.unify_schemas(schemas, promote_options="permissive")
-    schema = pa.schema([_as_list(f) for f in schema if f.name not in keys])
-    partitioning = None
-    if keys:
-        part_schema = pa.schema([(k, t[0]) for k, t in keys.items()])
-        partitioning = ds.HivePartitioning(part_schema, segment_encoding="none")
-        schema = pa.unify_schemas([schema, part_schema])
-    dataset = ds.dataset(
-        files,
-        filesystem=layout.filesystem,
-        format="parquet",
-        partitioning=partitioning,
-        schema=schema,
-    )
-    con.register(name, dataset)
-    return True
+def _groups(layout: _Layout, which: str) -> dict[tuple[str, ...], list[str]]:
+    """Files by their set of hive keys: DuckDB refuses a read whose paths name other keys."""
+    groups: dict[tuple[str, ...], list[str]] = {}
+    for out in layout.outputs:
+        groups.setdefault(tuple(_hive(out.path)), []).extend(getattr(out, which))
+    return {keys: files for keys, files in groups.items() if files}
+
+
+def _runs_select(r: str, p: str | None, keys: tuple[str, ...]) -> str:
+    """The runs view from `r` (the record's fields and `filename`) joined by `filename` with
+    `p` (the hive keys of its path)."""
+    date = "TRY_CAST(r.date AS DATE)"
+    date = f"coalesce({date}, TRY_CAST(p.date AS DATE))" if "date" in keys else date
+    special = {
+        "started_at": "to_timestamp(r.started_at)",
+        "finished_at": "to_timestamp(coalesce(r.finished_at, r.started_at + r.seconds))",
+        "output": "parse_dirpath(parse_dirpath(r.filename))",
+    }
+    cols = [f"{date} AS date"] + [f"p.{_q(k)}" for k in keys if k != "date"]
+    cols += [f"{special.get(n, f'r.{_q(n)}')} AS {_q(n)}" for n in _run_fields() if n != "date"]
+    return f"SELECT {', '.join(cols)} FROM {r} r" + (f" JOIN {p} p USING (filename)" if p else "")
+
+
+def _duckdb_views(con: duckdb.DuckDBPyConnection, layout: _Layout) -> None:
+    """Local outputs: DuckDB reads the files, with its own hive partitioning."""
+    for view, which in (("predictions", "parts"), ("errors", "errors")):
+        if groups := _groups(layout, which):
+            opts = "hive_partitioning = true, union_by_name = true"
+            reads = [f"SELECT * FROM read_parquet({_list(f)}, {opts})" for f in groups.values()]
+            con.execute(f"CREATE VIEW {view} AS " + " UNION ALL BY NAME ".join(reads))
+    record = "{" + ", ".join(f"{_lit(n)}: {_lit(t)}" for n, t in _run_fields().items()) + "}"
+    selects = []
+    for keys, files in _groups(layout, "runs").items():
+        read = f"read_json({_list(files)}, filename = true, hive_partitioning = "
+        # the path's keys would replace the record's own `date`: read them apart
+        path_keys = f"{read}true, columns = {{'run_id': 'VARCHAR'}})" if keys else None
+        selects.append(_runs_select(f"{read}false, columns = {record})", path_keys, keys))
+    if selects:
+        union = " UNION ALL BY NAME ".join(selects)
+        con.execute(f"CREATE VIEW runs AS SELECT * FROM ({union}) ORDER BY started_at")
+
+
+def _key_type(values: list[str]) -> pa.DataType:
+    """A hive key's type on a URI, as DuckDB types them on local paths (DATE, BIGINT, VARCHAR)."""
+    text = pa.array(values, pa.string())
+    for typ in (pa.date32(), pa.int64()):
+        with contextlib.suppress(pa.ArrowInvalid):
+            if text.cast(typ).cast(pa.string()).equals(text):  # "007" stays text, as in DuckDB
+                return typ
+    return pa.string()
 
 
 def _as_list(f: pa.Field) -> pa.Field:
-    """Fixed-size lists as lists, as DuckDB's read_parquet gives them (same columns either way)."""
-    t = f.type
-    if pa.types.is_fixed_size_list(t) or pa.types.is_large_list(t) or pa.types.is_list(t):
-        return f.with_type(pa.list_(_as_list(t.value_field)))
+    """Fixed-size lists as lists, as DuckDB's read_parquet gives them."""
+    if pa.types.is_fixed_size_list(f.type) or pa.types.is_list(f.type):
+        return f.with_type(pa.list_(_as_list(f.type.value_field)))
     return f
 
 
-def _empty_view(con: duckdb.DuckDBPyConnection, name: str, columns: list[tuple[str, str]]) -> None:
-    cols = ", ".join(f"CAST(NULL AS {typ}) AS {_q(col)}" for col, typ in columns)
-    if not cols:  # nothing says what the columns will be (no _manifest/job.json)
-        cols = "CAST(NULL AS VARCHAR) AS _no_columns_yet"
-    con.execute(f"CREATE VIEW {_q(name)} AS SELECT {cols} WHERE false")
+def _arrow_views(con: duckdb.DuckDBPyConnection, layout: _Layout) -> None:
+    """URIs: Arrow datasets on the location's pyarrow filesystem, registered in DuckDB."""
+    import pyarrow.dataset as ds
+    import pyarrow.parquet as pq
+
+    fs, outputs, values = layout.root.filesystem, layout.outputs, {}
+    for out in outputs:
+        for k, v in _hive(out.path).items():
+            values.setdefault(k, []).append(v)
+    keys = pa.schema([(k, _key_type(v)) for k, v in values.items()])
+    hive = ds.HivePartitioning(keys, segment_encoding="none") if values else None
+    for view, which in (("predictions", "parts"), ("errors", "errors")):
+        if files := [getattr(o, which) for o in outputs if getattr(o, which)]:
+            schemas = [pq.read_schema(f[0], filesystem=fs) for f in files]
+            schema = pa.unify_schemas(schemas, promote_options="permissive")
+            schema = pa.schema([_as_list(f) for f in schema if f.name not in values] + list(keys))
+            paths = [p for f in files for p in f]
+            con.register(view, ds.dataset(paths, schema, "parquet", fs, partitioning=hive))
+    if runs := [(path, out) for out in outputs for path in out.runs]:
+        docs = []
+        for path, _ in runs:
+            with fs.open_input_stream(path) as f:
+                docs.append(f.read().decode())
+        names = pa.array([layout.uri(path) for path, _ in runs])
+        con.register("_runs_docs", pa.table({"filename": names, "doc": docs}))
+        path_keys = {k.name: [_hive(o.path).get(k.name) for _, o in runs] for k in keys}
+        columns = {k.name: pa.array(path_keys[k.name], pa.string()).cast(k.type) for k in keys}
+        con.register("_runs_keys", pa.table({"filename": names, **columns}))
+        record = _lit(json.dumps(_run_fields()))  # DuckDB parses the JSON, as read_json does
+        raw = f"(SELECT filename, unnest(json_transform(doc, {record})) FROM _runs_docs)"
+        select = _runs_select(raw, "_runs_keys" if values else None, tuple(values))
+        con.execute(f"CREATE VIEW runs AS {select} ORDER BY started_at")
 
 
-def _job_config(layout: _Layout) -> dict[str, Any]:
-    """keep_columns and outputs from the newest job's `_manifest/job.json`, if any."""
-    for job in reversed(layout.jobs):
-        path = posixpath.join(job.path, "_manifest", "job.json")
-        try:
-            with layout.filesystem.open_input_stream(path) as f:
-                return json.loads(f.read())
-        except (OSError, ValueError):
-            continue
-    return {}
-
-
-def _parquet_views(con: duckdb.DuckDBPyConnection, layout: _Layout) -> None:
-    keys = [(k, t[1]) for k, t in layout.keys().items()]
-    config = _job_config(layout)
-    keep = list(config.get("keep_columns", []))
-    outputs = list(config.get("outputs", {}).values())
-    have_predictions = _parquet_view(con, "predictions", layout, "parts")
-    have_errors = _parquet_view(con, "errors", layout, "errors")
-    # Views with no files yet still exist, with the columns they will have.
-    if not have_predictions:
-        known = _columns(con, "errors") if have_errors else {}
-        columns = [(c, known.get(c, "VARCHAR")) for c in keep + outputs]
-        _empty_view(con, "predictions", columns + [k for k in keys if k[0] not in keep + outputs])
-    if not have_errors:
-        known = _columns(con, "predictions")
-        columns = [(c, known.get(c, "VARCHAR")) for c in keep] + list(ERROR_COLUMNS)
-        _empty_view(con, "errors", columns + [k for k in keys if k[0] not in keep])
-
-
-_RUN_FIELDS: list[tuple[str, pa.DataType]] = [
-    ("started_at", pa.timestamp("ms", tz="UTC")),
-    ("finished_at", pa.timestamp("ms", tz="UTC")),
-    ("run_id", pa.string()),
-    ("name", pa.string()),
-    ("status", pa.string()),
-    ("rows", pa.int64()),
-    ("good_rows", pa.int64()),
-    ("bad_rows", pa.int64()),
-    ("rows_this_run", pa.int64()),
-    ("seconds", pa.float64()),
-    ("rows_per_second", pa.float64()),
-    ("shards_total", pa.int64()),
-    ("shards_committed", pa.int64()),
-    ("shards_skipped", pa.int64()),
-    ("shards_failed", pa.int64()),
-    ("retries", pa.int64()),
-    ("backend", pa.string()),
-    ("model", pa.string()),
-    ("model_sha256", pa.string()),
-    ("actors", pa.int64()),
-    ("nodes", pa.list_(pa.string())),
-    ("errors", pa.list_(pa.string())),
-    ("output", pa.string()),
-]
-
-
-def _runs_table(layout: _Layout) -> pa.Table:
-    """One row per `_runs/*.json` of every job, oldest first."""
-    docs: list[tuple[_Job, dict[str, Any]]] = []
-    for job in layout.jobs:
-        for path in job.runs:
-            try:
-                with layout.filesystem.open_input_stream(path) as f:
-                    doc = json.loads(f.read())
-            except (OSError, ValueError) as exc:
-                log.warning("%s: skipped, not a readable run summary (%s)", path, exc)
-                continue
-            if isinstance(doc, dict):
-                docs.append((job, doc))
-    # `date`: the run's own, else its path's; then the path's other partition keys.
-    keys = {"date": None, **{k: None for j in layout.jobs for k in j.partitions}}
-
-    def date_of(job: _Job, doc: dict[str, Any]) -> str | None:
-        value = doc.get("date") or job.partitions.get("date")
-        return None if value is None else str(value)
-
-    types = {
-        k: _column_type(date_of(j, d) if k == "date" else j.partitions.get(k) for j, d in docs)[0]
-        for k in keys
+def _empty_views(con: duckdb.DuckDBPyConnection, layout: _Layout) -> None:
+    """Views with no files yet still exist, with the columns they will have."""
+    have: dict[str, dict[str, str]] = {}
+    sql = "SELECT table_name, column_name, data_type FROM information_schema.columns"
+    for view, column, typ in con.execute(sql).fetchall():
+        have.setdefault(view, {})[column] = typ
+    known = {**have.get("runs", {}), **have.get("errors", {}), **have.get("predictions", {})}
+    job: dict[str, Any] = {}
+    for out in reversed(layout.outputs):  # the newest job.json says what the columns will be
+        with contextlib.suppress(OSError, ValueError):
+            with layout.root.filesystem.open_input_stream(f"{out.path}/_manifest/job.json") as f:
+                job = json.loads(f.read())
+            break
+    keep = list(job.get("keep_columns", []))
+    keys = dict.fromkeys((k for o in layout.outputs for k in _hive(o.path)), "VARCHAR")
+    record = {n: "TIMESTAMPTZ" if n in _TIMES else t for n, t in _run_fields().items()}
+    wanted = {
+        "predictions": dict.fromkeys([*keep, *job.get("outputs", {}).values()], "VARCHAR") | keys,
+        "errors": dict.fromkeys(keep, "VARCHAR") | ERROR_COLUMNS | keys,
+        "runs": dict.fromkeys(["date", *keys], "VARCHAR") | record | {"date": "DATE"},
     }
-    columns: dict[str, list[Any]] = {k: [] for k in keys}
-    columns.update({name: [] for name, _ in _RUN_FIELDS})
-    for job, doc in sorted(docs, key=lambda jd: _number(jd[1].get("started_at")) or 0.0):
-        for k in keys:
-            raw = date_of(job, doc) if k == "date" else job.partitions.get(k)
-            columns[k].append(_convert(raw, types[k]))
-        started = _number(doc.get("started_at"))
-        seconds = _number(doc.get("seconds"))
-        row = {
-            **doc,
-            "started_at": _timestamp(started),
-            "finished_at": _timestamp(started + seconds) if started and seconds else None,
-            "output": layout.uri(job),
-        }
-        for name, typ in _RUN_FIELDS:
-            columns[name].append(_field(row.get(name), typ))
-    fields = [(k, types[k]) for k in keys] + _RUN_FIELDS
-    return pa.table({n: pa.array(columns[n], t) for n, t in fields}, schema=pa.schema(fields))
-
-
-def _number(value: Any) -> float | None:
-    return float(value) if isinstance(value, int | float) and not isinstance(value, bool) else None
-
-
-def _timestamp(seconds: float | None) -> dt.datetime | None:
-    if seconds is None:
-        return None
-    return dt.datetime.fromtimestamp(seconds, tz=dt.timezone.utc)
-
-
-def _field(value: Any, typ: pa.DataType) -> Any:
-    """A summary value of the column's type, or null (older summaries may lack fields)."""
-    if value is None:
-        return None
-    if pa.types.is_list(typ):
-        return [str(v) for v in value] if isinstance(value, list) else None
-    if pa.types.is_int64(typ):
-        number = _number(value)
-        return None if number is None else int(number)
-    if pa.types.is_float64(typ):
-        return _number(value)
-    if pa.types.is_string(typ):
-        return str(value)
-    return value
+    for view, columns in wanted.items():
+        if view not in have:
+            cols = ", ".join(
+                f"CAST(NULL AS {known.get(c, t)}) AS {_q(c)}" for c, t in columns.items()
+            )
+            con.execute(f"CREATE VIEW {view} AS SELECT {cols} WHERE false")
 
 
 def connect(output: str | os.PathLike[str]) -> duckdb.DuckDBPyConnection:
     """An in-memory DuckDB connection with the views `predictions`, `errors` and `runs`."""
-    layout = _discover(output)
-    return _connect(layout)
+    return _connect(_discover(output))
 
 
 def _connect(layout: _Layout) -> duckdb.DuckDBPyConnection:
+    import duckdb
+
     con = duckdb.connect()
-    with contextlib.suppress(duckdb.Error):  # without ICU, timestamps are UTC anyway
-        con.execute("SET TimeZone = 'UTC'")
     try:
-        _parquet_views(con, layout)
-    except duckdb.Error as exc:
-        raise OutputError(f"{layout.location}: cannot read the output: {_one_line(exc)}") from None
-    con.register("runs", _runs_table(layout))
+        con.execute("SET TimeZone = 'UTC'; SET enable_progress_bar = false")
+        (_duckdb_views if layout.direct else _arrow_views)(con, layout)
+        _empty_views(con, layout)
+    except (duckdb.Error, pa.ArrowException, OSError, ValueError) as exc:
+        con.close()
+        raise OutputError(
+            f"{layout.root.given}: cannot read the output: {_one_line(exc)}"
+        ) from None
     return con
+
+
+# --------------------------------------------------------------------------- running SQL
 
 
 def _one_line(exc: BaseException) -> str:
     """DuckDB's message on one line, without the LINE/caret excerpt of the SQL."""
-    lines = [
-        ln.strip()
-        for ln in str(exc).splitlines()
-        if ln.strip() and not ln.startswith("LINE ") and set(ln.strip()) != {"^"}
-    ]
-    return " ".join(lines) or type(exc).__name__
+    lines = [ln.strip() for ln in str(exc).splitlines() if not ln.startswith("LINE ")]
+    return " ".join(ln for ln in lines if ln.strip("^")) or type(exc).__name__
 
 
-def _fetch(con: duckdb.DuckDBPyConnection, sql: str) -> pa.Table:
-    relation = con.sql(sql)
-    if relation is None:  # a statement without a result (SET, CREATE ...)
-        return pa.table({})
-    if hasattr(relation, "to_arrow_table"):
-        return relation.to_arrow_table()
-    return relation.fetch_arrow_table()  # older DuckDB
+@contextlib.contextmanager
+def _sql_errors(what: str) -> Iterator[None]:
+    import duckdb
+
+    try:
+        yield
+    except duckdb.Error as exc:
+        raise UserError(f"{what}: {_one_line(exc)}") from None
+
+
+def _reads_only(sql: str) -> None:
+    """Refuse statements that could write files or change settings. EXPLAIN ANALYZE runs
+    its statement, so the statement an EXPLAIN names is checked too."""
+    import duckdb
+
+    for statement in duckdb.extract_statements(sql):
+        if statement.type.name == "EXPLAIN":
+            _reads_only(_EXPLAIN.sub("", statement.query, count=1))
+        elif statement.type.name not in _READS:
+            raise UserError(
+                f"query: {statement.query.split()[0].upper()} is refused: query only reads "
+                "(write results with --format and --out, outside the output)"
+            )
+
+
+def _result(con: duckdb.DuckDBPyConnection, sql: str) -> duckdb.DuckDBPyRelation | None:
+    """The relation of the last statement (None where an older DuckDB gives none)."""
+    _reads_only(sql)
+    return con.sql(sql)
 
 
 def query(output: str | os.PathLike[str], sql: str) -> pa.Table:
@@ -452,13 +363,14 @@ def query(output: str | os.PathLike[str], sql: str) -> pa.Table:
     The SQL sees three views: `predictions` (every `part-*.parquet`), `errors` (every
     `_errors/part-*.parquet`) and `runs` (one row per `_runs/<run>.json`); `key=value`
     folders in the paths (e.g. `date=2026-11-01`) are columns of each. Raises `UserError`
-    for a missing output and for SQL DuckDB rejects (its message, on one line).
+    for a missing output, for statements that could write, and for SQL DuckDB rejects (its
+    message, on one line).
     """
     con = connect(output)
     try:
-        return _fetch(con, sql)
-    except duckdb.Error as exc:
-        raise UserError(f"query: {_one_line(exc)}") from None
+        with _sql_errors("query"):
+            result = _result(con, sql)
+            return pa.table({}) if result is None else result.to_arrow_table()
     finally:
         con.close()
 
@@ -466,295 +378,281 @@ def query(output: str | os.PathLike[str], sql: str) -> pa.Table:
 # --------------------------------------------------------------------------- printing
 
 
-def _cell(value: Any, for_table: bool = False) -> str:
+def _write(
+    con: duckdb.DuckDBPyConnection, result: duckdb.DuckDBPyRelation, fmt: str, out: str | None
+) -> None:
+    """Stream the result through DuckDB's COPY into `out`, or into stdout."""
+    nested = ("list", "array", "struct", "map", "union")  # DuckDB's CSV spelling is no JSON
+    as_json = [c for c, t in zip(result.columns, result.types, strict=True) if t.id in nested]
+    if fmt == "csv" and as_json:
+        result = result.project(
+            "* REPLACE (" + ", ".join(f"to_json({_q(c)}) AS {_q(c)}" for c in as_json) + ")"
+        )
+    result.create_view("_batch_infer_result", replace=True)
+
+    def copy(path: str) -> None:
+        con.execute(f"COPY (FROM _batch_infer_result) TO {_lit(path)} ({COPY[fmt]})")
+
+    if out:
+        copy(out)
+        return
+    # DuckDB writes into a pipe that a thread empties into stdout: reopening /dev/stdout
+    # would truncate a file that `>>` appends to. A reader gone away (`| head`) fails the
+    # relay; closing its end then fails DuckDB's next write too.
+    read_fd, write_fd = os.pipe()
+    gone = threading.Event()
+
+    def relay() -> None:
+        with open(read_fd, "rb") as src:
+            try:
+                shutil.copyfileobj(src, sys.stdout.buffer, 1 << 20)
+                sys.stdout.buffer.flush()
+            except BrokenPipeError:
+                gone.set()
+
+    thread = threading.Thread(target=relay, daemon=True)
+    thread.start()
+    try:
+        copy(f"/dev/fd/{write_fd}")
+    except Exception:
+        if not gone.is_set():  # else the reader went away: not an error of the query
+            raise
+    finally:
+        os.close(write_fd)
+        thread.join()
+    if gone.is_set():
+        raise BrokenPipeError
+
+
+def _cell(value: Any) -> str:
+    """A value as a table shows it: short floats and lists, times to the second."""
     if value is None:
-        return "" if not for_table else "null"
+        return "null"
     if isinstance(value, bool):
-        return "true" if value else "false"
+        return str(value).lower()
     if isinstance(value, float):
-        if for_table and math.isfinite(value):
-            return f"{value:.6g}"
-        return repr(value)
+        return f"{value:.6g}"
     if isinstance(value, dt.datetime):
-        return value.isoformat(sep=" ", timespec="seconds" if for_table else "auto")
+        return value.isoformat(sep=" ", timespec="seconds")
     if isinstance(value, dt.date | dt.time):
         return value.isoformat()
-    if isinstance(value, bytes):
-        return value.hex()
-    if isinstance(value, list | dict | tuple):
-        if for_table and isinstance(value, list | tuple):
-            shown = ", ".join(_cell(v, True) for v in value[:8])
-            return f"[{shown}{', …' if len(value) > 8 else ''}]"
-        return json.dumps(_jsonable(value), default=str, ensure_ascii=False)
-    return str(value)
-
-
-def _jsonable(value: Any) -> Any:
-    if isinstance(value, float):
-        return value if math.isfinite(value) else None
     if isinstance(value, list | tuple):
-        return [_jsonable(v) for v in value]
-    if isinstance(value, dict):
-        return {str(k): _jsonable(v) for k, v in value.items()}
-    if isinstance(value, dt.datetime | dt.date | dt.time):
-        return value.isoformat()
-    if isinstance(value, bytes):
-        return value.hex()
-    if value is None or isinstance(value, str | int | bool):
-        return value
-    return str(value)  # Decimal, UUID, timedelta ...
+        return "[" + ", ".join(map(_cell, value[:8])) + (", …" if len(value) > 8 else "") + "]"
+    return value.hex() if isinstance(value, bytes) else str(value)
 
 
-def _rows(table: pa.Table) -> Iterator[dict[str, Any]]:
-    for batch in table.to_batches(max_chunksize=4096):
-        yield from batch.to_pylist()
+def _status(value: str | bool | None) -> Text:
+    from rich.text import Text
+
+    text = ("yes" if value else "no") if isinstance(value, bool) else (value or "-")
+    return Text(text, style=_STYLES.get(text, ""))
 
 
-def _stdout_console() -> Console:
-    console = Console(soft_wrap=False, highlight=False)
-    if not console.is_terminal:  # piped: print tables at their natural width
-        console = Console(width=10_000, highlight=False)
-    return console
+def _console() -> Console:
+    """Stdout, reading nothing as markup or emoji; at its natural width when piped."""
+    from rich.console import Console
+
+    width = None if sys.stdout.isatty() else 10_000
+    return Console(markup=False, emoji=False, highlight=False, width=width)
 
 
-def print_table(table: pa.Table, fmt: str = "table", max_rows: int = 100) -> None:
-    """Print a query result to stdout as a rich table, CSV (header first) or a JSON array."""
-    names = table.column_names
-    if fmt == "csv":
-        writer = csv.writer(sys.stdout, lineterminator="\n")
-        writer.writerow(names)
-        for row in _rows(table):
-            writer.writerow([_cell(row[n]) for n in names])
-        return
-    if fmt == "json":
-        out = sys.stdout
-        out.write("[")
-        for i, row in enumerate(_rows(table)):
-            # JSON Lines inside an array: one object per line, still one valid JSON document
-            out.write(",\n" if i else "\n")
-            out.write(json.dumps(_jsonable(row), ensure_ascii=False, default=str))
-        out.write("\n]\n" if table.num_rows else "]\n")
-        return
-    shown = table if not max_rows else table.slice(0, max_rows)
-    n = table.num_rows
-    caption = f"{n:,} row{'s' if n != 1 else ''}"
-    if shown.num_rows < n:
-        caption = f"first {shown.num_rows:,} of {n:,} rows (--max-rows 0 shows all)"
-    out = Table(header_style="bold")
-    for name, typ in zip(names, table.schema.types, strict=True):
-        numeric = pa.types.is_integer(typ) or pa.types.is_floating(typ)
-        out.add_column(name, justify="right" if numeric else "left", overflow="fold")
-    for row in _rows(shown):
-        out.add_row(*(_cell(row[n], for_table=True) for n in names))
-    console = _stdout_console()
-    console.print(out)
-    console.print(caption, soft_wrap=True)
+def _table(title: str, names: list[str], rows: list[list[Any]], caption: str = "") -> None:
+    """Rows as a Rich table on stdout, one line each: the last column gets the width the
+    others leave. Cells are `Text`, so data is never read as markup or emoji."""
+    from rich.table import Table
+    from rich.text import Text
+
+    console = _console()
+    cells = [[v if isinstance(v, Text) else Text(_cell(v)) for v in row] for row in rows]
+    widths = [max([len(n)] + [r[i].cell_len for r in cells]) for i, n in enumerate(names)]
+    if names:
+        room = console.width - sum(w + 3 for w in widths[:-1]) - 4  # padding and rules
+        widths[-1] = max(len(names[-1]), min(widths[-1], room))
+    table = Table(
+        title=Text(title) if title else None,
+        title_justify="left",
+        header_style="bold",
+        caption=Text(caption),
+        caption_justify="left",
+    )
+    for i, (name, width) in enumerate(zip(names, widths, strict=True)):
+        numeric = any(isinstance(r[i], int | float) and not isinstance(r[i], bool) for r in rows)
+        justify = "right" if numeric else "left"
+        table.add_column(
+            Text(name), justify=justify, no_wrap=True, overflow="ellipsis", width=width
+        )
+    for row in cells:
+        table.add_row(*row)
+    console.print(table)
+
+
+def _print_result(result: duckdb.DuckDBPyRelation, max_rows: int) -> None:
+    """The first `max_rows` rows (0: all) as a table; the rest are counted, not converted."""
+    reader = result.fetch_record_batch()
+    kept, total = [], 0
+    for batch in reader:
+        if not max_rows or total < max_rows:
+            kept.append(batch.slice(0, max_rows - total if max_rows else None))
+        total += batch.num_rows
+    shown = pa.Table.from_batches(kept, reader.schema)
+    caption = f"{total:,} row{'s' if total != 1 else ''}"
+    if shown.num_rows < total:
+        caption = f"first {shown.num_rows:,} of {total:,} rows (--max-rows 0 shows all)"
+    rows = [list(r) for r in zip(*(c.to_pylist() for c in shown.columns), strict=True)]
+    _table("", shown.column_names, rows, caption)
 
 
 # --------------------------------------------------------------------------- inspect
 
 
-def _shard_entries(layout: _Layout, job: _Job) -> list[dict[str, Any]]:
-    folder = posixpath.join(job.path, "_manifest", "shards")
-    entries = []
+def _report(layout: _Layout, runs: int, outputs: int) -> dict[str, Any]:
+    """What `inspect` shows: the last `runs` runs, the last `outputs` outputs, their workers."""
+    con = _connect(layout)
     try:
-        infos = layout.filesystem.get_file_info(pafs.FileSelector(folder, allow_not_found=True))
-    except (OSError, pa.ArrowException):
-        return []
-    for info in infos:
-        if info.type != pafs.FileType.File or not info.base_name.endswith(".json"):
-            continue
+        with _sql_errors("inspect"):
+            all_runs = con.sql("SELECT * FROM runs").to_arrow_table().to_pylist()
+    finally:
+        con.close()
+    shown, workers = [], {}
+    for out in layout.outputs[-outputs:] if outputs else []:
         try:
-            with layout.filesystem.open_input_stream(info.path) as f:
-                entries.append(json.loads(f.read()))
-        except (OSError, ValueError):
-            continue
-    return entries
-
-
-def _when(value: Any, fmt: str = "%m-%d %H:%M") -> str:
-    if isinstance(value, int | float) and not isinstance(value, bool):
-        value = _timestamp(float(value))
-    if isinstance(value, dt.datetime):
-        return value.astimezone(dt.timezone.utc).strftime(fmt)
-    return "-" if value is None else str(value)
-
-
-_STATUS_STYLE = {"succeeded": "green", "failed": "red", "interrupted": "yellow", "running": "cyan"}
-
-
-def _status(status: str | None) -> str:
-    style = _STATUS_STYLE.get(status or "")
-    return f"[{style}]{status}[/]" if style else str(status or "-")
-
-
-def _print_screen_table(console: Console, title: str, columns: str, rows: list[list[str]]) -> None:
-    """Columns as "name:<" (left) or "name:>" (right). Each row takes one line: the last
-    column gets the width the others leave (cut short with an ellipsis)."""
-    names = [c.rsplit(":", 1) for c in columns.split("|")]
-    widths = [
-        max([len(name)] + [Text.from_markup(r[i]).cell_len for r in rows])
-        for i, (name, _) in enumerate(names)
-    ]
-    room = console.width - sum(w + 3 for w in widths[:-1]) - 4  # padding and rules
-    table = Table(title=title, title_justify="left", header_style="bold")
-    for i, (name, justify) in enumerate(names):
-        last = i == len(names) - 1
-        table.add_column(
-            name,
-            justify="right" if justify == ">" else "left",
-            no_wrap=True,
-            overflow="ellipsis" if last else "fold",
-            width=max(len(name), min(widths[i], room)) if last else widths[i],
-        )
-    for r in rows:
-        table.add_row(*r)
-    console.print(table)
-
-
-def inspect(output: str | os.PathLike[str], runs: int = 10, outputs: int = 10) -> None:
-    """Print one screen about an output: its latest runs, its outputs' shards, the workers."""
-    layout = _discover(output)
-    all_runs = _runs_table(layout).to_pylist()
-    console = _stdout_console()
-    head = f"[bold]{layout.location}[/]: {len(layout.jobs)} output(s), {len(all_runs)} run(s)"
-    if all_runs:
-        last = all_runs[-1]
-        head += (
-            f"; last run {last['run_id']} {_status(last['status'])} at "
-            f"{_when(last['started_at'], '%Y-%m-%d %H:%M:%S')} UTC, "
-            f"backend {last['backend'] or '-'}, "
-            f"model {last['model'] or '-'} (sha256 {(last['model_sha256'] or '-')[:12]})"
-        )
-    console.print(head, soft_wrap=True)
-
-    shown_runs = all_runs[-runs:] if runs else []
-    dated = any(r["date"] is not None for r in shown_runs)
-    rows = []
-    for r in shown_runs:
-        cells = [_when(r["started_at"])]
-        if dated:
-            cells.append(_cell(r["date"]) or "-")
-        cells += [
-            r["run_id"] or "-",
-            _status(r["status"]),
-            _count(r["rows"]),
-            _count(r["bad_rows"]),
-            f"{r['seconds']:.1f}" if r["seconds"] is not None else "-",
-            (r["errors"] or [""])[0],
-        ]
-        rows.append(cells)
-    _print_screen_table(
-        console,
-        f"runs (last {len(shown_runs)} of {len(all_runs)})",
-        "started (UTC):<|"
-        + ("date:<|" if dated else "")
-        + "run:<|status:<|rows:>|bad:>|s:>|error:<",
-        rows,
-    )
-
-    shown = layout.jobs[-outputs:] if outputs else []
-    workers: Counter[tuple[str, str, str]] = Counter()
-    worker_rows: Counter[tuple[str, str, str]] = Counter()
-    worker_seconds: Counter[tuple[str, str, str]] = Counter()
-    rows = []
-    for job in shown:
-        entries = _shard_entries(layout, job)
-        shas = sorted({str(e.get("model_sha256", ""))[:12] for e in entries} - {""})
-        rows.append(
-            [
-                layout.label(job),
-                "[green]yes[/]" if job.success else "[yellow]no[/]",
-                _count(len(entries)),
-                _count(sum(int(e.get("rows", 0)) for e in entries)),
-                _count(sum(int(e.get("bad_rows", 0)) for e in entries)),
-                _count(sum(1 for e in entries if int(e.get("attempt", 0) or 0) > 0)),
-                _when(max((e.get("committed_at", 0) for e in entries), default=None)),
-                ", ".join(shas) or "-",
-            ]
-        )
-        for e in entries:
-            key = (
-                str(e.get("node") or "-")[:12],
-                str(e.get("gpu") or "-"),
-                str(e.get("backend") or "-"),
+            done = list(
+                committed_entries(Location(layout.root.filesystem, out.path, out.path)).values()
             )
-            workers[key] += 1
-            worker_rows[key] += int(e.get("rows", 0))
-            worker_seconds[key] += float(e.get("infer_seconds", 0) or 0)
-    _print_screen_table(
-        console,
-        f"outputs (last {len(shown)} of {len(layout.jobs)})",
-        "output:<|_SUCCESS:<|shards:>|rows:>|bad:>|retried:>|committed (UTC):<|model:<",
-        rows,
-    )
-    rows = [
-        [key[0], key[1], _count(n), _count(worker_rows[key]), f"{worker_seconds[key]:.1f}", key[2]]
-        for key, n in sorted(workers.items())
-    ]
-    _print_screen_table(
-        console,
-        "shards by worker (the outputs above)",
-        "node:<|gpu:<|shards:>|rows:>|infer s:>|backend:<",
-        rows,
-    )
+        except (OSError, ValueError, TypeError, pa.ArrowException) as exc:
+            raise OutputError(f"{layout.uri(out.path)}: unreadable manifest: {exc}") from None
+        last = max((e.committed_at for e in done), default=0.0)
+        shown.append(
+            {
+                "output": posixpath.relpath(out.path, layout.root.root),
+                "success": out.success,
+                "shards": len(done),
+                "rows": sum(e.rows for e in done),
+                "bad_rows": sum(e.bad_rows for e in done),
+                "retried": sum(e.attempt > 0 for e in done),
+                "committed_at": dt.datetime.fromtimestamp(last, dt.timezone.utc) if last else None,
+                "model_sha256": sorted({e.model_sha256 for e in done} - {""}),
+            }
+        )
+        for e in done:
+            key = (e.node, e.gpu or "", e.backend)
+            w = workers.setdefault(key, dict(zip(("node", "gpu", "backend"), key, strict=True)))
+            w["shards"] = w.get("shards", 0) + 1
+            w["rows"] = w.get("rows", 0) + e.rows
+            w["infer_seconds"] = round(w.get("infer_seconds", 0.0) + e.infer_seconds, 3)
+    return {
+        "output": layout.root.given,
+        "outputs_total": len(layout.outputs),
+        "runs_total": len(all_runs),
+        "runs": all_runs[-runs:] if runs else [],
+        "outputs": shown,
+        "workers": [workers[k] for k in sorted(workers)],
+    }
 
 
-def _count(value: Any) -> str:
-    return "-" if value is None else f"{int(value):,}"
+def inspect(
+    output: str | os.PathLike[str], runs: int = 10, outputs: int = 10, as_json: bool = False
+) -> None:
+    """Print one screen about an output (its latest runs, its outputs' shards, the workers
+    that computed them), or the same as one JSON document for scripts."""
+    from rich.text import Text
+
+    report = _report(_discover(output), runs, outputs)
+    if as_json:
+        print(json.dumps(report, indent=1, default=lambda v: v.isoformat()))  # dates, times
+        return
+    runs, outs = report["runs"], report["outputs"]
+    head = Text.assemble((report["output"], "bold"), f": {report['outputs_total']} output(s), ")
+    head.append(f"{report['runs_total']} run(s)")
+    if runs:
+        last = runs[-1]
+        head.append(f"; last run {last['run_id']} ").append_text(_status(last["status"]))
+        head.append(
+            f" at {_cell(last['started_at'])}, backend {last['backend'] or '-'}, model "
+            f"{last['model'] or '-'} (sha256 {(last['model_sha256'] or '-')[:12]})"
+        )
+    _console().print(head, soft_wrap=True)
+    show = {"status": _status, "success": _status, "errors": lambda e: "; ".join(e or ["-"])}
+    show |= {"node": lambda n: n[:12], "model_sha256": lambda s: ", ".join(h[:12] for h in s)}
+    dated = any(r["date"] for r in runs)
+    for title, rows, keys in (
+        (f"runs (last {len(runs)} of {report['runs_total']})", runs, _RUN_KEYS[not dated :]),
+        (f"outputs (last {len(outs)} of {report['outputs_total']})", outs, _OUTPUT_KEYS),
+        ("shards by worker (the outputs above)", report["workers"], _WORKER_KEYS),
+    ):
+        cells = [[show.get(k, lambda v: v)(r[k]) for k in keys] for r in rows]
+        _table(title, list(keys), cells)
 
 
 # --------------------------------------------------------------------------- command line
 
 
+def _quiet_pipe(command: _Command) -> _Command:
+    """A command whose stdout reader went away (`| head`) ends with EXIT_PIPE, no traceback."""
+
+    def run(args: argparse.Namespace) -> int:
+        try:
+            return command(args)
+        except BrokenPipeError:
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # nothing at exit
+            return EXIT_PIPE
+
+    return run
+
+
 def _cmd_query(args: argparse.Namespace) -> int:
     sql = sys.stdin.read() if args.sql == "-" else args.sql
-    print_table(query(args.output, sql), args.format, args.max_rows)
+    if args.out and args.format == "table":
+        raise UserError("--out writes csv, json, ndjson or parquet: add --format")
+    if args.format == "parquet" and not args.out:
+        raise UserError("--format parquet writes a file: add --out PATH")
+    layout = _discover(args.output)
+    if args.out and layout.root.contains(open_location(args.out, "--out")):
+        raise UserError(f"--out {args.out}: is inside the output {args.output}; write elsewhere")
+    con = _connect(layout)
+    try:
+        with _sql_errors("query"):
+            result = _result(con, sql)
+            if result is not None and args.format == "table":
+                _print_result(result, args.max_rows)
+            elif result is not None:
+                _write(con, result, args.format, args.out)
+    finally:
+        con.close()
     return 0
 
 
 def _cmd_inspect(args: argparse.Namespace) -> int:
-    inspect(args.output, runs=args.runs, outputs=args.outputs)
+    inspect(args.output, runs=args.runs, outputs=args.outputs, as_json=args.json)
     return 0
 
 
 def register(subparsers: Any) -> None:
     """Add `query` and `inspect` to the CLI's subparsers."""
+    where = "the output path or URI, or a folder above several outputs"
     q = subparsers.add_parser(
         "query",
         help="run SQL (DuckDB) over an output: views predictions, errors, runs",
-        description=(
-            "Run DuckDB SQL over a job output, or a folder holding several (e.g. dated) "
-            "outputs. Views: predictions (part files; key=value folders such as date=... "
-            "as columns), errors (_errors part files), runs (one row per run)."
-        ),
+        description="Run DuckDB SQL over a job output, or a folder holding several (e.g. "
+        "dated) outputs. Views: predictions (part files; key=value folders such as date=... "
+        "as columns), errors (_errors part files), runs (one row per run). Only reads: "
+        "COPY, EXPORT, ATTACH, SET, PRAGMA, INSTALL are refused.",
     )
-    q.add_argument("output", help="the output path or URI, or a folder above several outputs")
+    q.add_argument("output", help=where)
     q.add_argument("sql", help='the SQL, e.g. "SELECT count(*) FROM predictions"; - reads stdin')
     q.add_argument(
         "--format",
-        choices=("table", "csv", "json"),
+        choices=("table", *COPY),
         default="table",
-        help="table (default), csv (with a header) or json (an array of objects)",
+        help="table (default), csv (a header; lists as JSON), json (one array), ndjson (one "
+        "object a line) or parquet (needs --out)",
     )
-    q.add_argument(
-        "--max-rows",
-        type=int,
-        default=100,
-        metavar="N",
-        help="table format: rows shown (default 100; 0: all)",
-    )
-    q.set_defaults(func=_cmd_query)
-    i = subparsers.add_parser(
-        "inspect", help="one screen about an output: its runs, shards and workers"
-    )
-    i.add_argument("output", help="the output path or URI, or a folder above several outputs")
+    q.add_argument("--out", metavar="PATH", help="write to this file, not stdout")
+    q.add_argument("--max-rows", type=int, default=100, metavar="N", help="table: rows (0: all)")
+    q.set_defaults(func=_quiet_pipe(_cmd_query))
+    i = subparsers.add_parser("inspect", help="one screen about an output: runs, shards, workers")
+    i.add_argument("output", help=where)
     i.add_argument("--runs", type=int, default=10, metavar="N", help="runs shown (default 10)")
-    i.add_argument(
-        "--outputs",
-        type=int,
-        default=10,
-        metavar="N",
-        help="outputs shown, the last N by path (default 10)",
-    )
-    i.set_defaults(func=_cmd_inspect)
+    i.add_argument("--outputs", type=int, default=10, metavar="N", help="the last N outputs")
+    i.add_argument("--json", action="store_true", help="the same as one JSON document")
+    i.set_defaults(func=_quiet_pipe(_cmd_inspect))
