@@ -45,6 +45,9 @@ class Backend(ABC):
 
     name: str
     concurrency: ClassVar[int] = 1
+    # Pad a short last batch up to a power of two: backends that tune kernels per input
+    # shape (cuDNN's algorithm search in ONNX Runtime CUDA) then see a handful of shapes.
+    pads_batches: ClassVar[bool] = False
     inputs: tuple[TensorInfo, ...]
     outputs: tuple[TensorInfo, ...]
 
@@ -59,6 +62,10 @@ class Backend(ABC):
     def describe(self) -> str:
         """One line for logs and the run summary."""
         return self.name
+
+    @abstractmethod
+    def busy_seconds(self) -> float:
+        """Seconds the device has spent computing so far (overlaps counted once)."""
 
     @abstractmethod
     def close(self) -> None:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import threading
+import time
 from collections.abc import Iterable, Iterator
 
 import onnxruntime as ort
@@ -29,16 +31,23 @@ class OnnxRuntimeCPU(Backend):
         self.outputs = signature.outputs
         self._output_names = [t.name for t in signature.outputs]
         self.threads = threads
+        self._busy, self._lock = 0.0, threading.Lock()
 
     def run(self, batches: Iterable[Feeds]) -> Iterator[Feeds]:
         for feeds in self.checked(batches):
             if self._session is None:
                 raise BackendError(f"{self.name}: run after close")
+            started = time.perf_counter()
             values = self._session.run(self._output_names, feeds)
+            with self._lock:
+                self._busy += time.perf_counter() - started
             yield dict(zip(self._output_names, values, strict=True))
 
     def describe(self) -> str:
         return f"onnxruntime {ort.__version__} CPU ({self.threads} thread(s))"
+
+    def busy_seconds(self) -> float:
+        return self._busy
 
     def close(self) -> None:
         self._session = None
