@@ -13,6 +13,7 @@ import logging
 import math
 import time
 from collections.abc import Iterator
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
@@ -33,17 +34,21 @@ ERROR_COLUMNS = ("_shard", "_file", "_row", "_reason")
 
 
 class InferenceActor:
-    """Loads the model once; then processes shards one at a time."""
+    """Loads the model once; then runs shards, `Backend.concurrency` of them at once."""
 
-    def __init__(self, plan: JobPlan, device: str, threads: int) -> None:
-        self.plan = plan
+    def __init__(self, plan: JobPlan, device: str, threads: int, index: int) -> None:
+        self.loading_at = time.time()
+        self.plan, self.index = plan, index
         self.error: UserError | None = None
+        self.first_batch_at: float | None = None
+        self.last_batch_at: float | None = None
         try:
             self.backend, self.why = load_backend(
                 plan.signature, plan.backend, device=device, threads=threads
             )
         except UserError as exc:  # kept for describe(): the driver gets it as a clear error
             self.error = exc
+        self.ready_at = time.time()
 
     def close(self) -> None:
         """Release the backend's sessions, device buffers, streams and events."""
@@ -56,16 +61,32 @@ class InferenceActor:
             raise self.error
         return self.backend.describe(), self.why
 
+    def stats(self) -> dict[str, Any]:
+        """This actor's lane of the run's timeline (epoch seconds) and its device's busy time."""
+        return {
+            "actor": self.index,
+            "node": ray.get_runtime_context().get_node_id(),
+            "gpu": ",".join(map(str, ray.get_gpu_ids())) or None,
+            "loading_at": self.loading_at,
+            "ready_at": self.ready_at,
+            "first_batch_at": self.first_batch_at,
+            "last_batch_at": self.last_batch_at,
+            "busy_seconds": round(self.backend.busy_seconds(), 3) if self.error is None else 0.0,
+        }
+
     def _batches(self, feeds: Feeds, rows: int) -> Iterator[tuple[int, Feeds]]:
-        """(real rows, feeds) per micro-batch; a model with a fixed batch gets padded batches."""
+        """(real rows, feeds) per micro-batch. A model with a fixed batch gets full batches;
+        a backend that tunes per shape gets a short last batch padded to a power of two."""
         fixed = self.plan.bindings[0].tensor.fixed_batch
         size = fixed or self.plan.spec.batch_size
         for start in range(0, rows, size):
             part = {k: v[start : start + size] for k, v in feeds.items()}
             real = min(size, rows - start)
-            if fixed and real < fixed:
+            pads = self.backend.pads_batches
+            padded = fixed or (min(size, 1 << (real - 1).bit_length()) if pads else real)
+            if padded > real:
                 part = {
-                    k: np.concatenate([v, np.zeros((fixed - real, *v.shape[1:]), v.dtype)])
+                    k: np.concatenate([v, np.zeros((padded - real, *v.shape[1:]), v.dtype)])
                     for k, v in part.items()
                 }
             yield real, part
@@ -74,12 +95,16 @@ class InferenceActor:
         self, entry: ShardEntry, keep: pa.Table, feeds: Feeds
     ) -> tuple[ShardEntry, pa.Table]:
         """Run a prepared shard; (manifest entry draft, predictions)."""
+        if self.error is not None:
+            raise self.error
         started = time.time()
         counts: list[int] = []
 
         def batches() -> Iterator[Feeds]:
             for real, part in self._batches(feeds, keep.num_rows):
                 counts.append(real)
+                if self.first_batch_at is None:
+                    self.first_batch_at = time.time()
                 yield part
 
         names = {t.name: (t, col) for t, col in self.plan.outputs}
@@ -93,6 +118,7 @@ class InferenceActor:
             # on a fresh actor. The process exit releases device memory, streams and events.
             log.exception("CUDA error; this actor exits and its shard is retried")
             ray.actor.exit_actor()
+        self.last_batch_at = time.time()
         predictions = keep
         for name, (tensor, col) in names.items():
             if pieces[name]:
@@ -103,6 +129,8 @@ class InferenceActor:
         entry = dataclasses.replace(
             entry,
             backend=self.backend.describe(),
+            actor=self.index,
+            infer_started=started,
             infer_seconds=round(time.time() - started, 3),
             node=ray.get_runtime_context().get_node_id(),
             gpu=",".join(map(str, ray.get_gpu_ids())) or None,
@@ -165,6 +193,7 @@ def prepare_shard(
         model_sha256=plan.signature.sha256,
         run=run_id,
         attempt=attempt,
+        prepare_started=started,
         prepare_seconds=round(time.time() - started, 3),
     )
     return entry, keep, feeds, errors

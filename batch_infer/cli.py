@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
+import time
+from pathlib import Path
 
 from rich.console import Console
 from rich.table import Table
@@ -18,6 +21,41 @@ from batch_infer.sink.manifest import RunRecord
 from batch_infer.spec import add_spec_arguments, parse_date, parse_overrides, resolve_spec
 
 
+def process_started_at() -> float:
+    """When this process started (epoch seconds), so a run's timeline counts the interpreter
+    and its imports too; where /proc cannot say, now."""
+    try:
+        stat = Path("/proc/self/stat").read_text()
+        ticks = int(stat.rsplit(")", 1)[1].split()[19])
+        age = time.clock_gettime(time.CLOCK_BOOTTIME) - ticks / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError, AttributeError):
+        return time.time()
+    return time.time() - age
+
+
+def _timeline(s: RunRecord) -> str:
+    names = {
+        "ray_ready": "Ray",
+        "planned": "planned",
+        "backend_ready": "model loaded",
+        "first_batch": "first batch",
+        "first_commit": "first commit",
+        "last_commit": "last commit",
+        "finished": "done",
+    }
+    marks = sorted((t, names[k]) for k, t in s.timeline.items() if k in names)
+    return ", ".join(f"{name} {t:.1f} s" for t, name in marks)
+
+
+def _busy(s: RunRecord) -> str:
+    lanes = [a for a in s.actor_stats if a.get("busy_while_running") is not None]
+    if not lanes:
+        return "-"
+    share = [f"{a['busy_while_running']:.0%}" for a in lanes]
+    wall = sum(a["busy_seconds"] for a in lanes) / (len(lanes) * max(s.seconds, 1e-9))
+    return f"{', '.join(share)} from first to last batch; {wall:.0%} of the whole run"
+
+
 def _print_summary(console: Console, s: RunRecord) -> None:
     table = Table(
         title=f"batch-infer run {s.name}: {s.status}", show_header=False, title_justify="left"
@@ -27,10 +65,16 @@ def _print_summary(console: Console, s: RunRecord) -> None:
     if s.date:
         table.add_row("date", s.date)
     table.add_row("rows", f"{s.rows:,} ({s.good_rows:,} predicted, {s.bad_rows:,} bad)")
+    span = s.timeline.get("last_batch", 0) - s.timeline.get("first_batch", 0)
+    steady = f"; {s.rows_this_run / span:,.0f} rows/s from first to last batch" if span > 0 else ""
     table.add_row(
         "this run",
-        f"{s.rows_this_run:,} rows in {s.seconds:.1f} s, {s.rows_per_second:,.0f} rows/s",
+        f"{s.rows_this_run:,} rows in {s.seconds:.1f} s: {s.rows_per_second:,.0f} rows/s "
+        f"start to end{steady}",
     )
+    if s.timeline:
+        table.add_row("timeline", _timeline(s))
+        table.add_row("device busy", _busy(s))
     table.add_row(
         "shards",
         f"{s.shards_total} ({s.shards_committed} committed now, "
@@ -115,5 +159,18 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_INTERRUPTED
 
 
+def entry() -> None:
+    """The `batch-infer` command. Once a run is recorded nothing is left to wait for: the
+    process ends at once, and the Ray it started ends with it (Ray's processes share their
+    parent's fate), instead of waiting a second or more for a polite `ray.shutdown()`."""
+    code = main()
+    if "ray" in sys.modules and sys.modules["ray"].is_initialized():
+        logging.shutdown()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    sys.exit(code)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    entry()

@@ -82,8 +82,11 @@ class ShardEntry(_Record):
     model_sha256: str
     run: str
     attempt: int = 0
+    prepare_started: float = 0.0  # epoch seconds: the shard's bar on the run's timeline
     prepare_seconds: float = 0.0
     backend: str = ""
+    actor: int | None = None  # which inference actor of the run (its lane on the timeline)
+    infer_started: float = 0.0
     infer_seconds: float = 0.0
     node: str = ""
     gpu: str | None = None
@@ -120,8 +123,31 @@ class RunRecord(_Record):
     actors: int = 0
     nodes: list[str] = field(default_factory=list)
     errors: list[str] = field(default_factory=list)
-    started_at: float = field(default_factory=time.time)
+    started_at: float = field(default_factory=time.time)  # the process's start, epoch seconds
     finished_at: float | None = None
+    # Where the wall clock went: phase -> seconds after `started_at` (see `PHASES`), and per
+    # inference actor: its node and GPU, when its backend was ready, its first and last
+    # batch (seconds after `started_at`), and the seconds its device spent computing.
+    timeline: dict[str, float] = field(default_factory=dict)
+    actor_stats: list[dict[str, Any]] = field(default_factory=list)
+
+    def mark(self, phase: str, at: float | None = None) -> None:
+        """Note that `phase` happened now (or at epoch `at`); the first mark of a phase wins."""
+        when = round((time.time() if at is None else at) - self.started_at, 3)
+        self.timeline.setdefault(phase, when)
+
+
+# The phases of a run, in the order they happen (RunRecord.timeline's keys).
+PHASES = (
+    "planned",  # spec, model, input schema, shards and the output checked
+    "ray_ready",
+    "backend_ready",  # the first inference actor loaded the model
+    "first_batch",  # the first batch went to a device
+    "first_commit",
+    "last_batch",
+    "last_commit",
+    "finished",  # the run's record written: what the user waits for, bar the process exit
+)
 
 
 class OutputLock:
@@ -376,6 +402,7 @@ class OutputSink:
     def record_run(self, record: RunRecord) -> None:
         """Write `_runs/<run>.json` and let go of the output. Called once, whatever happened."""
         record.finished_at = time.time()
+        record.mark("finished", record.finished_at)
         record.seconds = round(record.finished_at - record.started_at, 3)
         record.rows_per_second = round(record.rows_this_run / max(record.seconds, 1e-9), 1)
         try:

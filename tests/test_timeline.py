@@ -1,0 +1,142 @@
+"""Where a run's wall clock goes: the shard plan's taper and the timeline in `_runs/`."""
+
+from __future__ import annotations
+
+import itertools
+import json
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+import batch_infer
+from batch_infer.data.reading import open_dataset, read_rows
+from batch_infer.data.sharding import TAPER, TAPER_MIN_BYTES, plan_shards
+from batch_infer.sink.manifest import PHASES
+from tests.conftest import ROOT, read_output
+
+WIDTH = 1 << 16  # 64 KiB per row: a few hundred rows make a shard worth tapering
+
+
+def _images(root: Path, files: int = 3, rows: int = 600, group: int = 100) -> Path:
+    root.mkdir(parents=True)
+    for i in range(files):
+        px = np.random.default_rng(i).integers(0, 256, (rows, WIDTH), dtype=np.uint8)
+        col = pa.FixedSizeBinaryArray.from_buffers(pa.binary(WIDTH), rows, [None, pa.py_buffer(px)])
+        ids = np.arange(i * rows, (i + 1) * rows)
+        pq.write_table(
+            pa.table({"id": ids, "px": col}), root / f"f{i}.parquet", row_group_size=group,
+            compression="none",
+        )  # fmt: skip
+    return root
+
+
+def test_first_and_last_shards_taper_and_every_row_is_read_once(tmp_path):
+    dataset = open_dataset(str(_images(tmp_path / "in")), "parquet")
+    shards = plan_shards(dataset, None)
+    assert shards == plan_shards(dataset, None)  # metadata alone: a rerun plans the same
+    assert len({s.id for s in shards}) == len(shards)
+    first, last = shards[: len(TAPER)], shards[-len(TAPER) :]
+    whole = 600  # one file is one shard at this size
+
+    def sizes(fractions: tuple[float, ...]) -> list[int]:
+        bounds = [round(whole * sum(fractions[:k])) for k in range(len(fractions) + 1)]
+        return [b - a for a, b in itertools.pairwise(bounds)]
+
+    assert [s.rows for s in first] == sizes(TAPER) == [38, 37, 75, 150, 300]
+    assert [s.rows for s in last] == sizes(TAPER[::-1])
+    assert shards[len(TAPER)].rows == whole and shards[0].nbytes < TAPER_MIN_BYTES
+    assert first[0].row_groups == (0,)  # a piece reads only the row groups it overlaps
+    ids = []
+    for s in shards:
+        table = read_rows(dataset, s.file, ["id"], set(), s.row_groups, s.first_row,
+                          s.row_start, s.row_stop)  # fmt: skip
+        ids += table["id"].to_pylist()
+    assert ids == list(range(1800))
+
+
+def _model(path: Path) -> str:
+    """px uint8[N, WIDTH] -> total int64[N]: the sum of a row's bytes."""
+    from onnx import TensorProto, helper
+
+    graph = helper.make_graph(
+        [
+            helper.make_node("Cast", ["px"], ["wide"], to=TensorProto.INT64),
+            helper.make_node("ReduceSum", ["wide"], ["total"], keepdims=0, axes=[1]),
+        ],
+        "sum",
+        [helper.make_tensor_value_info("px", TensorProto.UINT8, ["N", WIDTH])],
+        [helper.make_tensor_value_info("total", TensorProto.INT64, ["N"])],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 11)])
+    model.ir_version = 8
+    import onnx
+
+    onnx.save(model, path)
+    return str(path)
+
+
+@pytest.mark.usefixtures("ray_start_regular")
+def test_run_records_its_timeline_and_each_actors_lane(tmp_path):
+    data = _images(tmp_path / "in")
+    spec = {
+        "name": "timeline",
+        "input": {"path": str(data)},
+        "model": {"onnx": _model(tmp_path / "sum.onnx"), "inputs": {"px": "px"}},
+        "batch_size": 64,
+        "output": {"path": str(tmp_path / "out"), "keep_columns": ["id"]},
+    }
+    record = batch_infer.run(spec)
+    out = read_output(tmp_path / "out").sort_by("id")
+    expect = np.concatenate(
+        [np.random.default_rng(i).integers(0, 256, (600, WIDTH), dtype=np.uint8).sum(1)
+         for i in range(3)]
+    )  # fmt: skip
+    assert out["id"].to_pylist() == list(range(1800))
+    assert out["total"].to_numpy().tolist() == expect.tolist()
+
+    (saved,) = [json.loads(p.read_text()) for p in (tmp_path / "out" / "_runs").glob("*.json")]
+    timeline = saved["timeline"]
+    assert set(PHASES) <= set(timeline), timeline
+    order = ["backend_ready", "first_batch", "first_commit", "last_commit", "finished"]
+    assert [timeline[p] for p in order] == sorted(timeline[p] for p in order)
+    assert timeline["ray_ready"] <= timeline["backend_ready"]
+    assert 0 <= timeline["planned"] <= timeline["first_batch"]
+    assert saved["nodes"] == [ray_node()] and record.nodes == saved["nodes"]
+    lanes = saved["actor_stats"]
+    assert [lane["actor"] for lane in lanes] == [0, 1]
+    for lane in lanes:
+        assert lane["loading_at"] <= lane["ready_at"] <= lane["first_batch_at"]
+        assert lane["busy_seconds"] > 0 and 0 < lane["busy_while_running"] <= 1.0
+    entries = [json.loads(p.read_text()) for p in (tmp_path / "out/_manifest/shards").glob("*")]
+    assert {e["actor"] for e in entries} == {0, 1}  # the shards spread over both actors
+    for e in entries:
+        assert e["prepare_started"] <= e["infer_started"] <= e["committed_at"]
+
+
+def ray_node() -> str:
+    import ray
+
+    return ray.get_runtime_context().get_node_id()
+
+
+def test_summary_shows_the_timeline(tmp_path):
+    """The CLI's summary names the phases, from the record alone."""
+    from rich.console import Console
+
+    from batch_infer.cli import _print_summary
+    from batch_infer.sink.manifest import RunRecord
+
+    record = RunRecord(run_id="r", name="n", rows_this_run=1000, seconds=4.0, started_at=0.0)
+    record.timeline = {"ray_ready": 1.0, "planned": 0.5, "backend_ready": 2.0,
+                       "first_batch": 2.1, "first_commit": 2.5, "last_batch": 3.1,
+                       "last_commit": 3.2, "finished": 3.3}  # fmt: skip
+    record.actor_stats = [{"actor": 0, "busy_seconds": 0.9, "busy_while_running": 0.9}]
+    console = Console(record=True, width=200)
+    _print_summary(console, record)
+    text = console.export_text()
+    assert "planned 0.5 s, Ray 1.0 s, model loaded 2.0 s, first batch 2.1 s" in text
+    assert "1,000 rows/s from first to last batch" in text and "90% from first" in text
+    assert str(ROOT)  # the repository root is importable (tests.conftest)
