@@ -1,10 +1,11 @@
-"""Benchmark (run by hand): the batch-infer job against a direct onnxruntime loop, on CPU.
+"""Benchmark (run by hand): `batch-infer run` against a direct onnxruntime script, on CPU.
 
-Both go Parquet to Parquet over the same files and the same model, side by side in one run:
+Both go Parquet to Parquet over the same files and the same model, side by side in one run,
+each timed as a whole process (what a user waits for):
   direct: one process, pq.ParquetFile.iter_batches -> numpy -> onnxruntime (all cores) ->
           ParquetWriter: what a hand-written script does.
-  job:    `batch_infer.run` on a local Ray (one actor per core, a writer actor).
-Then the driver's peak RSS for the job as the data grows 10x (each size in a fresh process).
+  job:    `batch-infer run` with its own local Ray (one actor per core, a writer actor).
+  bare:   `ray.init(); ray.shutdown()`: what any Ray program pays before its first task.
 
     python benchmarks/cpu_job_vs_direct.py --rows 2000000 --out benchmarks/results/cpu.md
 """
@@ -23,7 +24,6 @@ from pathlib import Path
 
 import numpy as np
 import onnx
-import onnxruntime as ort
 import pyarrow as pa
 import pyarrow.parquet as pq
 from onnx import TensorProto, helper, numpy_helper
@@ -82,117 +82,124 @@ def make_data(root: Path, rows: int) -> None:
         pq.write_table(table, root / f"part-{i:04d}.parquet", row_group_size=50_000)
 
 
-def direct(data: Path, model: Path, out: Path, batch: int) -> float:
-    shutil.rmtree(out, ignore_errors=True)
-    out.mkdir(parents=True)
-    sess = ort.InferenceSession(str(model), providers=["CPUExecutionProvider"])
-    start = time.perf_counter()
-    rows = 0
-    for i, path in enumerate(sorted(data.glob("*.parquet"))):
-        writer = None
-        for rb in pq.ParquetFile(path).iter_batches(batch_size=batch, columns=["id", "x"]):
-            x = rb.column(1).flatten().to_numpy().reshape(-1, WIDTH)
-            logits, predicted = sess.run(None, {"x": x})
-            t = pa.table(
-                {
-                    "id": rb.column(0),
-                    "logits": pa.FixedSizeListArray.from_arrays(
-                        pa.array(logits.reshape(-1)), CLASSES
-                    ),
-                    "predicted": predicted,
-                }
-            )
-            writer = writer or pq.ParquetWriter(
-                out / f"part-{i}.parquet", t.schema, compression="zstd"
-            )
-            writer.write_table(t, row_group_size=65536)
-            rows += rb.num_rows
-        writer.close()
-    return rows / (time.perf_counter() - start)
-
-
-def job_in_subprocess(data: Path, model: Path, out: Path, batch: int, shard_rows: int) -> dict:
-    """The job in a fresh driver process: rows/s and the driver's peak RSS."""
-    code = f"""
-import json, resource, time, batch_infer
-spec = {{"name": "bench", "input": {{"path": {str(data)!r}}},
-        "model": {{"onnx": {str(model)!r}, "inputs": {{"x": "x"}}}},
-        "batch_size": {batch}, "shard_rows": {shard_rows},
-        "output": {{"path": {str(out)!r}, "keep_columns": ["id"]}}}}
-t = time.perf_counter()
-s = batch_infer.run(spec, overwrite=True)
-dt = time.perf_counter() - t
-from benchmarks.steady import shard_entries, steady_rate
-entries = shard_entries({str(out)!r})
-print(json.dumps({{"rows": s.rows, "seconds": dt, "steady": steady_rate(entries),
-                   "shards": len(entries),
-                   "rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}}))
+DIRECT = """
+import sys, time
+import numpy as np, onnxruntime as ort, pyarrow as pa, pyarrow.parquet as pq
+from pathlib import Path
+data, model, out, batch, width, classes = sys.argv[1:7]
+batch, width, classes = int(batch), int(width), int(classes)
+out = Path(out)
+out.mkdir(parents=True, exist_ok=True)
+sess = ort.InferenceSession(model, providers=["CPUExecutionProvider"])
+for i, path in enumerate(sorted(Path(data).glob("*.parquet"))):
+    writer = None
+    for rb in pq.ParquetFile(path).iter_batches(batch_size=batch, columns=["id", "x"]):
+        x = rb.column(1).flatten().to_numpy().reshape(-1, width)
+        logits, predicted = sess.run(None, {"x": x})
+        flat = pa.array(logits.reshape(-1))
+        t = pa.table({"id": rb.column(0),
+                      "logits": pa.FixedSizeListArray.from_arrays(flat, classes),
+                      "predicted": predicted})
+        path = out / f"part-{i}.parquet"
+        writer = writer or pq.ParquetWriter(path, t.schema, compression="zstd")
+        writer.write_table(t, row_group_size=65536)
+    writer.close()
 """
-    res = subprocess.run(
-        [sys.executable, "-c", code],
-        capture_output=True,
-        text=True,
-        check=True,
-        env={**os.environ, "RAY_AUTH_MODE": "disabled"},
-    )
-    return json.loads(res.stdout.strip().splitlines()[-1])
+
+BARE = (
+    "import ray; ray.init(address='local', include_dashboard=False, logging_level='ERROR'); "
+    "ray.shutdown()"
+)
+
+
+def timed(argv: list[str], **kwargs) -> float:
+    """Wall clock of a whole process, as a user waits for it."""
+    start = time.perf_counter()
+    subprocess.run(argv, check=True, capture_output=True, text=True, **kwargs)
+    return time.perf_counter() - start
+
+
+def direct(data: Path, model: Path, out: Path, batch: int) -> float:
+    """The hand-written script: one process, onnxruntime on all cores; its wall clock."""
+    shutil.rmtree(out, ignore_errors=True)
+    args = [str(data), str(model), str(out), str(batch), str(WIDTH), str(CLASSES)]
+    return timed([sys.executable, "-c", DIRECT, *args])
+
+
+def job(data: Path, model: Path, out: Path, batch: int, shard_rows: int | None) -> dict:
+    """`batch-infer run` as a whole process: wall clock, and its run record's timeline."""
+    spec = {
+        "name": "bench",
+        "input": {"path": str(data)},
+        "model": {"onnx": str(model), "inputs": {"x": "x"}},
+        "batch_size": batch,
+        "shard_rows": shard_rows,
+        "output": {"path": str(out), "keep_columns": ["id"]},
+    }
+    spec_path = out.with_suffix(".yaml")
+    spec_path.write_text(json.dumps(spec))
+    seconds = timed(["batch-infer", "run", str(spec_path), "--overwrite", "-q"])
+    (run,) = [json.loads(p.read_text()) for p in (out / "_runs").glob("*.json")]
+    t = run["timeline"]
+    steady = run["rows"] / max(t["last_batch"] - t["first_batch"], 1e-9)
+    return {"seconds": seconds, "rows": run["rows"], "steady": steady, "timeline": t,
+            "actors": run["actor_stats"], "shards": run["shards_total"]}  # fmt: skip
 
 
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--rows", type=int, default=2_000_000)
     ap.add_argument("--batch", type=int, default=4096)
-    ap.add_argument("--shard-rows", type=int, default=100_000)
+    ap.add_argument("--shard-rows", type=int, default=None, help="default: the planner's")
     ap.add_argument("--work", type=Path, default=Path("benchmarks/data"))
-    ap.add_argument("--out", type=Path, default=Path("docs/performance.md"))
+    ap.add_argument("--out", type=Path, default=Path("benchmarks/results/cpu.md"))
+    ap.add_argument("--models", nargs="+", default=list(HIDDEN))
     args = ap.parse_args()
     args.work.mkdir(parents=True, exist_ok=True)
-    small, big = args.work / f"rows-{args.rows // 10}", args.work / f"rows-{args.rows}"
-    make_data(small, args.rows // 10)
-    make_data(big, args.rows)
-    table = [
-        "| model | direct loop rows/s | job rows/s, wall (incl. Ray start) | ratio | "
-        "job rows/s, steady | ratio | shards |",
-        "|---|---:|---:|---:|---:|---:|---:|",
-    ]
-    memory = []
-    for kind, hidden in HIDDEN.items():
+    data = args.work / f"rows-{args.rows}"
+    make_data(data, args.rows)
+    timed([sys.executable, "-c", BARE])  # warm: page cache, Python's bytecode caches
+    rows = []
+    for kind in args.models:
         model = args.work / f"mlp-{kind}.onnx"
-        make_model(model, hidden)
-        job_in_subprocess(small, model, args.work / "out-warm", args.batch, args.shard_rows)
-        direct_rate = direct(big, model, args.work / "out-direct", args.batch)
-        job = job_in_subprocess(big, model, args.work / "out-job", args.batch, args.shard_rows)
-        wall = job["rows"] / job["seconds"]
-        table.append(
-            f"| {kind}: {' -> '.join(map(str, [WIDTH, *hidden, CLASSES]))} | {direct_rate:,.0f} | "
-            f"{wall:,.0f} | {wall / direct_rate:.2f} | {job['steady']:,.0f} | "
-            f"{job['steady'] / direct_rate:.2f} | {job['shards']} |"
+        make_model(model, HIDDEN[kind])
+        direct_s = direct(data, model, args.work / "out-direct", args.batch)
+        run = job(data, model, args.work / "out-job", args.batch, args.shard_rows)
+        bare = timed([sys.executable, "-c", BARE])
+        rows.append((kind, direct_s, run, bare))
+        t = run["timeline"]
+        print(
+            f"{kind}: direct {direct_s:.1f} s, job {run['seconds']:.1f} s "
+            f"(ratio {direct_s / run['seconds']:.2f}), bare Ray {bare:.1f} s, first commit "
+            f"{t.get('first_commit', 0):.1f} s, timeline {t}",
+            flush=True,
         )
-        if kind == "light":
-            small_job = job_in_subprocess(
-                small, model, args.work / "out-small", args.batch, args.shard_rows
-            )
-            memory = [f"| {r['rows']:,} | {r['rss_mib']:,.0f} |" for r in (small_job, job)]
-        print(table[-1], flush=True)
     lines = [
-        f"# CPU: batch-infer job vs a direct onnxruntime loop ({os.cpu_count()} cores)",
+        f"# CPU: `batch-infer run` vs a direct onnxruntime script ({os.cpu_count()} cores)",
         "",
-        "Written by `python benchmarks/cpu_job_vs_direct.py` (one run, side by side). "
-        f"{args.rows:,} rows of fixed_size_list<float32, {WIDTH}> in "
-        f"{ROWS_PER_FILE:,}-row Parquet files; Parquet (zstd) out; batch {args.batch}; "
-        f"the job with shard_rows {args.shard_rows:,}. Direct loop: one process, "
-        "iter_batches -> onnxruntime on all cores -> ParquetWriter. Job: `batch_infer.run` "
-        "in a fresh driver process on a local Ray. *Steady*: rows after the first committed "
-        "shard over the time from the first to the last commit.",
+        "Written by `python benchmarks/cpu_job_vs_direct.py "
+        f"--rows {args.rows}` (one run, side by side; each figure a whole process's wall "
+        "clock, as a user waits for it). "
+        f"{args.rows:,} rows of fixed_size_list<float32, {WIDTH}> in {ROWS_PER_FILE:,}-row "
+        f"Parquet files; Parquet (zstd) out; batch {args.batch}. Direct: one process, "
+        "iter_batches -> onnxruntime on all cores -> ParquetWriter. Job: `batch-infer run` "
+        "(its own local Ray, one actor per core, default shard planning). Bare Ray: "
+        "`python -c 'import ray; ray.init(); ray.shutdown()'` in the same run.",
         "",
-        *table,
-        "",
-        "Driver peak RSS (light model; fresh driver process per size, Ray start-up included):",
-        "",
-        "| rows | driver peak RSS (MiB) |",
-        "|---:|---:|",
-        *memory,
+        "| model | direct s | job s | job / direct (rows/s) | bare Ray s | first commit s "
+        "| first commit - bare Ray s | job steady rows/s | actors busy (first to last batch) |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---|",
     ]
+    for kind, direct_s, run, bare in rows:
+        first = run["timeline"].get("first_commit", float("nan"))
+        busy = ", ".join(f"{a['busy_while_running']:.0%}" for a in run["actors"])
+        lines.append(
+            f"| {kind}: {' -> '.join(map(str, [WIDTH, *HIDDEN[kind], CLASSES]))} | "
+            f"{direct_s:.1f} | {run['seconds']:.1f} | {direct_s / run['seconds']:.2f} | "
+            f"{bare:.1f} | {first:.1f} | {first - bare:+.1f} | {run['steady']:,.0f} | {busy} |"
+        )
+    lines += ["", "Timelines (seconds after the process started):", ""]
+    lines += [f"- {kind}: {run['timeline']}" for kind, _, run, _ in rows]
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
