@@ -12,6 +12,7 @@ import datetime as dt
 import io
 import json
 import os
+import shlex
 import shutil
 import subprocess
 import sys
@@ -27,8 +28,8 @@ from conftest import make_table, read_output, two_io_spec
 
 import batch_infer
 from batch_infer.errors import BadRowsError, OutputError, UserError
-from batch_infer.sink.manifest import RunRecord
 from batch_infer.ops.query import query
+from batch_infer.sink.manifest import RunRecord
 
 DATES = ("2026-11-01", "2026-11-02")
 BAD = {3: "seq: null or holds nulls", 25: "a: null", 41: "seq: null or holds nulls"}
@@ -335,3 +336,267 @@ def test_cli_inspect_shows_runs_and_shards(out: Path):
         assert doc["run_id"] in text
     assert "date=2026-11-01" in text and "date=2026-11-02" in text
     assert text.count("failed") == 1 and text.count("succeeded") >= 2
+
+
+# --------------------------------------------------------------------------- output formats
+
+NESTED = "SELECT id, date, label, emb, score FROM predictions ORDER BY id"
+
+
+def test_csv_ndjson_json_and_parquet_keep_every_value_exactly(out: Path, tmp_path: Path):
+    ref = query(out, NESTED)
+    assert ref.num_rows == 117
+    emb = [[float(x) for x in row] for row in ref.column("emb").to_pylist()]
+    score = ref.column("score").to_pylist()  # float32 values, as Python floats
+
+    # csv: a header, lists as JSON arrays; float32 written shortest, so read back as float32
+    res = _cli("query", str(out), NESTED, "--format", "csv")
+    assert res.returncode == 0, res.stderr
+    types = {"score": pa.float32(), "emb": pa.string(), "date": pa.date32()}
+    got = pacsv.read_csv(
+        io.BytesIO(res.stdout.encode()), convert_options=pacsv.ConvertOptions(column_types=types)
+    )
+    assert got.column_names == ref.column_names
+    assert got.column("score").to_pylist() == score
+    assert [json.loads(e) for e in got.column("emb").to_pylist()] == emb
+    assert got.select(["id", "date", "label"]).equals(ref.select(["id", "date", "label"]))
+
+    # ndjson: one object a line; float32 values as their exact doubles
+    res = _cli("query", str(out), NESTED, "--format", "ndjson")
+    assert res.returncode == 0, res.stderr
+    rows = [json.loads(line) for line in res.stdout.splitlines()]
+    expected = [{**r, "date": r["date"].isoformat()} for r in ref.to_pylist()]
+    assert rows == expected
+
+    # json: one valid JSON array, the same objects
+    res = _cli("query", str(out), NESTED, "--format", "json")
+    assert res.returncode == 0, res.stderr
+    assert json.loads(res.stdout) == expected
+
+    # --out: the same bytes as stdout; parquet needs it and gives the same table
+    for fmt in ("csv", "ndjson", "json"):
+        target = tmp_path / f"r.{fmt}"
+        res = _cli("query", str(out), NESTED, "--format", fmt, "--out", str(target))
+        assert (res.returncode, res.stdout) == (0, ""), res.stderr
+        assert target.read_text() == _cli("query", str(out), NESTED, "--format", fmt).stdout
+    target = tmp_path / "r.parquet"
+    res = _cli("query", str(out), NESTED, "--format", "parquet", "--out", str(target))
+    assert res.returncode == 0, res.stderr
+    assert pq.read_table(target).to_pylist() == ref.to_pylist()
+
+
+def test_json_formats_of_an_empty_result_and_of_nan(out: Path):
+    res = _cli("query", str(out), "SELECT id FROM predictions WHERE false", "--format", "json")
+    assert (res.returncode, json.loads(res.stdout)) == (0, [])
+    res = _cli("query", str(out), "SELECT id FROM predictions WHERE false", "--format", "csv")
+    assert res.stdout == "id\n"
+    sql = "SELECT 'nan'::DOUBLE AS x, ['inf'::FLOAT] AS l, 'a\"b' AS s"
+    res = _cli("query", str(out), sql, "--format", "ndjson")
+    (row,) = [json.loads(line) for line in res.stdout.splitlines()]  # Python reads NaN tokens
+    assert row["x"] != row["x"] and row["l"] == [float("inf")] and row["s"] == 'a"b'
+
+
+def test_stdout_appended_to_is_not_truncated(out: Path, tmp_path: Path):
+    target = tmp_path / "log.csv"
+    target.write_text("kept\n")
+    with target.open("ab") as f:
+        cmd = [sys.executable, "-m", "batch_infer.cli", "query", str(out), SQL, "--format", "csv"]
+        assert subprocess.run(cmd, stdout=f, timeout=60).returncode == 0
+    lines = target.read_text().splitlines()
+    assert lines[:3] == ["kept", "date,label,n", "2026-11-01,class-0,19"]
+    assert len(lines) == 8
+
+
+def test_bad_format_and_out_combinations_are_one_line_errors(out: Path, tmp_path: Path):
+    for args, message in (
+        (["--format", "parquet"], "error: --format parquet writes a file: add --out PATH"),
+        (
+            ["--out", str(tmp_path / "x")],
+            "error: --out writes csv, json, ndjson or parquet: add --format",
+        ),
+        (
+            ["--format", "csv", "--out", str(out / "date=2026-11-02" / "part-x.csv")],
+            f"error: --out {out / 'date=2026-11-02' / 'part-x.csv'}: is inside the output "
+            f"{out}; write elsewhere",
+        ),
+    ):
+        res = _cli("query", str(out), "SELECT 1", *args)
+        assert (res.returncode, res.stdout, res.stderr.strip()) == (2, "", message)
+    assert not list(out.rglob("part-x*"))
+
+
+# --------------------------------------------------------------------------- pipes
+
+
+def _piped_to_head(*args: str) -> subprocess.CompletedProcess:
+    cli = shlex.join([sys.executable, "-m", "batch_infer.cli", *args])
+    return subprocess.run(
+        ["bash", "-c", f"{cli} | head -1; exit ${{PIPESTATUS[0]}}"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+
+
+def test_output_cut_short_by_head_exits_141_without_a_traceback(out: Path):
+    many = "SELECT range AS i, range * 0.5 AS x FROM range(2000000)"
+    for fmt, first in (("csv", "i,x\n"), ("ndjson", '{"i":0,"x":0.0}\n'), ("json", "[\n")):
+        res = _piped_to_head("query", str(out), many, "--format", fmt)
+        assert (res.returncode, res.stderr, res.stdout) == (141, "", first), fmt
+    # a reader gone before the first write (Rich writes a table in one go): every command
+    for args in (
+        ("query", str(out), SQL),
+        ("query", str(out), SQL, "--format", "ndjson"),
+        ("inspect", str(out)),
+        ("inspect", str(out), "--json"),
+    ):
+        cmd = [sys.executable, "-m", "batch_infer.cli", *args]
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        proc.stdout.close()
+        _, err = proc.communicate(timeout=60)
+        assert (proc.returncode, err) == (141, b""), args
+
+
+# --------------------------------------------------------------------------- literal text
+
+
+MARKUP = ["[bold]hi[/bold]", ":smile:", "root:x:0:0", "path/a[/b]c"]
+
+
+def test_table_prints_markup_and_emoji_codes_literally(out: Path):
+    values = ", ".join(f"'{v}' AS c{i}" for i, v in enumerate(MARKUP))
+    res = _cli("query", str(out), f'SELECT {values}, 1 AS "[red]n[/red]"')
+    assert res.returncode == 0, res.stderr
+    cells = [c.strip() for c in res.stdout.splitlines()[3].strip("│ ").split("│")]
+    assert cells == [*MARKUP, "1"]
+    assert "[red]n[/red]" in res.stdout and "\x1b" not in res.stdout
+
+
+def test_inspect_prints_markup_literally(out: Path, tmp_path: Path):
+    root = tmp_path / "a[/b]c"
+    shutil.copytree(out / f"date={DATES[1]}", root / f"date={DATES[1]}")
+    runs = root / f"date={DATES[1]}" / "_runs"
+    doc = json.loads(next(runs.glob("*.json")).read_text())
+    doc |= {"run_id": "[bold]r1[/bold]", "status": "failed", "errors": [":smile: root:x:0:0"]}
+    doc["started_at"] += 3600
+    (runs / "zz.json").write_text(json.dumps(doc))
+    res = _cli("inspect", str(root))
+    assert res.returncode == 0, res.stderr
+    for text in (str(root), "[bold]r1[/bold]", ":smile: root:x:0:0"):
+        assert text in res.stdout
+    assert "\x1b" not in res.stdout
+
+
+def test_inspect_json_says_what_the_screen_says(out: Path):
+    res = _cli("inspect", str(out), "--json")
+    assert res.returncode == 0, res.stderr
+    report = json.loads(res.stdout)
+    docs = _run_docs(out)
+    assert (report["outputs_total"], report["runs_total"]) == (2, 3)
+    assert [r["run_id"] for r in report["runs"]] == [d["run_id"] for d in docs]
+    assert [r["status"] for r in report["runs"]] == ["failed", "succeeded", "succeeded"]
+    assert [o["output"] for o in report["outputs"]] == [f"date={d}" for d in DATES]
+    assert [o["success"] for o in report["outputs"]] == [True, True]
+    assert [o["rows"] for o in report["outputs"]] == [60, 60]
+    assert [o["bad_rows"] for o in report["outputs"]] == [3, 0]
+    assert sum(w["rows"] for w in report["workers"]) == 120
+    assert dt.datetime.fromisoformat(report["runs"][0]["started_at"]).timestamp() == (
+        pytest.approx(docs[0]["started_at"], abs=1e-3)
+    )
+
+
+# --------------------------------------------------------------------------- discovery
+
+
+def test_partitions_typed_by_duckdb_and_hidden_folders_skipped(out: Path, tmp_path: Path):
+    root = tmp_path / "root[1]"  # glob characters in a path are no pattern
+    day = out / f"date={DATES[1]}"
+    shutil.copytree(day, root / "shard=7" / f"date={DATES[1]}")
+    shutil.copytree(day, root / "plain")  # no keys: another read, its keys null
+    shutil.copytree(day, root / "_old" / f"date={DATES[0]}")  # never searched
+    shutil.copytree(day, root / ".trash" / f"date={DATES[0]}")
+    for where in (root, root.as_uri()):
+        got = query(
+            where, "SELECT shard, date, count(*) AS n FROM predictions GROUP BY ALL ORDER BY ALL"
+        )
+        assert got.schema.field("shard").type == pa.int64()
+        assert got.schema.field("date").type == pa.date32()
+        assert got.to_pylist() == [
+            {"shard": 7, "date": dt.date(2026, 11, 2), "n": 60},
+            {"shard": None, "date": None, "n": 60},
+        ]
+        runs = query(where, "SELECT shard, date, output FROM runs ORDER BY shard")
+        assert runs.column("shard").to_pylist() == [7, None]
+        assert runs.column("date").to_pylist() == [dt.date(2026, 11, 2), None]
+
+
+# --------------------------------------------------------------------------- runs
+
+
+def test_runs_view_follows_run_record_and_old_summaries_give_nulls(out: Path, tmp_path: Path):
+    root = tmp_path / "out"
+    shutil.copytree(out / f"date={DATES[1]}", root / f"date={DATES[1]}")
+    runs_dir = root / f"date={DATES[1]}" / "_runs"
+    (doc,) = [json.loads(p.read_text()) for p in runs_dir.glob("*.json")]
+    old = {"run_id": "old", "name": "two-io", "started_at": doc["started_at"] - 100.5}
+    (runs_dir / "old.json").write_text(json.dumps(old | {"seconds": 2.25, "status": "failed"}))
+    own = old | {"run_id": "own", "date": "2026-10-31", "started_at": old["started_at"] + 1}
+    (runs_dir / "own.json").write_text(json.dumps(own))
+    names = ["date", *(f.name for f in fields(RunRecord) if f.name != "date")]
+    for where in (root, root.as_uri()):
+        runs = query(where, "SELECT * FROM runs")
+        assert runs.column_names == names
+        assert runs.column("run_id").to_pylist() == ["old", "own", doc["run_id"]]
+        assert runs.column("date").to_pylist() == [
+            dt.date(2026, 11, 2),
+            dt.date(2026, 10, 31),
+            dt.date(2026, 11, 2),
+        ]
+        assert runs.schema.field("finished_at").type == pa.timestamp("us", tz="UTC")
+        old_row, own_row, new_row = runs.to_pylist()
+        finished = old_row["finished_at"].timestamp()  # started + seconds
+        assert finished == pytest.approx(old["started_at"] + 2.25, abs=1e-5)
+        assert own_row["finished_at"] is None and own_row["backend_reason"] is None
+        assert new_row["finished_at"].timestamp() == pytest.approx(doc["finished_at"], abs=1e-5)
+        assert new_row["backend_reason"] == doc["backend_reason"]
+        assert new_row["files_written"] == doc["files_written"]
+
+
+# --------------------------------------------------------------------------- read only
+
+
+def test_statements_that_could_write_are_refused(out: Path, tmp_path: Path):
+    target = out / f"date={DATES[1]}" / "part-evil.parquet"
+    for sql, word in (
+        (f"COPY (SELECT 1 AS id) TO '{target}'", "COPY"),
+        (f"EXPLAIN ANALYZE COPY (SELECT 1) TO '{target}'", "COPY"),
+        (f"EXPLAIN (ANALYZE) COPY (SELECT 1) TO '{target}'", "COPY"),
+        (f"SELECT 1; EXPORT DATABASE '{out}'", "EXPORT"),
+        (f"ATTACH '{tmp_path / 'x.db'}' AS x", "ATTACH"),
+        (f"SET temp_directory = '{out}'", "SET"),
+        ("PRAGMA enable_profiling", "PRAGMA"),
+        ("INSTALL httpfs", "INSTALL"),
+    ):
+        with pytest.raises(UserError) as err:
+            query(out, sql)
+        assert str(err.value) == (
+            f"query: {word} is refused: query only reads (write results with --format and "
+            "--out, outside the output)"
+        )
+    assert not target.exists() and not (tmp_path / "x.db").exists()
+    res = _cli("query", str(out), f"COPY predictions TO '{target}'")
+    assert (res.returncode, res.stdout) == (2, "")
+    assert res.stderr.strip().startswith("error: query: COPY is refused")
+    # what only reads still runs, also several statements
+    two = "CREATE TEMP TABLE t AS SELECT count(*) AS n FROM predictions; SELECT n FROM t"
+    assert query(out, two).to_pylist() == [{"n": 117}]
+    assert query(out, "EXPLAIN SELECT * FROM predictions").num_rows == 1
+
+
+def test_importing_the_cli_loads_neither_duckdb_nor_ray():
+    code = (
+        "import sys, batch_infer.cli; "
+        "print(sorted(m for m in ('duckdb', 'ray', 'onnxruntime') if m in sys.modules))"
+    )
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert (res.returncode, res.stdout.strip()) == (0, "[]"), res.stderr

@@ -290,10 +290,9 @@ def _empty_views(con: duckdb.DuckDBPyConnection, layout: _Layout) -> None:
     }
     for view, columns in wanted.items():
         if view not in have:
-            cols = ", ".join(
-                f"CAST(NULL AS {known.get(c, t)}) AS {_q(c)}" for c, t in columns.items()
-            )
-            con.execute(f"CREATE VIEW {view} AS SELECT {cols} WHERE false")
+            cols = [f"CAST(NULL AS {known.get(c, t)}) AS {_q(c)}" for c, t in columns.items()]
+            cols = cols or ["CAST(NULL AS VARCHAR) AS _no_columns_yet"]  # no job.json yet
+            con.execute(f"CREATE VIEW {view} AS SELECT {', '.join(cols)} WHERE false")
 
 
 def connect(output: str | os.PathLike[str]) -> duckdb.DuckDBPyConnection:
@@ -452,8 +451,12 @@ def _console() -> Console:
     """Stdout, reading nothing as markup or emoji; at its natural width when piped."""
     from rich.console import Console
 
+    class Stdout(Console):
+        def on_broken_pipe(self) -> None:  # Rich would exit 1: end as the other formats do
+            raise BrokenPipeError
+
     width = None if sys.stdout.isatty() else 10_000
-    return Console(markup=False, emoji=False, highlight=False, width=width)
+    return Stdout(markup=False, emoji=False, highlight=False, width=width)
 
 
 def _table(title: str, names: list[str], rows: list[list[Any]], caption: str = "") -> None:
