@@ -66,6 +66,15 @@ def test_launcher_cpu_head_and_gpu_workers(launcher):
     assert launcher["docker"]["image"].endswith(f"-trt{args['TRT_VERSION']}")
 
 
+def test_launcher_turns_token_auth_on(launcher):
+    """Every node starts Ray with RAY_AUTH_MODE=token and the token file the launcher copies
+    from the machine that runs `ray up` (where `batch-infer submit` reads it too)."""
+    assert launcher["file_mounts"]["~/.ray/auth_token"] == "~/.ray/auth_token"
+    for key in ("head_start_ray_commands", "worker_start_ray_commands"):
+        starts = [c for c in launcher[key] if "ray start" in c]
+        assert starts and all("RAY_AUTH_MODE=token ray start" in c for c in starts), key
+
+
 # ----------------------------------------------------------------------------- KubeRay
 
 # The fields KubeRay's CRDs require (ray-project/kuberay v1.7.0,
@@ -123,11 +132,17 @@ RAY_CLUSTER_SPEC = {
 }
 RAY_JOB_SPEC = {
     "type": "object",
-    "required": ["entrypoint", "rayClusterSpec", "shutdownAfterJobFinishes"],
+    "required": [
+        "entrypoint",
+        "rayClusterSpec",
+        "shutdownAfterJobFinishes",
+        "activeDeadlineSeconds",
+    ],
     "properties": {
         "entrypoint": {"type": "string", "pattern": r"^batch-infer run "},
         "shutdownAfterJobFinishes": {"const": True},
         "ttlSecondsAfterFinished": {"type": "integer", "minimum": 1},
+        "activeDeadlineSeconds": {"type": "integer", "minimum": 1},  # a hung run ends
         "rayClusterSpec": RAY_CLUSTER_SPEC,
     },
 }
@@ -240,6 +255,17 @@ def test_scheduled_manifests_carry_the_specs_schedule():
     cron = docs["CronJob"]["spec"]
     assert (cron["schedule"], cron["timeZone"]) == (spec.schedule.cron, spec.schedule.timezone)
     assert cron["concurrencyPolicy"] == "Forbid"
+    # with Forbid, a hung run would block every later one: the Job ends after the RayJob's
+    # deadline, its small kubectl pod deletes the RayJob, and may do so (RBAC)
+    [rayjob_of_cron] = ray_objects("cronjob.yaml")
+    job = cron["jobTemplate"]["spec"]
+    assert job["activeDeadlineSeconds"] > rayjob_of_cron["spec"]["activeDeadlineSeconds"]
+    [pod] = job["template"]["spec"]["containers"]
+    assert "tensorrt" not in pod["image"] and "batch-infer" not in pod["image"]
+    verbs = {
+        v for rule in docs["Role"]["rules"] if "rayjobs" in rule["resources"] for v in rule["verbs"]
+    }
+    assert {"create", "get", "list", "delete"} <= verbs
     assert docs["ConfigMap"]["data"]["job.yaml"] == (KUBERAY / "job.yaml").read_text()
     [raycron] = ray_objects("raycronjob.yaml")
     assert raycron["spec"]["schedule"] == spec.schedule.cron

@@ -5,11 +5,13 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
+import fnmatch
 import json
 import re
 import shlex
 import shutil
 import subprocess
+import sys
 import zoneinfo
 from pathlib import Path
 
@@ -170,6 +172,18 @@ def test_next_prints_the_next_run_times(tmp_path, capsys):
     now = dt.datetime.now(BERLIN)
     assert now < first <= now + dt.timedelta(days=1)
     assert first.astimezone(BERLIN).hour == 2
+
+
+def test_next_as_json_gives_times_and_logical_dates(tmp_path, capsys):
+    spec = write_spec(tmp_path / "job.yaml", dated_spec())
+    args = ["schedule", str(spec), "--next", "2", "--after", "2026-10-24T03:00", "--json"]
+    assert schedule_cli(args) == 0
+    out = capsys.readouterr()
+    assert json.loads(out.out) == [
+        {"time": "2026-10-25T02:00:00+02:00", "date": "2026-10-25"},
+        {"time": "2026-10-26T02:00:00+01:00", "date": "2026-10-26"},
+    ]
+    assert out.err == ""  # nothing but the JSON, for scripts
 
 
 def test_schedule_needs_a_schedule(tmp_path):
@@ -342,6 +356,7 @@ def check_rayjob_spec(job: dict, image: str, gpus: int, spec_file: str) -> None:
     assert job["entrypoint"].startswith(f"batch-infer run -q {spec_file}")
     assert job["shutdownAfterJobFinishes"] is True
     assert job["ttlSecondsAfterFinished"] > 0
+    assert job["activeDeadlineSeconds"] > 0  # a hung run is ended
     cluster = job["rayClusterSpec"]
     assert cluster["authOptions"] == {"mode": "token"}
     assert tuple(int(x) for x in cluster["rayVersion"].split(".")[:2]) >= (2, 52)
@@ -361,7 +376,7 @@ def test_kubernetes_cronjob_wraps_a_rayjob(tmp_path, capsys):
     spec = write_spec(tmp_path / "job.yaml", dated_spec())
     image = "registry.example/batch-infer:1.2"
     args = ["schedule", str(spec), "--emit", "kubernetes", "--image", image, "--set", "slots=4"]
-    assert schedule_cli([*args, "--gpus-per-worker", "4", "--workers", "3"]) == 0
+    assert schedule_cli([*args, "--gpus-per-worker", "4", "--workers", "3", "--deadline", "6"]) == 0
     out = capsys.readouterr()
     assert "local path(s) in input.path, output.path, model.onnx" in out.err
     docs = k8s_docs(out.out)
@@ -370,19 +385,24 @@ def test_kubernetes_cronjob_wraps_a_rayjob(tmp_path, capsys):
     assert cron["spec"]["schedule"] == "0 2 * * *"
     assert cron["spec"]["timeZone"] == "Europe/Berlin"
     assert cron["spec"]["concurrencyPolicy"] == "Forbid"
-    pod = cron["spec"]["jobTemplate"]["spec"]["template"]["spec"]
+    job = cron["spec"]["jobTemplate"]["spec"]
+    pod = job["template"]["spec"]
     [submit] = pod["containers"]
-    assert submit["image"] == image
+    assert submit["image"] == scheduling.KUBECTL_IMAGE  # not the TensorRT image: kubectl only
     assert pod["serviceAccountName"] == docs["ServiceAccount"]["metadata"]["name"]
-    assert docs["Role"]["rules"] == [
-        {"apiGroups": ["ray.io"], "resources": ["rayjobs"], "verbs": ["create", "get"]}
-    ]
-    script = submit["command"][2]
-    assert "kubectl create -f /etc/batch-infer/rayjob.yaml" in script
-    subprocess.run(["bash", "-n", "-c", script], check=True)  # the script parses
+    [rayjobs, *_] = docs["Role"]["rules"]
+    assert rayjobs == {
+        "apiGroups": ["ray.io"],
+        "resources": ["rayjobs"],
+        "verbs": ["create", "get", "list", "delete"],
+    }
     config = docs["ConfigMap"]
     assert pod["volumes"][0]["configMap"]["name"] == config["metadata"]["name"]
     assert config["data"]["job.yaml"] == spec.read_text()
+    script = config["data"]["submit.sh"]
+    assert submit["command"] == ["/bin/sh", "/etc/batch-infer/submit.sh"]
+    assert "kubectl create -f" in script and 'kubectl delete rayjob "$job"' in script
+    subprocess.run(["sh", "-n", "-c", script], check=True)  # the script parses
     rayjob = yaml.safe_load(config["data"]["rayjob.yaml"])
     assert (rayjob["apiVersion"], rayjob["kind"]) == ("ray.io/v1", "RayJob")
     assert rayjob["metadata"]["generateName"] == "nightly-"
@@ -391,6 +411,82 @@ def test_kubernetes_cronjob_wraps_a_rayjob(tmp_path, capsys):
     assert rayjob["spec"]["rayClusterSpec"]["workerGroupSpecs"][0]["replicas"] == 3
     head = rayjob["spec"]["rayClusterSpec"]["headGroupSpec"]["template"]["spec"]
     assert head["volumes"][0]["configMap"]["name"] == config["metadata"]["name"]
+    # a hung run ends: the RayJob after --deadline, the pod (which then deletes it) a bit later
+    assert rayjob["spec"]["activeDeadlineSeconds"] == 6 * 3600
+    assert 6 * 3600 < job["activeDeadlineSeconds"] <= 7 * 3600
+
+    small = ["--kubectl-image", "registry.example/kubectl:1.33"]
+    assert schedule_cli([*args, *small]) == 0
+    pod = k8s_docs(capsys.readouterr().out)["CronJob"]["spec"]["jobTemplate"]["spec"]["template"]
+    assert pod["spec"]["containers"][0]["image"] == "registry.example/kubectl:1.33"
+
+
+KUBECTL_STUB = """#!/bin/sh
+# kubectl as the submit script sees it, answering from the environment; calls are logged
+echo "$*" >> "$STUB_LOG"
+case "$*" in
+  "create -f"*) echo nightly-x7k2p ;;
+  "get rayjob -l"*) printf '%s' "$STUB_OLD" ;;
+  *"{.status.message}"*) printf '%s' "$STUB_MESSAGE" ;;
+  "get rayjob"*) printf '%s' "$STUB_STATE" ;;
+  "logs job/nightly-x7k2p"*) echo "batch-infer run nightly: ..." ;;
+esac
+"""
+
+
+def run_submit_script(tmp_path: Path, state: str, message: str = "", **popen) -> subprocess.Popen:
+    """The CronJob pod's script (templates/submit.sh), with `kubectl` answered by a stub:
+    there is no Kubernetes here, the script's decisions are what is tested."""
+    (tmp_path / "bin").mkdir(exist_ok=True)
+    stub = tmp_path / "bin" / "kubectl"
+    stub.write_text(KUBECTL_STUB)
+    stub.chmod(0o755)
+    script = tmp_path / "submit.sh"
+    script.write_text(scheduling.template("submit.sh"))
+    env = {
+        "PATH": f"{tmp_path / 'bin'}:/usr/bin:/bin",
+        "BATCH_INFER_JOB": "nightly",
+        "POLL_SECONDS": "1",
+        "STUB_LOG": str(tmp_path / "calls"),
+        "STUB_OLD": "nightly-old1=Complete nightly-old2=Running nightly-old3=Failed ",
+        "STUB_STATE": state,
+        "STUB_MESSAGE": message,
+    }
+    return subprocess.Popen(["sh", str(script)], env=env, text=True, **popen)
+
+
+@pytest.mark.parametrize(
+    ("state", "message", "code"),
+    [
+        ("Complete/SUCCEEDED/", "Job finished successfully.", 0),
+        ("Failed/FAILED/AppFailed", "Job entrypoint command failed with exit code 3, last ...", 3),
+        ("Failed/FAILED/AppFailed", "Job entrypoint command failed with exit code 2", 2),
+        ("Failed/RUNNING/DeadlineExceeded", "The RayJob has passed its deadline.", 124),
+        ("Failed/FAILED/DeadlineExceeded", "failed with exit code -15", 124),
+        ("Failed//SubmissionFailed", "", 5),
+        ("Complete/STOPPED/", "Job was intentionally stopped.", 5),
+    ],
+)
+def test_cronjob_pod_exits_with_the_runs_code_and_deletes_its_rayjob(
+    tmp_path, state, message, code
+):
+    proc = run_submit_script(tmp_path, state, message, stdout=subprocess.PIPE)
+    out, _ = proc.communicate(timeout=60)
+    assert proc.returncode == code, out
+    calls = (tmp_path / "calls").read_text().splitlines()
+    deleted = [c.split()[2] for c in calls if c.startswith("delete rayjob")]
+    # finished leftovers of killed pods, then its own RayJob; never a running one
+    assert deleted == ["nightly-old1", "nightly-old3", "nightly-x7k2p"]
+    assert "batch-infer run nightly" in out  # the run's log, from KubeRay's submitter Job
+
+
+def test_cronjob_pod_ended_by_its_deadline_deletes_its_rayjob(tmp_path):
+    proc = run_submit_script(tmp_path, "Running/RUNNING/", stdout=subprocess.PIPE)
+    assert proc.stdout.readline().strip() == "created rayjob/nightly-x7k2p"
+    proc.terminate()  # what Kubernetes does at the Job's activeDeadlineSeconds
+    proc.communicate(timeout=60)
+    assert proc.returncode == 143
+    assert "delete rayjob nightly-x7k2p --wait=false" in (tmp_path / "calls").read_text()
 
 
 def test_raycronjob_variant(tmp_path, capsys):
@@ -402,6 +498,7 @@ def test_raycronjob_variant(tmp_path, capsys):
     assert (cron["apiVersion"], cron["spec"]["schedule"]) == ("ray.io/v1", "0 2 * * *")
     assert cron["spec"]["timeZone"] == "Europe/Berlin"
     check_rayjob_spec(cron["spec"]["jobTemplate"], "img:1", 1, "/etc/batch-infer/job.yaml")
+    assert cron["spec"]["jobTemplate"]["activeDeadlineSeconds"] == 24 * 3600  # the default
     assert len(cron["metadata"]["name"]) <= 36  # KubeRay's limit for RayCronJob names
 
 
@@ -409,6 +506,10 @@ def test_kubernetes_emission_refuses_what_does_not_apply(tmp_path):
     spec = write_spec(tmp_path / "job.yaml", dated_spec())
     with pytest.raises(UserError, match="needs --image"):
         schedule_cli(["schedule", str(spec), "--emit", "kubernetes"])
+    with pytest.raises(UserError, match="--deadline > 0"):
+        schedule_cli(
+            ["schedule", str(spec), "--emit", "kubernetes", "--image", "i", "--deadline", "0"]
+        )
     with pytest.raises(UserError, match="--address does not apply"):
         schedule_cli(
             ["schedule", str(spec), "--emit", "raycronjob", "--image", "i", "--address", "h:1"]
@@ -519,6 +620,58 @@ def test_backfill_runs_missing_dates_in_order(ray_start_regular, daily_digits, t
     assert resolve_spec(daily_digits, date=dt.date(2026, 11, 3)).output.path == str(
         tmp_path / "out/date=2026-11-03"
     )
+
+
+def test_backfill_dry_run_and_continue_on_error(ray_start_regular, daily_digits, tmp_path, capsys):
+    assert cli.main(["run", str(daily_digits), "--date", DATES[0], "-q"]) == 0
+    shutil.rmtree(tmp_path / f"in/date={DATES[1]}")  # this date's input never arrived
+    args = ["backfill", str(daily_digits), "--from", DATES[0], "--to", DATES[2], "-q"]
+
+    assert schedule_cli([*args, "--dry-run"]) == 0
+    out = capsys.readouterr()
+    assert [line.split()[:2] for line in out.out.splitlines()] == [
+        [DATES[0], "skip"],
+        [DATES[1], "run"],
+        [DATES[2], "run"],
+    ]
+    assert "backfill --dry-run: 2 to run, 1 to skip" in out.err
+    assert not (tmp_path / f"out/date={DATES[2]}").exists()  # nothing ran
+
+    assert schedule_cli([*args, "--continue-on-error"]) == 2  # the failed date's exit code
+    err = capsys.readouterr().err
+    assert f"{DATES[1]}: failed: " in err and f"{DATES[2]}: succeeded" in err
+    assert err.rstrip().endswith("backfill: 1 succeeded, 1 failed, 1 skipped")
+    assert (tmp_path / f"out/date={DATES[2]}/_SUCCESS").exists()  # ran after the failure
+    assert not (tmp_path / f"out/date={DATES[1]}/_SUCCESS").exists()
+
+
+def test_schedule_and_backfill_dry_run_do_not_load_ray(daily_digits):
+    """Ray takes seconds to import: only a backfill that runs a date loads it."""
+    code = (
+        "import argparse, sys\n"
+        "from batch_infer.ops import schedule\n"
+        "parser = argparse.ArgumentParser()\n"
+        "schedule.register(parser.add_subparsers(dest='command'))\n"
+        "for argv in sys.argv[1:]:\n"
+        "    args = parser.parse_args(argv.split())\n"
+        "    assert args.func(args) == 0\n"
+        "assert 'ray' not in sys.modules, 'ray was imported'\n"
+    )
+    backfill = f"backfill {daily_digits} --from {DATES[0]} --to {DATES[2]} --dry-run"
+    argv = [f"schedule {daily_digits} --next 3", f"schedule {daily_digits} --emit cron", backfill]
+    subprocess.run([sys.executable, "-c", code, *argv], check=True, capture_output=True)
+
+
+def test_templates_are_package_data():
+    """A non-editable install ships what pyproject.toml's package-data names: every
+    template must match it (checked against the built wheel in docs/operations.md's way)."""
+    tomllib = pytest.importorskip("tomllib")  # Python >= 3.11
+    config = tomllib.loads((ROOT / "pyproject.toml").read_text())
+    patterns = config["tool"]["setuptools"]["package-data"]["batch_infer.ops"]
+    folder = ROOT / "batch_infer/ops/templates"
+    names = sorted(p.relative_to(folder.parent).as_posix() for p in folder.iterdir())
+    assert names and all(any(fnmatch.fnmatch(n, pat) for pat in patterns) for n in names)
+    assert scheduling.template("submit.sh").startswith("# The pod of batch-infer's CronJob")
 
 
 def test_schedules_in_the_hours_clocks_change_are_flagged():
