@@ -19,6 +19,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -33,7 +34,8 @@ import requests
 import yaml
 from onnx import TensorProto, helper, numpy_helper
 
-from batch_infer.ops.submit import Submission, carry_limit
+from batch_infer.errors import EXIT_CLUSTER, EXIT_USER_ERROR
+from batch_infer.ops.submit import CARRY_LIMIT, MODEL_ORIGIN_ENV, Submission
 from batch_infer.spec import resolve_spec
 from tests.conftest import ROOT, read_output
 
@@ -194,6 +196,18 @@ def cli(*args: str, env: dict[str, str], cwd: Path | None = None) -> subprocess.
     )
 
 
+def _cli_into_closed_pipe(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess:
+    """The CLI writing into a pipe whose reader has gone, as `batch-infer ... | head` ends."""
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "batch_infer.cli", *args],
+        env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    proc.stdout.close()  # the only reader: every write to stdout now fails with EPIPE
+    stderr = proc.stderr.read()
+    proc.wait(timeout=CLI_TIMEOUT)
+    return subprocess.CompletedProcess(proc.args, proc.returncode, "", stderr)
+
+
 def _assert_no_token(result: subprocess.CompletedProcess, *tokens: str) -> None:
     for token in tokens:
         assert token not in result.stdout and token not in result.stderr
@@ -247,10 +261,13 @@ def test_quickstart_submit_wait_status_logs_list(head: Head, tmp_path: Path) -> 
     assert runtime_env["py_modules"][0].startswith("gcs://")
     assert runtime_env["working_dir"].startswith("gcs://")
     assert head.token not in json.dumps(runtime_env)
+    # where the model came from, for the run to record instead of Ray's upload path
+    model = str(ROOT / "models" / "digits.onnx")
+    assert runtime_env["env_vars"][MODEL_ORIGIN_ENV] == model
 
     status = cli("jobs", "status", job_id, "--address", head.address, env=env)
     assert status.returncode == 0 and f"{job_id}: SUCCEEDED" in status.stdout
-    assert "date: 2024-05-01" in status.stdout
+    assert "date: 2024-05-01" in status.stdout and f"model: {model}" in status.stdout
     logs = cli("jobs", "logs", job_id, "--address", head.address, env=env)
     assert logs.returncode == 0
     assert "batch-infer run digits: succeeded" in logs.stdout and "1,797" in logs.stdout
@@ -258,19 +275,51 @@ def test_quickstart_submit_wait_status_logs_list(head: Head, tmp_path: Path) -> 
     assert listed.returncode == 0
     (line,) = [ln for ln in listed.stdout.splitlines() if ln.startswith(job_id)]
     assert "SUCCEEDED" in line and str(out) in line
-    for result in (status, logs, listed):
+
+    # machine-readable
+    as_json = cli("jobs", "status", job_id, "--address", head.address, "--json", env=env)
+    record = json.loads(as_json.stdout)
+    assert (record["id"], record["status"], record["name"]) == (job_id, "SUCCEEDED", "digits")
+    assert (record["date"], record["output"], record["model"]) == ("2024-05-01", str(out), model)
+    assert record["driver_exit_code"] == 0
+    started, ended = (dt.datetime.fromisoformat(record[k]) for k in ("started_at", "ended_at"))
+    assert started.utcoffset() == dt.timedelta(0) and started <= ended
+    listed_json = cli("jobs", "list", "--address", head.address, "--json", env=env)
+    assert record in json.loads(listed_json.stdout)
+    for result in (status, logs, listed, as_json, listed_json):
         _assert_no_token(result, head.token)
+
+    # a reader that leaves early (`| head`): no BrokenPipeError, no traceback
+    for args in (("status", job_id), ("list",), ("logs", job_id)):
+        reader_gone = _cli_into_closed_pipe("jobs", *args, "--address", head.address, env=env)
+        assert reader_gone.returncode == 0, reader_gone.stderr
+        assert "Traceback" not in reader_gone.stderr and "BrokenPipe" not in reader_gone.stderr
 
 
 def test_failed_job_exits_with_the_drivers_code(head: Head, tmp_path: Path) -> None:
     missing = tmp_path / "no-such-input"
     spec = _spec(tmp_path / "bad.yaml", input__path=str(missing), output__path=str(tmp_path / "o"))
-    r = cli("submit", str(spec), "--address", head.address, "--wait", env=head.env())
+    job_id = f"bad-{secrets.token_hex(4)}"
+    submit = ("submit", str(spec), "--address", head.address, "--submission-id", job_id)
+    r = cli(*submit, "--wait", env=head.env())
     assert r.returncode == 2, r.stdout + r.stderr  # batch-infer run's exit code for a user error
     assert "error: " in r.stdout and str(missing) in r.stdout  # the driver's one-line error
     assert "Traceback" not in r.stdout
-    job_id = r.stdout.splitlines()[0]
+    assert r.stdout.splitlines()[0] == job_id
     assert f"job {job_id}: FAILED" in r.stderr
+
+    # the ID is taken: one line, no server traceback
+    again = cli(*submit, env=head.env())
+    assert again.returncode == EXIT_USER_ERROR
+    assert again.stderr.strip().splitlines() == [
+        f"error: --submission-id {job_id}: the Ray cluster at {head.address} already has a job "
+        "with this ID (FAILED); pick another ID"
+    ]
+    deleted = cli("jobs", "delete", job_id, "--address", head.address, env=head.env())
+    assert deleted.returncode == 0, deleted.stderr
+    gone = cli("jobs", "status", job_id, "--address", head.address, env=head.env())
+    assert gone.returncode == EXIT_USER_ERROR
+    assert f"has no job {job_id}" in gone.stderr and "Traceback" not in gone.stderr
 
 
 def test_token_from_ray_default_file_and_token_path(head: Head, tmp_path: Path) -> None:
@@ -312,13 +361,18 @@ def test_missing_or_wrong_token_is_refused(head: Head, tmp_path: Path) -> None:
                  env=head.env(token=None, RAY_AUTH_TOKEN_PATH=str(path)))  # fmt: skip
     assert listed.returncode == 2
     assert f"refused the token from the file RAY_AUTH_TOKEN_PATH names ({path})" in listed.stderr
-    for result in (missing, refused, listed):
+    no_file = head.env(token=None, RAY_AUTH_TOKEN_PATH=str(tmp_path / "none"))
+    unreadable = cli("jobs", "list", "--address", head.address, env=no_file)
+    assert unreadable.returncode == 2
+    assert "cannot read the Ray token from the file RAY_AUTH_TOKEN_PATH names" in unreadable.stderr
+    for result in (missing, refused, listed, unreadable):
         _assert_no_token(result, head.token, wrong)
     assert not (tmp_path / "out").exists()  # nothing was submitted
 
 
-def _heavy_model(path: Path, width: int = 1024, repeats: int = 48) -> Path:
-    """x float[N,16] -> y float[N,1] through `repeats` tanh(h @ W): ~2 ms a row on one core."""
+def _heavy_model(path: Path, width: int = 1024, repeats: int = 384) -> Path:
+    """x float[N,16] -> y float[N,1] through `repeats` tanh(h @ W): ~8 ms a row on one core
+    here, so a job of 6,000 rows keeps two cores busy for about 25 s."""
     rng = np.random.default_rng(3)
     inits = [
         numpy_helper.from_array((rng.standard_normal((16, width)) / 4).astype(np.float32), "w0"),
@@ -345,8 +399,8 @@ def _heavy_model(path: Path, width: int = 1024, repeats: int = 48) -> Path:
     return path
 
 
-def test_stopped_job_resubmitted_resumes_exactly_once(head: Head, tmp_path: Path) -> None:
-    rows, shard_rows = 6000, 60  # 100 shards of ~0.1 s of compute each
+def _heavy_job(tmp_path: Path, rows: int = 6000) -> Path:
+    """A spec over `rows` rows of x float[16] through the heavy model, output under out/."""
     data = tmp_path / "data"
     data.mkdir()
     x = np.random.default_rng(0).random((rows, 16), dtype=np.float32)
@@ -360,7 +414,6 @@ def test_stopped_job_resubmitted_resumes_exactly_once(head: Head, tmp_path: Path
         data / "part-0.parquet",
         row_group_size=1200,
     )
-    out = tmp_path / "out"
     spec = tmp_path / "heavy.yaml"
     spec.write_text(
         yaml.safe_dump(
@@ -368,26 +421,34 @@ def test_stopped_job_resubmitted_resumes_exactly_once(head: Head, tmp_path: Path
                 "name": "heavy",
                 "input": {"path": str(data)},
                 "model": {"onnx": str(_heavy_model(tmp_path / "heavy.onnx")), "inputs": {"x": "x"}},
-                "output": {"path": str(out), "keep_columns": ["id"]},
+                "output": {"path": str(tmp_path / "out"), "keep_columns": ["id"]},
             }
         )
     )
+    return spec
+
+
+def test_stopped_job_resubmitted_resumes_exactly_once(head: Head, tmp_path: Path) -> None:
+    rows, shard_rows = 6000, 60  # 100 shards of ~0.5 s of compute each: ~25 s on two cores
+    spec, out = _heavy_job(tmp_path, rows), tmp_path / "out"
     sets = ["--set", f"shard_rows={shard_rows}", "--set", "batch_size=20"]
     env = head.env()
     first = cli("submit", str(spec), "--address", head.address, *sets, env=env)
     assert first.returncode == 0, first.stderr
     job_id = first.stdout.splitlines()[0]
 
+    # Stop it as soon as it has committed a shard: the stop lands seconds later, while most
+    # of the 25 s of work is still ahead, and the status below proves it was mid-run.
     shards = out / "_manifest" / "shards"
     deadline = time.time() + 150
-    while len(list(shards.glob("*.json"))) < 2:  # running, a few shards committed
+    while not any(shards.glob("*.json")):
         assert time.time() < deadline, cli("jobs", "logs", job_id, "--address", head.address,
                                            env=env).stdout  # fmt: skip
-        time.sleep(0.2)
+        time.sleep(0.1)
     stop = cli("jobs", "stop", job_id, "--address", head.address, "--wait", env=env)
     assert stop.returncode == 0, stop.stderr
     status = cli("jobs", "status", job_id, "--address", head.address, env=env)
-    assert f"{job_id}: STOPPED" in status.stdout
+    assert f"{job_id}: STOPPED" in status.stdout  # not SUCCEEDED: it was stopped mid-run
     committed = len(list(shards.glob("*.json")))
     total = rows // shard_rows  # row groups of 1200 rows: 20 shards each
     assert 0 < committed < total, "the job was not stopped mid-run"
@@ -407,6 +468,101 @@ def test_stopped_job_resubmitted_resumes_exactly_once(head: Head, tmp_path: Path
     assert len(list(shards.glob("*.json"))) == total
     for result in (first, stop, status, again):
         _assert_no_token(result, head.token)
+
+
+class Proxy:
+    """A TCP proxy in front of the dashboard, as an ingress or `kubectl port-forward` is:
+    `cut()` drops the connections open now (the network failed); with no `target` it answers
+    every request 503 (its backend is down)."""
+
+    def __init__(self, target: int | None) -> None:
+        self.target = target
+        self.server = socket.create_server(("127.0.0.1", 0))
+        self.port = self.server.getsockname()[1]
+        self.open: list[socket.socket] = []
+        self.requests: list[bytes] = []
+        threading.Thread(target=self._serve, daemon=True).start()
+
+    def _serve(self) -> None:
+        while True:
+            try:
+                client, _ = self.server.accept()
+            except OSError:
+                return
+            threading.Thread(target=self._handle, args=(client,), daemon=True).start()
+
+    def _handle(self, client: socket.socket) -> None:
+        first = client.recv(65536)
+        if self.target is None:
+            body = b"no healthy upstream"
+            client.sendall(b"HTTP/1.1 503 Service Unavailable\r\nConnection: close\r\n"
+                           b"Content-Length: %d\r\n\r\n%s" % (len(body), body))  # fmt: skip
+            client.close()
+            return
+        upstream = socket.create_connection(("127.0.0.1", self.target))
+        upstream.sendall(first)
+        self.open += [client, upstream]
+        self.requests.append(first)
+        threading.Thread(target=self._pipe, args=(upstream, client), daemon=True).start()
+        self._pipe(client, upstream)
+
+    @staticmethod
+    def _pipe(src: socket.socket, dst: socket.socket) -> None:
+        with contextlib.suppress(OSError):
+            while data := src.recv(65536):
+                dst.sendall(data)
+            dst.shutdown(socket.SHUT_WR)
+
+    def cut(self) -> None:
+        for sock in self.open:
+            with contextlib.suppress(OSError):
+                sock.shutdown(socket.SHUT_RDWR)
+                sock.close()
+
+    def close(self) -> None:
+        self.server.close()
+        self.cut()
+
+
+def test_cluster_failures_exit_5_and_a_running_job_is_not_deleted(head: Head, tmp_path: Path):
+    env = head.env()
+    down = Proxy(target=None)
+    try:
+        failed = cli("jobs", "list", "--address", f"http://127.0.0.1:{down.port}", env=env)
+    finally:
+        down.close()
+    assert failed.returncode == EXIT_CLUSTER, failed.stderr  # "retry later"
+    assert "failed (503): no healthy upstream" in failed.stderr
+    assert "Traceback" not in failed.stderr
+
+    spec = _heavy_job(tmp_path)
+    first = cli("submit", str(spec), "--address", head.address, env=env)
+    assert first.returncode == 0, first.stderr
+    job_id = first.stdout.splitlines()[0]
+    try:
+        running = cli("jobs", "delete", job_id, "--address", head.address, env=env)
+        assert running.returncode == EXIT_USER_ERROR
+        assert f"job {job_id} is RUNNING: stop it first" in running.stderr
+
+        proxy = Proxy(target=int(head.address.rsplit(":", 1)[1]))
+        follower = subprocess.Popen(
+            [sys.executable, "-m", "batch_infer.cli", "jobs", "logs", job_id, "--follow",
+             "--address", f"http://127.0.0.1:{proxy.port}"],
+            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        )  # fmt: skip
+        deadline = time.time() + CLI_TIMEOUT
+        while not any(b"/logs/tail" in r for r in proxy.requests):  # following: cut it
+            assert time.time() < deadline and follower.poll() is None, follower.communicate()
+            time.sleep(0.1)
+        proxy.cut()
+        _, err = follower.communicate(timeout=CLI_TIMEOUT)
+        proxy.close()
+        assert follower.returncode == EXIT_CLUSTER, err  # the job runs on: retry later
+        assert "Traceback" not in err
+    finally:
+        cli("jobs", "stop", job_id, "--address", head.address, "--wait", env=env)
+    status = cli("jobs", "status", job_id, "--address", head.address, "--json", env=env)
+    assert json.loads(status.stdout)["status"] == "STOPPED"  # it was running all along
 
 
 def test_carried_spec(tmp_path: Path) -> None:
@@ -433,7 +589,7 @@ def test_carried_spec(tmp_path: Path) -> None:
 def test_model_too_large_to_carry(tmp_path: Path) -> None:
     big = tmp_path / "big.onnx"
     with big.open("wb") as f:  # sparse: no disk used
-        f.truncate(carry_limit())
+        f.truncate(CARRY_LIMIT)
     spec = _spec(tmp_path / "big.yaml", output__path=str(tmp_path / "out"))
     doc = yaml.safe_load(spec.read_text())
     doc["model"]["onnx"] = str(big)
@@ -450,7 +606,28 @@ def test_relative_paths_warned_and_unreachable_cluster(tmp_path: Path) -> None:
     port = _free_ports(1)[0]
     r = cli("submit", "rel.yaml", "--address", f"127.0.0.1:{port}", env=_clean_env(),
             cwd=tmp_path)  # fmt: skip
-    assert spec.exists() and r.returncode == 2
+    assert spec.exists() and r.returncode == EXIT_CLUSTER  # nothing listens: retry later
     assert "warning: input.path: 'digits' is relative" in r.stderr
     assert "warning: output.path: 'out/digits' is relative" in r.stderr
     assert f"cannot reach the Ray dashboard at http://127.0.0.1:{port}" in r.stderr
+
+
+def test_dry_run_prints_what_would_be_sent_and_sends_nothing(tmp_path: Path) -> None:
+    spec = _spec(tmp_path / "q.yaml", output__path=str(tmp_path / "out" / "{date}"))
+    port = _free_ports(1)[0]  # nothing listens there: a contact would fail
+    r = cli("submit", str(spec), "--dry-run", "--address", f"127.0.0.1:{port}", "--date",
+            "2024-05-01", "--set", "batch_size=64", env=_clean_env())  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    sent = yaml.safe_load(r.stdout)
+    assert sent["entrypoint"] == "python -m batch_infer.cli run spec.yaml --date 2024-05-01"
+    model = ROOT / "models" / "digits.onnx"
+    assert sent["runtime_env"]["files"]["model/digits.onnx"].startswith(str(model))
+    assert sent["runtime_env"]["env_vars"][MODEL_ORIGIN_ENV] == str(model)
+    assert sent["spec"]["batch_size"] == 64 and sent["spec"]["model"]["onnx"] == "model/digits.onnx"
+    assert sent["metadata"]["batch_infer_output"] == str(tmp_path / "out" / "2024-05-01")
+    assert not (tmp_path / "out").exists()
+
+    # without an address there is nothing to reach: local paths are warned about
+    r = cli("submit", str(spec), "--dry-run", env=_clean_env())
+    assert r.returncode == 0
+    assert "warning: output.path:" in r.stderr and "every node must see it" in r.stderr

@@ -1,16 +1,16 @@
 """`batch-infer submit` and `batch-infer jobs`: runs on a Ray cluster through Ray Jobs.
 
-`submit` validates the spec here, then hands the run to the cluster's dashboard
-(`ray.job_submission.JobSubmissionClient`) with a runtime environment that carries what the
-driver needs: the spec (with the `--set` overrides applied), the `batch_infer` package
-(`py_modules`) and, unless `--shared-model` says the cluster already sees it, the model file
-(and its external-data files). The driver runs `python -m batch_infer.cli run spec.yaml` on
-the head; a stopped or failed job resubmitted resumes from the shards it committed.
+`submit` validates the spec here, then hands the run to the cluster's dashboard through
+`ray.job_submission.JobSubmissionClient`, with a runtime environment that carries the spec
+(`--set` overrides applied), the `batch_infer` package (`py_modules`) and, unless
+`--shared-model`, the model and its external-data files. The driver runs
+`python -m batch_infer.cli run spec.yaml` in the uploaded working_dir, with
+`BATCH_INFER_MODEL_ORIGIN` naming the model it was carried from. Resubmitting resumes.
 
-Token authentication (a cluster started with RAY_AUTH_MODE=token): the dashboard answers 401
-without a token and 403 for a wrong one. The token is looked up the way
-Ray does it (`RAY_AUTH_TOKEN`, then the file `RAY_AUTH_TOKEN_PATH` names, then
-`~/.ray/auth_token`), sent only to a cluster that says it wants one, and never printed.
+Token auth: the token is read where Ray documents it and sent only to a dashboard whose
+public `/api/authentication_mode` says "token" (Ray's client itself sends one only when this
+machine's RAY_AUTH_MODE is "token"); it is never printed. Exit codes: a missing or refused
+token, an unknown job, a refused request: 2; no dashboard, HTTP 5xx, a broken log stream: 5.
 """
 
 from __future__ import annotations
@@ -21,8 +21,10 @@ import contextlib
 import copy
 import datetime as dt
 import ipaddress
+import json
 import logging
 import os
+import re
 import shlex
 import shutil
 import socket
@@ -40,8 +42,9 @@ from rich.text import Text
 
 import batch_infer
 from batch_infer.errors import ClusterError, SpecError, UserError
+from batch_infer.location import is_uri
+from batch_infer.model import external_data_files, load_graph
 from batch_infer.spec import (
-    JobSpec,
     add_spec_arguments,
     load_document,
     parse_date,
@@ -52,108 +55,44 @@ from batch_infer.spec import (
 
 SPEC_NAME = "spec.yaml"  # the carried spec, in the job's working_dir
 MODEL_DIR = "model"  # the carried model, in the job's working_dir
+MODEL_ORIGIN_ENV = "BATCH_INFER_MODEL_ORIGIN"  # the carried model's path where it was submitted
 TERMINAL = ("SUCCEEDED", "FAILED", "STOPPED")
 EXIT_JOB_NOT_SUCCEEDED = 1  # a job that failed without a driver exit code, or was stopped
+# Ray's runtime_env reference documents a local working_dir as "at most 100 MiB"
+# (https://docs.ray.io/en/latest/ray-core/handling-dependencies.html#api-reference).
+CARRY_LIMIT = 100 * 1024**2
 URI_SCHEMES = ("file", "s3", "gs", "gcs", "hdfs", "viewfs", "abfs", "abfss")  # pyarrow.fs
-_LOOPBACK_NAMES = ("localhost", "localhost.localdomain", "ip6-localhost")
-_CHATTY_LOGGERS = (
-    "ray.dashboard.modules.dashboard_sdk",
-    "ray.dashboard.modules.job.sdk",
-    "ray._private.runtime_env.packaging",
-)
+# The one place Ray's SDK gives an HTTP status: RuntimeError("Request failed with status code
+# N: BODY.") for any answer but 200 (SubmissionClient._raise_error, dashboard_sdk.py).
+_STATUS = re.compile(r"status code (\d{3}): (.*)", re.S)
 
 
 class ClusterAuthError(UserError):
-    """The cluster requires a token and none was sent, or it refused the one sent: a setup
-    problem on this side (exit 2), not one that goes away by retrying."""
+    """The cluster wants a token and none was found, or it refused the one sent: a setup
+    problem on this side (exit 2) that retrying does not cure."""
 
 
 class CarryError(UserError):
     """Something the job needs is too large to carry with the submission."""
 
 
-# --------------------------------------------------------------------------- carrying
+class NoSuchJob(UserError):
+    """The cluster has no job with this ID (a typo, or a job deleted since)."""
 
 
-def carry_limit() -> int:
-    """The largest package (zip) a job submission can carry, in bytes.
-
-    Each working_dir / py_modules package is uploaded in one HTTP PUT to the dashboard, whose
-    aiohttp server takes bodies up to DASHBOARD_CLIENT_MAX_SIZE (100 MiB,
-    ray/_private/ray_constants.py), and then stored in the GCS, which takes up to
-    GCS_STORAGE_MAX_SIZE (512 MiB, the gRPC message limit, ray/_private/runtime_env/packaging.py).
-    """
-    try:
-        from ray._private.ray_constants import DASHBOARD_CLIENT_MAX_SIZE
-        from ray._private.runtime_env.packaging import GCS_STORAGE_MAX_SIZE
-    except ImportError:  # pragma: no cover - a Ray without these constants
-        return 100 * 1024**2
-    return min(int(DASHBOARD_CLIENT_MAX_SIZE), int(GCS_STORAGE_MAX_SIZE))
+# --------------------------------------------------------------------------- what is carried
 
 
 def _mib(n: int) -> str:
     return f"{n / 1024**2:,.1f} MiB"
 
 
-def _tree_size(path: Path) -> int:
-    if path.is_file():
-        return path.stat().st_size
-    return sum(
-        p.stat().st_size for p in path.rglob("*") if p.is_file() and "__pycache__" not in p.parts
-    )
-
-
-def _external_data_files(model_path: Path) -> list[str]:
-    """Relative locations of the external-data files an ONNX model refers to."""
-    import onnx
-
-    try:
-        model = onnx.load(str(model_path), load_external_data=False)
-    except Exception as exc:  # onnx raises DecodeError and friends for a corrupt file
-        raise SpecError(f"model.onnx: {model_path}: not a readable ONNX model ({exc})") from None
-    found: set[str] = set()
-
-    def tensors(graph: Any) -> Iterator[Any]:
-        yield from graph.initializer
-        for node in graph.node:
-            for attr in node.attribute:
-                if attr.HasField("t"):
-                    yield attr.t
-                yield from attr.tensors
-                if attr.HasField("g"):
-                    yield from tensors(attr.g)
-                for sub in attr.graphs:
-                    yield from tensors(sub)
-
-    for tensor in tensors(model.graph):
-        if tensor.data_location == onnx.TensorProto.EXTERNAL:
-            for entry in tensor.external_data:
-                if entry.key == "location":
-                    found.add(entry.value)
-    for location in found:
-        if Path(location).is_absolute() or ".." in Path(location).parts:
-            raise SpecError(
-                f"model.onnx: {model_path} keeps weights in {location!r}, outside its folder; "
-                "it cannot be carried: put the model on shared storage and pass --shared-model"
-            )
-    return sorted(found)
-
-
-def _too_large(what: str, size: int, limit: int) -> CarryError:
+def _too_large(what: str, size: int) -> CarryError:
     return CarryError(
-        f"{what} is {_mib(size)}; a submitted job carries at most {_mib(limit)} per package "
-        "(Ray's dashboard takes uploads up to DASHBOARD_CLIENT_MAX_SIZE, its GCS stores "
-        "packages up to GCS_STORAGE_MAX_SIZE): put it on storage every node of the cluster "
-        "mounts at the same path and pass --shared-model with that path in model.onnx"
+        f"{what} is {_mib(size)}; a submitted job carries at most {_mib(CARRY_LIMIT)} per "
+        "package (Ray's limit for a local working_dir): put it on storage every node of the "
+        "cluster mounts at the same path and pass --shared-model with that path in model.onnx"
     )
-
-
-def _link_or_copy(src: Path, dst: Path) -> None:
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    try:
-        os.link(src, dst)
-    except OSError:
-        shutil.copy2(src, dst)
 
 
 def package_dir() -> Path:
@@ -161,54 +100,64 @@ def package_dir() -> Path:
     return Path(batch_infer.__file__).resolve().parent
 
 
-# --------------------------------------------------------------------------- the spec
-
-
-def _is_uri(path: str) -> bool:
-    return "://" in path
+def model_files(model: Path) -> list[tuple[Path, str]]:
+    """(local file, path in the working_dir) for the model and its external-data files."""
+    if not model.is_file():
+        raise SpecError(
+            f"model.onnx: {model}: no such file here (a submitted job carries the model from "
+            "this machine; if it lives on storage the cluster's nodes mount, pass --shared-model)"
+        )
+    if model.stat().st_size >= CARRY_LIMIT:
+        raise _too_large(f"model.onnx: {model}", model.stat().st_size)
+    files = [(model, f"{MODEL_DIR}/{model.name}")]
+    for location in external_data_files(load_graph(str(model))):
+        if Path(location).is_absolute() or ".." in Path(location).parts:
+            raise SpecError(
+                f"model.onnx: {model} keeps weights in {location!r}, outside its folder; "
+                "it cannot be carried: put the model on shared storage and pass --shared-model"
+            )
+        if not (model.parent / location).is_file():
+            raise SpecError(f"model.onnx: {model} refers to {location}, which is missing")
+        files.append((model.parent / location, f"{MODEL_DIR}/{location}"))
+    total = sum(src.stat().st_size for src, _ in files)
+    if total + (1 << 20) >= CARRY_LIMIT:  # a margin for the spec and the zip's own headers
+        raise _too_large(f"model.onnx: {model} with its external-data files", total)
+    return files
 
 
 def _is_local_address(address: str) -> bool:
     """Whether the dashboard address names this machine (so its local paths are the cluster's)."""
     host = urlsplit(address).hostname or ""
-    if host in _LOOPBACK_NAMES:
+    if host in ("localhost", "localhost.localdomain", "ip6-localhost"):
         return True
     with contextlib.suppress(ValueError):
         return ipaddress.ip_address(host).is_loopback
     return host in (socket.gethostname(), socket.getfqdn())
 
 
-def path_warnings(key: str, raw: str, resolved: str, cluster_is_local: bool) -> list[str]:
-    """What may keep the cluster from reaching a path the spec names."""
-    if _is_uri(raw):
-        scheme = raw.split("://", 1)[0].lower()
-        if scheme not in URI_SCHEMES:
-            return [
-                f"{key}: {raw} has the scheme {scheme}://, which pyarrow.fs may not read "
-                f"(it reads {', '.join(s + '://' for s in URI_SCHEMES)})"
-            ]
-        if scheme == "file" and not cluster_is_local:
-            return [
-                f"{key}: {raw} is a path on the cluster's nodes: every node must see it at the "
-                "same place (shared storage)"
-            ]
-        return []
-    if not os.path.isabs(os.path.expanduser(raw)):
-        return [
+def path_warning(key: str, raw: str, resolved: str, cluster_is_local: bool) -> str | None:
+    """What may keep the cluster from reaching a path the spec names, if anything."""
+    scheme = raw.split("://", 1)[0].lower() if is_uri(raw) else "file"
+    if scheme not in URI_SCHEMES:
+        return (
+            f"{key}: {raw}: pyarrow.fs may not read {scheme}:// ({', '.join(URI_SCHEMES)} it does)"
+        )
+    if not is_uri(raw) and not os.path.isabs(os.path.expanduser(raw)):
+        return (
             f"{key}: {raw!r} is relative: sent as {resolved}, resolved on this machine; the job "
             "runs on the cluster, where that path must exist: give an absolute path on storage "
             "every node sees, or a URI (s3://, gs://, hdfs://, file://)"
-        ]
-    if not cluster_is_local:
-        return [
-            f"{key}: {raw} is a local path: every node of the cluster must see it at the same "
+        )
+    if scheme == "file" and not cluster_is_local:
+        return (
+            f"{key}: {raw} is a path on the cluster's nodes: every node must see it at the same "
             "place (shared storage), or give a URI (s3://, gs://, hdfs://)"
-        ]
-    return []
+        )
+    return None
 
 
 class Submission:
-    """A validated spec and the runtime environment that carries it to the cluster."""
+    """A validated spec and what goes with it to the cluster; nothing here contacts one."""
 
     def __init__(
         self,
@@ -223,224 +172,179 @@ class Submission:
         raw = load_document(spec_path)
         overrides = parse_overrides(sets)
         # {date} is filled in here, once: the driver gets the same date with --date.
-        self.spec: JobSpec = resolve_spec(raw, overrides, date, where=spec_path)
+        self.spec = resolve_spec(raw, overrides, date, where=spec_path)
+        self.overwrite = overwrite
         given = copy.deepcopy(raw)  # the paths as written, after the overrides
         for key, value in overrides.items():
             set_dotted(given, key, value)
-        self.warnings: list[str] = []
-        for key, section, resolved in (
-            ("input.path", "input", self.spec.input.path),
-            ("output.path", "output", self.spec.output.path),
-        ):
-            self.warnings += path_warnings(
-                key, str(given[section]["path"]), resolved, cluster_is_local
-            )
-        self.shared_model = shared_model
-        self.overwrite = overwrite
-        self.limit = carry_limit()
-        model = self.spec.model.onnx
-        raw_model = str(given["model"]["onnx"])
-        self.model_files: list[tuple[Path, str]] = []
-        if shared_model or _is_uri(model):  # the cluster reads it where it is
-            self.carried_model = model
-            if not _is_uri(raw_model) and not os.path.isabs(os.path.expanduser(raw_model)):
-                self.warnings.append(
-                    f"model.onnx: {raw_model!r} is relative: sent as {model}, resolved on this "
-                    "machine; with --shared-model every node must see that path"
-                )
-        else:
-            self.model_files = self._model_files(Path(model))
-            self.carried_model = self.model_files[0][1]
-        self.spec_text = yaml.safe_dump(self._carried_doc(), sort_keys=False)
-
-    def _model_files(self, model: Path) -> list[tuple[Path, str]]:
-        """(local file, path in the working_dir) for the model and its external data."""
-        if not model.is_file():
-            raise SpecError(
-                f"model.onnx: {model}: no such file here (a submitted job carries the model "
-                "from this machine; if it lives on storage the cluster's nodes mount, pass "
-                "--shared-model)"
-            )
-        size = model.stat().st_size
-        if size >= self.limit:
-            raise _too_large(f"model.onnx: {model}", size, self.limit)
-        files = [(model, f"{MODEL_DIR}/{model.name}")]
-        for location in _external_data_files(model):
-            src = model.parent / location
-            if not src.is_file():
-                raise SpecError(f"model.onnx: {model} refers to {location}, which is missing")
-            files.append((src, f"{MODEL_DIR}/{location}"))
-        total = sum(src.stat().st_size for src, _ in files)
-        if total + (1 << 20) >= self.limit:  # a margin for the spec and the zip's own headers
-            raise _too_large(
-                f"model.onnx: {model} with its {len(files) - 1} external-data file(s)",
-                total,
-                self.limit,
-            )
-        return files
-
-    def _carried_doc(self) -> dict[str, Any]:
+        carried = not shared_model and not is_uri(self.spec.model.onnx)
+        self.model_files = model_files(Path(self.spec.model.onnx)) if carried else []
+        checks = [("input", "path"), ("output", "path")] + ([] if carried else [("model", "onnx")])
         doc = self.spec.model_dump(mode="json")
+        self.warnings = [
+            warning
+            for section, key in checks
+            if (warning := path_warning(f"{section}.{key}", str(given[section][key]),
+                                        doc[section][key], cluster_is_local))
+        ]  # fmt: skip
         doc.pop("date", None)  # never written in a spec: the entrypoint passes --date
-        doc["model"]["onnx"] = self.carried_model  # relative: resolved in the job's working_dir
-        # The paths are filled in already: braces left in them are literal ones.
+        if carried:  # relative: resolved in the job's working_dir
+            doc["model"]["onnx"] = self.model_files[0][1]
         for section, key in (("input", "path"), ("output", "path"), ("model", "onnx")):
+            # filled in already: braces left in a path are literal ones
             doc[section][key] = doc[section][key].replace("{", "{{").replace("}", "}}")
-        return doc
-
-    @contextlib.contextmanager
-    def runtime_env(self) -> Iterator[dict[str, Any]]:
-        """The runtime_env, its working_dir staged in a temporary folder for the upload."""
-        pkg = package_dir()
-        pkg_size = _tree_size(pkg)
-        if pkg_size >= self.limit:
-            raise _too_large(f"the batch_infer package ({pkg})", pkg_size, self.limit)
-        with tempfile.TemporaryDirectory(prefix="batch-infer-submit-") as tmp:
-            work = Path(tmp)
-            (work / SPEC_NAME).write_text(self.spec_text)
-            for src, rel in self.model_files:
-                _link_or_copy(src, work / rel)
-            yield {
-                "working_dir": str(work),
-                "py_modules": [str(pkg)],
-                "excludes": ["__pycache__"],
-                # Logs promptly; the driver's summary table wide enough for session paths.
-                "env_vars": {"PYTHONUNBUFFERED": "1", "COLUMNS": "200"},
-            }
+        self.spec_text = yaml.safe_dump(doc, sort_keys=False)
 
     def entrypoint(self) -> str:
         argv = ["python", "-m", "batch_infer.cli", "run", SPEC_NAME]
-        if self.spec.date:
-            argv += ["--date", self.spec.date]
-        if self.overwrite:
-            argv.append("--overwrite")
-        return shlex.join(argv)
+        argv += ["--date", self.spec.date] if self.spec.date else []
+        return shlex.join(argv + (["--overwrite"] if self.overwrite else []))
+
+    def env_vars(self) -> dict[str, str]:
+        """Logs promptly, a summary table wide enough for long paths, and the model's origin
+        (the run records it rather than the path of Ray's upload)."""
+        env = {"PYTHONUNBUFFERED": "1", "COLUMNS": "200"}
+        return env | ({MODEL_ORIGIN_ENV: str(self.model_files[0][0])} if self.model_files else {})
 
     def metadata(self) -> dict[str, str]:
-        meta = {"batch_infer_job": self.spec.name, "batch_infer_output": self.spec.output.path}
-        if self.spec.date:
-            meta["batch_infer_date"] = self.spec.date
-        return meta
+        meta = {
+            "batch_infer_job": self.spec.name,
+            "batch_infer_output": self.spec.output.path,
+            "batch_infer_model": self.env_vars().get(MODEL_ORIGIN_ENV, self.spec.model.onnx),
+        }
+        return meta | ({"batch_infer_date": self.spec.date} if self.spec.date else {})
+
+    def runtime_env(self, working_dir: str) -> dict[str, Any]:
+        return {
+            "working_dir": working_dir,
+            "py_modules": [str(package_dir())],
+            "excludes": ["__pycache__"],
+            "env_vars": self.env_vars(),
+        }
+
+    def describe(self) -> dict[str, Any]:
+        """What `submit --dry-run` prints: everything that would be sent."""
+        files = {SPEC_NAME: "the spec below"}
+        files |= {rel: f"{src} ({_mib(src.stat().st_size)})" for src, rel in self.model_files}
+        return {
+            "entrypoint": self.entrypoint(),
+            "runtime_env": self.runtime_env(working_dir="(a temporary folder)") | {"files": files},
+            "metadata": self.metadata(),
+            "spec": yaml.safe_load(self.spec_text),
+        }
+
+    @contextlib.contextmanager
+    def staged(self) -> Iterator[dict[str, Any]]:
+        """The runtime_env, its working_dir staged in a temporary folder for the upload."""
+        with tempfile.TemporaryDirectory(prefix="batch-infer-submit-") as tmp:
+            (Path(tmp) / SPEC_NAME).write_text(self.spec_text)
+            for src, rel in self.model_files:
+                (Path(tmp) / rel).parent.mkdir(parents=True, exist_ok=True)
+                try:
+                    os.link(src, Path(tmp) / rel)
+                except OSError:  # another filesystem
+                    shutil.copy2(src, Path(tmp) / rel)
+            yield self.runtime_env(tmp)
 
 
 # --------------------------------------------------------------------------- the cluster
 
 
-def resolve_address(address: str | None) -> str:
+def resolve_address(address: str | None) -> str | None:
     """The dashboard's HTTP address: --address, else RAY_API_SERVER_ADDRESS, else an http
-    RAY_ADDRESS."""
+    RAY_ADDRESS; None when there is none."""
+    ray_address = os.environ.get("RAY_ADDRESS", "")
+    address = address or os.environ.get("RAY_API_SERVER_ADDRESS") or ""
+    if not address and ray_address.startswith(("http://", "https://")):
+        address = ray_address
     if not address:
-        address = os.environ.get("RAY_API_SERVER_ADDRESS") or ""
-        ray_address = os.environ.get("RAY_ADDRESS") or ""
-        if not address and ray_address.startswith(("http://", "https://")):
-            address = ray_address
-    if not address:
-        raise ClusterError(
-            "no cluster address: pass --address http://HEAD:8265 (the head's dashboard) or set "
-            "RAY_API_SERVER_ADDRESS"
-        )
-    if "://" not in address:
-        address = "http://" + address
-    scheme = address.split("://", 1)[0]
-    if scheme not in ("http", "https"):
-        raise ClusterError(
-            f"--address {address}: expected the dashboard's HTTP address, e.g. http://HEAD:8265"
-        )
+        return None
+    address = address if "://" in address else "http://" + address
+    if address.split("://", 1)[0] not in ("http", "https"):
+        raise UserError(f"--address {address}: expected the dashboard's, e.g. http://HEAD:8265")
     return address.rstrip("/")
 
 
-def token_source() -> str:
-    """Where Ray's token loader takes the token from, in its order (never the token itself).
-
-    src/ray/rpc/authentication/authentication_token_loader.cc: RAY_AUTH_TOKEN, then the file
-    RAY_AUTH_TOKEN_PATH names, then (with ENABLE_K8S_TOKEN_AUTH) the Kubernetes service
-    account token, then ~/.ray/auth_token.
-    """
-    if os.environ.get("RAY_AUTH_TOKEN"):
-        return "RAY_AUTH_TOKEN"
+def read_token() -> tuple[str | None, str]:
+    """(the token or None, where it was looked for), in the order Ray documents
+    (https://docs.ray.io/en/latest/ray-security/token-auth.html): RAY_AUTH_TOKEN, the file
+    RAY_AUTH_TOKEN_PATH names (unreadable or empty is an error, as in Ray), ~/.ray/auth_token."""
+    if os.environ.get("RAY_AUTH_TOKEN", "").strip():
+        return os.environ["RAY_AUTH_TOKEN"].strip(), "RAY_AUTH_TOKEN"
     if os.environ.get("RAY_AUTH_TOKEN_PATH"):
-        return f"the file RAY_AUTH_TOKEN_PATH names ({os.environ['RAY_AUTH_TOKEN_PATH']})"
-    return str(Path.home() / ".ray" / "auth_token")
-
-
-def _token_header() -> dict[str, str]:
-    """{"authorization": "Bearer <token>"} from Ray's own loader, or {} when there is none."""
-    from ray._raylet import AuthenticationTokenLoader
-
-    loader = AuthenticationTokenLoader.instance()
-    try:
-        return dict(loader.get_token_for_http_header(ignore_auth_mode=True) or {})
-    except Exception as exc:  # ray.exceptions.AuthenticationError: e.g. an unreadable file
-        message = getattr(exc, "message", None) or str(exc)
-        raise ClusterAuthError(f"cannot load the Ray token: {message}") from None
-
-
-def _auth_mode(address: str, verify: bool) -> str | None:
-    """The cluster's authentication mode ("token", "disabled"), or None if it does not say.
-
-    GET /api/authentication_mode is one of the dashboard's public paths
-    (ray/dashboard/http_server_head.py), answered without a token.
-    """
-    import requests
-
-    try:
-        r = requests.get(f"{address}/api/authentication_mode", timeout=10, verify=verify)
-    except requests.exceptions.RequestException as exc:
-        raise ClusterError(
-            f"cannot reach the Ray dashboard at {address} ({type(exc).__name__}): is the head "
-            "running, with its dashboard, and is this its dashboard port (8265 by default)?"
-        ) from None
-    if r.status_code != 200:
-        return None
-    try:
-        return str(r.json().get("authentication_mode"))
-    except ValueError:
-        return None
-
-
-def _no_token_message(address: str) -> str:
-    return (
-        f"the Ray cluster at {address} requires a token (it runs with RAY_AUTH_MODE=token) and "
-        "none was found here: set RAY_AUTH_TOKEN, or RAY_AUTH_TOKEN_PATH to a file holding it, "
-        "or put it in ~/.ray/auth_token (`ray get-auth-token` on the head prints it)"
-    )
-
-
-def _refused_message(address: str) -> str:
-    return (
-        f"the Ray cluster at {address} refused the token from {token_source()}: it is not the "
-        "cluster's token (`ray get-auth-token` on the head prints the right one)"
-    )
+        path = Path(os.environ["RAY_AUTH_TOKEN_PATH"]).expanduser()
+        source = f"the file RAY_AUTH_TOKEN_PATH names ({path})"
+        try:
+            token = path.read_text().strip()
+        except OSError as exc:
+            raise ClusterAuthError(f"cannot read the Ray token from {source}: {exc}") from None
+        if not token:
+            raise ClusterAuthError(f"{source} is empty; it should hold the cluster's token")
+        return token, source
+    default = Path.home() / ".ray" / "auth_token"
+    with contextlib.suppress(OSError):
+        return default.read_text().strip() or None, str(default)
+    return None, str(default)
 
 
 class Cluster:
-    """A JobSubmissionClient whose failures become one-line UserErrors."""
+    """A JobSubmissionClient whose failures become one-line errors with the right exit code."""
 
-    def __init__(self, address: str | None, verify: bool = True) -> None:
-        self.address = resolve_address(address)
-        mode = _auth_mode(self.address, verify)
-        self.sends_token = False
-        headers: dict[str, str] = {}
-        if mode != "disabled":  # "token", or a dashboard that does not say
-            headers = _token_header()
-            self.sends_token = bool(headers)
-            if mode == "token" and not headers:
-                raise ClusterAuthError(_no_token_message(self.address))
+    def __init__(self, address: str | None) -> None:
+        import requests
         from ray.job_submission import JobSubmissionClient
 
-        for name in _CHATTY_LOGGERS:  # "Uploading package ...": the summary line says it
-            logging.getLogger(name).setLevel(logging.WARNING)
+        if not (resolved := resolve_address(address)):
+            raise UserError(
+                "no cluster address: pass --address http://HEAD:8265 (the head's dashboard) or "
+                "set RAY_API_SERVER_ADDRESS"
+            )
+        self.address, self.token_source = resolved, None  # token_source: set when one is sent
+        with self.errors():  # public, answered without a token (dashboard/http_server_head.py)
+            r = requests.get(f"{resolved}/api/authentication_mode", timeout=10)
+        mode, headers = None, {}
+        with contextlib.suppress(ValueError, AttributeError):  # not JSON: a Ray before 2.52
+            mode = r.json().get("authentication_mode") if r.ok else None
+        if mode == "token":
+            token, source = read_token()
+            if token is None:
+                raise ClusterAuthError(self._no_token())
+            headers, self.token_source = {"Authorization": f"Bearer {token}"}, source
+        for name in ("ray.dashboard.modules.dashboard_sdk", "ray.dashboard.modules.job.sdk"):
+            logging.getLogger(name).setLevel(logging.WARNING)  # "Uploading package ..."
         # JobSubmissionClient takes RAY_API_SERVER_ADDRESS / RAY_ADDRESS over its argument.
-        saved = {
-            k: os.environ.pop(k)
-            for k in ("RAY_API_SERVER_ADDRESS", "RAY_ADDRESS")
-            if k in os.environ
-        }
+        names = ("RAY_API_SERVER_ADDRESS", "RAY_ADDRESS")
+        saved = {k: os.environ.pop(k) for k in names if k in os.environ}
         try:
             with self.errors():
-                self.client = JobSubmissionClient(self.address, headers=headers, verify=verify)
+                self.client = JobSubmissionClient(resolved, headers=headers)
         finally:
             os.environ.update(saved)
+
+    def _no_token(self) -> str:
+        return (
+            f"the Ray cluster at {self.address} requires a token (it runs with RAY_AUTH_MODE="
+            "token) and none was found here: set RAY_AUTH_TOKEN, or RAY_AUTH_TOKEN_PATH to a "
+            "file holding it, or put it in ~/.ray/auth_token (`ray get-auth-token` on the head "
+            "prints it)"
+        )
+
+    def _http_error(self, status: int, body: str, job_id: str | None) -> UserError:
+        """An HTTP error as ours: its status decides the exit code, its last line says why."""
+        lines = [ln.strip() for ln in body.strip().rstrip(".").splitlines() if ln.strip()]
+        why = lines[-1] if lines else f"HTTP {status}"  # a traceback's last line says what
+        if status == 401 or (status == 403 and not self.token_source):
+            return ClusterAuthError(self._no_token())
+        if status == 403:
+            return ClusterAuthError(
+                f"the Ray cluster at {self.address} refused the token from {self.token_source}:"
+                " it is not the cluster's token (`ray get-auth-token` on the head prints it)"
+            )
+        if status == 404 and job_id:
+            return NoSuchJob(f"the Ray cluster at {self.address} has no job {job_id}")
+        if status >= 500:
+            return ClusterError(f"the Ray dashboard at {self.address} failed ({status}): {why}")
+        return UserError(f"the Ray dashboard at {self.address} refused ({status}): {why}")
 
     @contextlib.contextmanager
     def errors(self, job_id: str | None = None) -> Iterator[None]:
@@ -450,74 +354,70 @@ class Cluster:
 
         try:
             yield
-        except AuthenticationError as exc:
-            text = getattr(exc, "message", "") or ""
-            if text.startswith("Authentication failed") or (
-                self.sends_token and not text.startswith("Authentication required")
-            ):
-                raise ClusterAuthError(_refused_message(self.address)) from None
-            raise ClusterAuthError(_no_token_message(self.address)) from None
+        except AuthenticationError:  # the SDK's answer to 401 and 403: which one, we know
+            raise self._http_error(403 if self.token_source else 401, "", job_id) from None
         except aiohttp.WSServerHandshakeError as exc:
-            if exc.status == 401:
-                raise ClusterAuthError(_no_token_message(self.address)) from None
-            if exc.status == 403:
-                raise ClusterAuthError(_refused_message(self.address)) from None
-            raise ClusterError(f"{self.address}: cannot follow the job's logs ({exc})") from None
-        except (requests.exceptions.RequestException, aiohttp.ClientError, ConnectionError) as exc:
+            raise self._http_error(exc.status, exc.message, job_id) from None
+        except requests.HTTPError as exc:  # the SDK's version check: raise_for_status()
+            raise self._http_error(exc.response.status_code, exc.response.text, job_id) from None
+        except RuntimeError as exc:  # any answer but 200, or a broken log stream
+            if m := _STATUS.search(str(exc)):
+                raise self._http_error(int(m.group(1)), m.group(2), job_id) from None
+            raise ClusterError(f"the Ray dashboard at {self.address}: {exc}") from None
+        except (requests.RequestException, aiohttp.ClientError, OSError, asyncio.TimeoutError):
             raise ClusterError(
-                f"cannot reach the Ray dashboard at {self.address} ({type(exc).__name__})"
+                f"cannot reach the Ray dashboard at {self.address}: is the head running, with "
+                "its dashboard, and is this its port (8265 by default)?"
             ) from None
-        except RuntimeError as exc:  # the SDK's "Request failed with status code ..."
-            text = str(exc).strip().rstrip(".")
-            if job_id and "does not exist" in text:
-                raise ClusterError(f"{self.address}: no job {job_id}") from None
-            raise ClusterError(f"{self.address}: {text}") from None
 
     def info(self, job_id: str) -> Any:
         with self.errors(job_id):
             return self.client.get_job_info(job_id)
 
     def wait(self, job_id: str, poll: float = 1.0) -> Any:
-        while True:
-            info = self.info(job_id)
-            if str(info.status) in TERMINAL:
-                return info
+        while str((info := self.info(job_id)).status) not in TERMINAL:
             time.sleep(poll)
+        return info
 
-    def follow(self, job_id: str, out: Any) -> None:
-        """Copy the job's logs to `out` as they come, until the job ends."""
+    def follow(self, job_id: str) -> None:
+        """Copy the job's logs to stdout until the job ends or stdout's reader leaves; a
+        stream that ends before the job does is a ClusterError."""
 
-        async def tail() -> None:
+        async def tail() -> bool:
             async for chunk in self.client.tail_job_logs(job_id):
-                out.write(chunk)
-                out.flush()
+                if not emit(chunk):
+                    return False
+            return True
 
         with self.errors(job_id):
-            try:
-                asyncio.run(tail())
-            except RuntimeError as exc:  # the stream broke: the status still tells the end
-                if "does not exist" in str(exc):
-                    raise
-                _note(f"the log stream of {job_id} broke ({exc}); waiting for the job to end")
+            if asyncio.run(tail()) and str(self.info(job_id).status) not in TERMINAL:
+                raise RuntimeError("the log stream ended while the job runs on")
 
 
 # --------------------------------------------------------------------------- commands
+
+
+def emit(text: str) -> bool:
+    """Write to stdout; False once its reader has gone (`| head`): later writes go nowhere,
+    and the interpreter's last flush does not fail with a BrokenPipeError either."""
+    try:
+        sys.stdout.write(text)
+        sys.stdout.flush()
+        return True
+    except BrokenPipeError:
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return False
 
 
 def _note(message: str, style: str = "") -> None:
     Console(stderr=True, soft_wrap=True, highlight=False).print(Text(message, style=style))
 
 
-def _warn(message: str) -> None:
-    _note("warning: " + message, "yellow")
-
-
 def _outcome(info: Any) -> int:
     status = str(info.status)
     message = f"job {info.submission_id}: {status}"
     if info.message and status != "SUCCEEDED":  # Ray appends the logs' tail: shown above
-        why = info.message.strip().split(", last available logs")[0].splitlines()[0]
-        message += f" ({why})"
+        message += f" ({info.message.strip().split(', last available logs')[0].splitlines()[0]})"
     _note(message, "green" if status == "SUCCEEDED" else "red")
     if status == "SUCCEEDED":
         return 0
@@ -532,21 +432,31 @@ def cmd_submit(args: argparse.Namespace) -> int:
         args.spec,
         args.set,
         shared_model=args.shared_model,
-        cluster_is_local=_is_local_address(address),
+        cluster_is_local=bool(address) and _is_local_address(address),
         overwrite=args.overwrite,
         date=parse_date(args.date) if args.date else None,
     )
     for warning in submission.warnings:
-        _warn(warning)
+        _note("warning: " + warning, "yellow")
+    if args.dry_run:  # nothing is sent, not even to check the address or the token
+        emit(yaml.safe_dump(submission.describe(), sort_keys=False, width=100))
+        return 0
     cluster = Cluster(address)
-    with submission.runtime_env() as runtime_env, cluster.errors():
+    if args.submission_id:  # Ray answers a taken ID with a traceback: say it in one line
+        with contextlib.suppress(NoSuchJob):
+            status = cluster.info(args.submission_id).status
+            raise UserError(
+                f"--submission-id {args.submission_id}: the Ray cluster at {cluster.address} "
+                f"already has a job with this ID ({status}); pick another ID"
+            )
+    with submission.staged() as runtime_env, cluster.errors():
         job_id = cluster.client.submit_job(
             entrypoint=submission.entrypoint(),
             runtime_env=runtime_env,
             metadata=submission.metadata(),
             submission_id=args.submission_id,
         )
-    print(job_id, flush=True)
+    emit(job_id + "\n")
     carried = f", model {submission.model_files[0][0]}" if submission.model_files else ""
     dated = f" for {submission.spec.date}" if submission.spec.date else ""
     _note(
@@ -557,7 +467,10 @@ def cmd_submit(args: argparse.Namespace) -> int:
         _note(f"follow it: batch-infer jobs logs {job_id} --follow --address {cluster.address}")
         return 0
     try:
-        cluster.follow(job_id, sys.stdout)
+        try:
+            cluster.follow(job_id)
+        except ClusterError as exc:  # the outcome may still be known: ask for it
+            _note(f"{exc}; waiting for the job to end")
         return _outcome(cluster.wait(job_id))
     except KeyboardInterrupt:
         _note(
@@ -567,65 +480,72 @@ def cmd_submit(args: argparse.Namespace) -> int:
         return 130
 
 
-def _time(ms: int | None) -> str:
-    return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(ms / 1000)) if ms else "-"
+def job_record(info: Any) -> dict[str, Any]:
+    """One job as `jobs list/status --json` print it (times in UTC, ISO 8601)."""
+
+    def when(ms: int | None) -> str | None:
+        utc = dt.timezone.utc
+        return dt.datetime.fromtimestamp(ms / 1000, utc).isoformat("T", "seconds") if ms else None
+
+    meta = info.metadata or {}
+    return {
+        "id": info.submission_id,
+        "status": str(info.status),
+        "name": meta.get("batch_infer_job"),
+        "date": meta.get("batch_infer_date"),
+        "output": meta.get("batch_infer_output"),
+        "model": meta.get("batch_infer_model"),
+        "started_at": when(info.start_time),
+        "ended_at": when(info.end_time),
+        "driver_exit_code": info.driver_exit_code,
+        "message": info.message,
+        "entrypoint": info.entrypoint,
+    }
 
 
 def cmd_jobs_list(args: argparse.Namespace) -> int:
     cluster = Cluster(args.address)
     with cluster.errors():
-        jobs = cluster.client.list_jobs()
-    jobs = [j for j in jobs if j.submission_id]  # drivers not submitted have no logs to show
+        jobs = [j for j in cluster.client.list_jobs() if j.submission_id]  # drivers: no logs
     if not args.all:
         jobs = [j for j in jobs if (j.metadata or {}).get("batch_infer_job")]
-    jobs.sort(key=lambda j: j.start_time or 0)
+    records = [job_record(j) for j in sorted(jobs, key=lambda j: j.start_time or 0)]
+    if args.json:
+        emit("[" + ",\n ".join(json.dumps(r) for r in records) + "]\n")
+        return 0
+    keys = ("id", "status", "name", "started_at", "ended_at", "output")
     rows = [("ID", "STATUS", "SPEC", "STARTED", "ENDED", "OUTPUT")]
-    for j in jobs:
-        meta = j.metadata or {}
-        rows.append(
-            (
-                j.submission_id,
-                str(j.status),
-                meta.get("batch_infer_job", "-"),
-                _time(j.start_time),
-                _time(j.end_time),
-                meta.get("batch_infer_output", j.entrypoint),
-            )
-        )
-    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]) - 1)]
+    rows += [tuple(r[k] or "-" for k in keys) for r in records]
+    widths = [max(len(r[i]) for r in rows) for i in range(len(keys) - 1)]
     for r in rows:
-        print("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=False)) + "  " + r[-1])
+        if not emit("  ".join([*map(str.ljust, r, widths), r[-1]]) + "\n"):
+            break
     return 0
 
 
 def cmd_jobs_status(args: argparse.Namespace) -> int:
-    cluster = Cluster(args.address)
-    info = cluster.info(args.id)
-    meta = info.metadata or {}
-    print(f"{info.submission_id}: {info.status}")
-    if info.message:
-        print(f"  {info.message.strip()}")
-    if meta.get("batch_infer_job"):
-        dated = f"  date: {meta['batch_infer_date']}" if meta.get("batch_infer_date") else ""
-        print(
-            f"  spec: {meta['batch_infer_job']}{dated}  "
-            f"output: {meta.get('batch_infer_output', '-')}"
-        )
-    print(f"  started: {_time(info.start_time)}  ended: {_time(info.end_time)}")
-    if info.driver_exit_code is not None:
-        print(f"  driver exit code: {info.driver_exit_code}")
+    r = job_record(Cluster(args.address).info(args.id))
+    if args.json:
+        emit(json.dumps(r, indent=1) + "\n")
+        return 0
+    lines = [f"{r['id']}: {r['status']}"] + ([f"  {r['message'].strip()}"] if r["message"] else [])
+    if r["name"]:
+        dated = f"  date: {r['date']}" if r["date"] else ""
+        lines.append(f"  spec: {r['name']}{dated}  output: {r['output']}  model: {r['model']}")
+    lines.append(f"  started: {r['started_at'] or '-'}  ended: {r['ended_at'] or '-'}")
+    if r["driver_exit_code"] is not None:
+        lines.append(f"  driver exit code: {r['driver_exit_code']}")
+    emit("\n".join(lines) + "\n")
     return 0
 
 
 def cmd_jobs_logs(args: argparse.Namespace) -> int:
     cluster = Cluster(args.address)
     if args.follow:
-        cluster.follow(args.id, sys.stdout)
+        cluster.follow(args.id)
         return 0
     with cluster.errors(args.id):
-        logs = cluster.client.get_job_logs(args.id)
-    sys.stdout.write(logs)
-    sys.stdout.flush()
+        emit(cluster.client.get_job_logs(args.id))
     return 0
 
 
@@ -642,47 +562,50 @@ def cmd_jobs_stop(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_jobs_delete(args: argparse.Namespace) -> int:
+    cluster = Cluster(args.address)
+    status = str(cluster.info(args.id).status)
+    if status not in TERMINAL:  # Ray would answer with a server error (HTTP 500)
+        raise UserError(f"job {args.id} is {status}: stop it first (batch-infer jobs stop --wait)")
+    with cluster.errors(args.id):
+        cluster.client.delete_job(args.id)
+    _note(f"deleted job {args.id} ({status}) from {cluster.address}; its output is kept")
+    return 0
+
+
 def register(subparsers: Any) -> None:
-    """Add `submit` and `jobs {list,status,logs,stop}` to the CLI's subparsers."""
+    """Add `submit` and `jobs {list,status,logs,stop,delete}` to the CLI's subparsers."""
     common = argparse.ArgumentParser(add_help=False)
-    common.add_argument(
-        "--address",
-        default=None,
-        help="the head's dashboard, e.g. http://HEAD:8265 (default: RAY_API_SERVER_ADDRESS)",
-    )
-    s = subparsers.add_parser(
-        "submit",
-        parents=[common],
-        help="submit a job spec to a Ray cluster (Ray Job Submission API); resubmit to resume",
-    )
+    common.add_argument("--address", help="the dashboard, e.g. http://HEAD:8265 (default: "
+                        "RAY_API_SERVER_ADDRESS)")  # fmt: skip
+    s = subparsers.add_parser("submit", parents=[common], help="run a job spec on a Ray cluster "
+                              "(Ray Jobs); resubmit to resume")  # fmt: skip
     s.add_argument("spec", help="the job spec (YAML)")
     add_spec_arguments(s, run=True)
-    s.add_argument(
-        "--wait",
-        action="store_true",
-        help="stream the job's logs; exit 0 if it succeeds, non-zero otherwise",
-    )
-    s.add_argument(
-        "--shared-model",
-        action="store_true",
-        help="model.onnx is on storage every node mounts at that path: do not carry it",
-    )
-    s.add_argument("--submission-id", default=None, help="the job's ID (default: Ray's)")
+    s.add_argument("--wait", action="store_true", help="follow the logs; exit with the job's code")
+    s.add_argument("--shared-model", action="store_true", help="do not carry model.onnx: every "
+                   "node of the cluster sees it at that path")  # fmt: skip
+    s.add_argument("--submission-id", help="the job's ID (default: Ray's)")
+    s.add_argument("--dry-run", action="store_true", help="print what would be sent; send nothing")
     s.set_defaults(func=cmd_submit)
-
-    j = subparsers.add_parser("jobs", help="list, inspect, follow and stop submitted jobs")
-    jobs = j.add_subparsers(dest="jobs_command", required=True, metavar="{list,status,logs,stop}")
-    p = jobs.add_parser("list", parents=[common], help="the cluster's batch-infer jobs")
-    p.add_argument("--all", action="store_true", help="every submitted job, not only batch-infer")
-    p.set_defaults(func=cmd_jobs_list)
-    p = jobs.add_parser("status", parents=[common], help="a job's status")
-    p.add_argument("id", help="the submission ID")
-    p.set_defaults(func=cmd_jobs_status)
-    p = jobs.add_parser("logs", parents=[common], help="a job's logs")
-    p.add_argument("id", help="the submission ID")
-    p.add_argument("-f", "--follow", action="store_true", help="follow until the job ends")
-    p.set_defaults(func=cmd_jobs_logs)
-    p = jobs.add_parser("stop", parents=[common], help="stop a job (resubmit to resume it)")
-    p.add_argument("id", help="the submission ID")
-    p.add_argument("--wait", action="store_true", help="wait until it has stopped")
-    p.set_defaults(func=cmd_jobs_stop)
+    j = subparsers.add_parser("jobs", help="list, inspect, follow, stop, delete submitted jobs")
+    jobs = j.add_subparsers(dest="jobs_command", required=True, metavar="COMMAND")
+    for name, func, text in (
+        ("list", cmd_jobs_list, "the cluster's batch-infer jobs"),
+        ("status", cmd_jobs_status, "a job's status"),
+        ("logs", cmd_jobs_logs, "a job's logs"),
+        ("stop", cmd_jobs_stop, "stop a job (resubmit to resume it)"),
+        ("delete", cmd_jobs_delete, "delete a finished job's record and logs (not its output)"),
+    ):
+        p = jobs.add_parser(name, parents=[common], help=text)
+        p.set_defaults(func=func)
+        if name == "list":
+            p.add_argument("--all", action="store_true", help="every job, not only batch-infer's")
+        else:
+            p.add_argument("id", help="the submission ID")
+        if name in ("list", "status"):
+            p.add_argument("--json", action="store_true", help="JSON, one job per line")
+        if name == "logs":
+            p.add_argument("-f", "--follow", action="store_true", help="until the job ends")
+        if name == "stop":
+            p.add_argument("--wait", action="store_true", help="wait until it has stopped")
