@@ -1,30 +1,21 @@
 """SQL over outputs (DuckDB): `batch-infer query`, `batch-infer inspect`, `batch_infer.query()`.
 
-OUTPUT is one job output or any folder above several (a scheduled job writing to
-`out/digits/date={date}/` gives `out/digits/date=2026-11-01/`, ...): every folder at or below
-it that holds `_manifest/`, `_runs/` or `_errors/` is a job output; folders whose name starts
-with `_` or `.` are never searched. Three views:
+OUTPUT is one job output or any folder above several (`out/digits/` above the dated
+`out/digits/date=2026-11-01/`, ...): each folder at or below it holding `_manifest/`, `_runs/`
+or `_errors/` is one; folders starting with `_` or `.` are never searched. Views: `predictions`
+(`part-*.parquet`), `errors` (`_errors/part-*.parquet`), `runs` (`_runs/*.json`: one column per
+`RunRecord` field, `started_at`/`finished_at` as UTC TIMESTAMPTZ, `date` the run's own else its
+path's, `output` where it was found). `key=value` folders are columns of all three, typed by
+DuckDB's hive partitioning on local paths; URIs (file:// too) are read through pyarrow.dataset
+(DuckDB's httpfs cannot be relied on), their keys typed DATE, BIGINT or VARCHAR alike.
 
-    predictions   the `part-*.parquet` files of every output
-    errors        their `_errors/part-*.parquet` (keep columns, _shard, _file, _row, _reason)
-    runs          one row per `_runs/<run>.json`, a column per `RunRecord` field, oldest first
-
-`key=value` folders in a path (hive partitions) are columns of all three. Local paths are read
-by DuckDB itself (`read_parquet`, `read_json`), which types those columns (ISO dates DATE,
-integers BIGINT, timestamps TIMESTAMP, else VARCHAR). URIs (s3://, gs://, hdfs://, file://) go
-through `pyarrow.dataset` registered in DuckDB (its httpfs extension cannot be relied on),
-their keys typed DATE, BIGINT or VARCHAR the same way. In `runs`, `date` is the run's own
-logical date, else its path's; `started_at`/`finished_at` are TIMESTAMPTZ (UTC); `output` is
-where the summary was found.
-
-Results are written by DuckDB's own COPY, never row by row in Python: csv (a header; lists,
-structs and maps as JSON), json (one array), ndjson, parquet. Floats round-trip exactly; JSON
-spells NaN and infinities `NaN` and `Infinity`, as DuckDB writes them. Stdout is fed through
-a pipe, so `>>` appends; a reader that stops early (`| head -1`) ends the command quietly with
-exit 141, as SIGPIPE would. `query` only reads: DuckDB's `enable_external_access` and
-`allowed_directories` cannot allow reading the output yet refuse writing into it, so
-statements that could write files or change settings (COPY, EXPORT, ATTACH, SET, PRAGMA,
-INSTALL ...) are refused, and so is `--out` inside the output.
+Results are written by DuckDB's COPY, never row by row in Python: csv (a header; lists,
+structs, maps as JSON), json (one array), ndjson, parquet. Floats round-trip exactly; JSON
+spells NaN and infinities `NaN`/`Infinity`, as DuckDB does. Stdout is fed through a pipe, so
+`>>` appends; a reader that stops early (`| head`) ends the command quietly with exit 141, as
+SIGPIPE would. `query` only reads: `enable_external_access`/`allowed_directories` cannot let
+DuckDB read the output yet not write into it, so statements that could write files or change
+settings (COPY, EXPORT, ATTACH, SET, PRAGMA, INSTALL ...) are refused, and `--out` inside it.
 """
 
 from __future__ import annotations
@@ -471,22 +462,16 @@ def _table(title: str, names: list[str], rows: list[list[Any]], caption: str = "
     if names:
         room = console.width - sum(w + 3 for w in widths[:-1]) - 4  # padding and rules
         widths[-1] = max(len(names[-1]), min(widths[-1], room))
-    table = Table(
-        title=Text(title) if title else None,
-        title_justify="left",
-        header_style="bold",
-        caption=Text(caption),
-        caption_justify="left",
-    )
+    table = Table(title=Text(title) if title else None, title_justify="left", header_style="bold")
     for i, (name, width) in enumerate(zip(names, widths, strict=True)):
         numeric = any(isinstance(r[i], int | float) and not isinstance(r[i], bool) for r in rows)
-        justify = "right" if numeric else "left"
-        table.add_column(
-            Text(name), justify=justify, no_wrap=True, overflow="ellipsis", width=width
-        )
+        right = "right" if numeric else "left"
+        table.add_column(Text(name), justify=right, no_wrap=True, overflow="ellipsis", width=width)
     for row in cells:
         table.add_row(*row)
     console.print(table)
+    if caption:
+        console.print(Text(caption), soft_wrap=True)
 
 
 def _print_result(result: duckdb.DuckDBPyRelation, max_rows: int) -> None:
@@ -525,18 +510,17 @@ def _report(layout: _Layout, runs: int, outputs: int) -> dict[str, Any]:
         except (OSError, ValueError, TypeError, pa.ArrowException) as exc:
             raise OutputError(f"{layout.uri(out.path)}: unreadable manifest: {exc}") from None
         last = max((e.committed_at for e in done), default=0.0)
-        shown.append(
-            {
-                "output": posixpath.relpath(out.path, layout.root.root),
-                "success": out.success,
-                "shards": len(done),
-                "rows": sum(e.rows for e in done),
-                "bad_rows": sum(e.bad_rows for e in done),
-                "retried": sum(e.attempt > 0 for e in done),
-                "committed_at": dt.datetime.fromtimestamp(last, dt.timezone.utc) if last else None,
-                "model_sha256": sorted({e.model_sha256 for e in done} - {""}),
-            }
+        values = (
+            posixpath.relpath(out.path, layout.root.root),
+            out.success,
+            len(done),
+            sum(e.rows for e in done),
+            sum(e.bad_rows for e in done),
+            sum(e.attempt > 0 for e in done),
+            dt.datetime.fromtimestamp(last, dt.timezone.utc) if last else None,
+            sorted({e.model_sha256 for e in done} - {""}),
         )
+        shown.append(dict(zip(_OUTPUT_KEYS, values, strict=True)))
         for e in done:
             key = (e.node, e.gpu or "", e.backend)
             w = workers.setdefault(key, dict(zip(("node", "gpu", "backend"), key, strict=True)))
@@ -576,7 +560,9 @@ def inspect(
         )
     _console().print(head, soft_wrap=True)
     show = {"status": _status, "success": _status, "errors": lambda e: "; ".join(e or ["-"])}
-    show |= {"node": lambda n: n[:12], "model_sha256": lambda s: ", ".join(h[:12] for h in s)}
+    show |= {"node": lambda n: n[:12], "gpu": lambda g: g or "-"}
+    show |= {"model_sha256": lambda s: ", ".join(h[:12] for h in s)}
+    show |= dict.fromkeys(("started_at", "committed_at"), lambda t: t and t.strftime("%m-%d %H:%M"))
     dated = any(r["date"] for r in runs)
     for title, rows, keys in (
         (f"runs (last {len(runs)} of {report['runs_total']})", runs, _RUN_KEYS[not dated :]),
