@@ -503,6 +503,11 @@ def test_inspect_json_says_what_the_screen_says(out: Path):
     assert dt.datetime.fromisoformat(report["runs"][0]["started_at"]).timestamp() == (
         pytest.approx(docs[0]["started_at"], abs=1e-3)
     )
+    # every RunRecord field, nested values nested, as the summary holds them
+    for run, doc in zip(report["runs"], docs, strict=True):
+        assert set(run) == {f.name for f in fields(RunRecord)}
+        same = set(run) - {"date", "started_at", "finished_at", "output"}
+        assert {k: run[k] for k in same} == {k: doc.get(k) for k in same}
 
 
 # --------------------------------------------------------------------------- discovery

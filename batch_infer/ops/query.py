@@ -501,6 +501,9 @@ def _report(layout: _Layout, runs: int, outputs: int) -> dict[str, Any]:
             all_runs = con.sql("SELECT * FROM runs").to_arrow_table().to_pylist()
     finally:
         con.close()
+    nested = [n for n, t in _run_fields().items() if t == "JSON"]  # nested in the JSON report
+    for run in all_runs:
+        run |= {n: json.loads(run[n]) for n in nested if run[n] is not None}
     shown, workers = [], {}
     for out in layout.outputs[-outputs:] if outputs else []:
         try:
