@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime as dt
+import ipaddress
 import json
 import os
 import secrets
@@ -21,7 +22,7 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -52,6 +53,7 @@ class Head:
     address: str
     token: str
     home: Path  # an empty HOME for the CLI: no ~/.ray/auth_token of the machine's user
+    processes: Callable[[], set[int]]  # the head's processes, and their workers and drivers
 
     def env(self, token: str | None = "cluster", **extra: str) -> dict[str, str]:
         """The CLI's environment: the cluster's token in RAY_AUTH_TOKEN, another, or none."""
@@ -177,12 +179,41 @@ def head() -> Iterator[Head]:
             time.sleep(1)
         home = temp / "home"
         home.mkdir()
-        yield Head(address, token, home)
+        yield Head(address, token, home, lambda: _processes_of(session, str(temp)))
     finally:
         _stop(session, str(temp))
         left = _processes_of(session, str(temp))
         shutil.rmtree(temp, ignore_errors=True)
         assert not left, f"processes left behind: {sorted(left)}"
+
+
+def _listening(pids: set[int]) -> list[ipaddress.IPv4Address | ipaddress.IPv6Address]:
+    """The addresses these processes' TCP sockets listen on, from /proc (Linux)."""
+    inodes = set()
+    for pid in pids:
+        with contextlib.suppress(OSError):
+            for fd in Path(f"/proc/{pid}/fd").iterdir():
+                with contextlib.suppress(OSError):
+                    if (target := os.readlink(fd)).startswith("socket:["):
+                        inodes.add(target[8:-1])
+    found = []
+    for table in ("tcp", "tcp6"):
+        for line in Path(f"/proc/net/{table}").read_text().splitlines()[1:]:
+            fields = line.split()
+            if fields[3] == "0A" and fields[9] in inodes:  # LISTEN
+                raw = bytes.fromhex(fields[1].rsplit(":", 1)[0])  # 32-bit words, little-endian
+                words = b"".join(raw[i : i + 4][::-1] for i in range(0, len(raw), 4))
+                found.append(ipaddress.ip_address(words))
+    return found
+
+
+def test_head_listens_on_loopback_only(head: Head) -> None:
+    """`ray start --node-ip-address=127.0.0.1` alone listens on every interface; with
+    RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 (tests/conftest.py) every port is on loopback."""
+    addresses = _listening(head.processes())
+    assert len(addresses) >= 5, addresses  # GCS, raylet, dashboard, agents: not vacuous
+    mapped = [getattr(a, "ipv4_mapped", None) or a for a in addresses]  # ::ffff:127.0.0.1
+    assert all(a.is_loopback for a in mapped), addresses
 
 
 def cli(*args: str, env: dict[str, str], cwd: Path | None = None) -> subprocess.CompletedProcess:

@@ -177,16 +177,7 @@ def oncalendar(schedule: ScheduleSpec) -> list[str]:
 # --------------------------------------------------------------------------- emitters
 
 
-@dataclass
-class Emitted:
-    """What `batch-infer schedule --emit` writes: file name -> text."""
-
-    files: dict[str, str] = field(default_factory=dict)
-
-    def text(self) -> str:
-        if len(self.files) == 1:
-            return next(iter(self.files.values()))
-        return "\n".join(f"# ---- {name} ----\n{body}" for name, body in self.files.items())
+Emitted = dict[str, str]  # what `batch-infer schedule --emit` writes: file name -> text
 
 
 def template(name: str) -> str:
@@ -204,13 +195,12 @@ class _Dumper(yaml.SafeDumper):
     def ignore_aliases(self, data: Any) -> bool:
         return True
 
+    def represent_str(self, data: str) -> yaml.ScalarNode:
+        style = "|" if "\n" in data else None
+        return self.represent_scalar("tag:yaml.org,2002:str", data, style=style)
 
-def _str_representer(dumper: yaml.SafeDumper, value: str) -> yaml.ScalarNode:
-    style = "|" if "\n" in value else None
-    return dumper.represent_scalar("tag:yaml.org,2002:str", value, style=style)
 
-
-_Dumper.add_representer(str, _str_representer)
+_Dumper.add_representer(str, _Dumper.represent_str)
 
 
 def _dump(*docs: dict[str, Any]) -> str:
@@ -238,10 +228,7 @@ def _program() -> list[str]:
 
 
 def _run_argv(spec_path: str, sets: list[str], program: list[str]) -> list[str]:
-    argv = [*program, "run", "-q", spec_path]
-    for pair in sets:
-        argv += ["--set", pair]
-    return argv
+    return [*program, "run", "-q", spec_path, *(a for pair in sets for a in ("--set", pair))]
 
 
 def _describe(spec: JobSpec, schedule: ScheduleSpec) -> str:
@@ -263,7 +250,7 @@ def emit_cron(
         cron=schedule.cron,
         command=command.replace("%", "\\%"),  # cron turns an unescaped % into a newline
     )
-    return Emitted({f"batch-infer-{spec.name}.crontab": text})
+    return {f"batch-infer-{spec.name}.crontab": text}
 
 
 def _systemd_quote(arg: str) -> str:
@@ -295,7 +282,7 @@ def emit_systemd(
         first_calendar=calendars[0],
         calendars="".join(f"OnCalendar={c}\n" for c in calendars),
     )
-    return Emitted({f"{unit}.service": service, f"{unit}.timer": timer})
+    return {f"{unit}.service": service, f"{unit}.timer": timer}
 
 
 def k8s_name(name: str) -> str:
@@ -352,7 +339,7 @@ def emit_kubernetes(
     )
     file = "cronjob.yaml" if kind == "kubernetes" else "raycronjob.yaml"
     header, docs = _manifests(file, **values, rayjob=_dump(rayjob), rayjob_spec=rayjob["spec"])
-    return Emitted({f"{name}-{file}": header + _dump(*docs)})
+    return {f"{name}-{file}": header + _dump(*docs)}
 
 
 def _schedule_of(spec: JobSpec) -> ScheduleSpec:
@@ -503,14 +490,14 @@ def _cmd_schedule(args: argparse.Namespace) -> int:
     else:
         opts = _kube_options(args, spec, err)
         emitted = emit_kubernetes(spec, Path(args.spec).read_text(), args.set, opts, args.emit)
-    if args.out:
-        out = Path(args.out)
-        out.mkdir(parents=True, exist_ok=True)
-        for name, body in emitted.files.items():
-            (out / name).write_text(body)
-            err.print(f"wrote {out / name}")
-    else:
-        sys.stdout.write(emitted.text())
+    if not args.out:
+        texts = [f"# ---- {name} ----\n{body}" for name, body in emitted.items()]
+        sys.stdout.write("\n".join(texts) if len(texts) > 1 else next(iter(emitted.values())))
+        return 0
+    Path(args.out).mkdir(parents=True, exist_ok=True)
+    for name, body in emitted.items():
+        (Path(args.out) / name).write_text(body)
+        err.print(f"wrote {Path(args.out) / name}")
     return 0
 
 
@@ -525,14 +512,10 @@ def _cmd_backfill(args: argparse.Namespace) -> int:
         err.print(f"backfill --dry-run: {todo} to run, {len(plan) - todo} to skip")
         return 0
 
-    def report(day: dt.date, what: str, detail: RunRecord | UserError | None) -> None:
-        if isinstance(detail, RunRecord):
-            err.print(
-                f"{day}: {detail.status}, {detail.rows_this_run:,} rows in "
-                f"{detail.seconds:.1f} s -> {detail.output}"
-            )
-        else:
-            err.print(f"{day}: failed: {detail}" if detail else f"{day}: skipped, already complete")
+    def report(day: dt.date, what: str, s: RunRecord | UserError | None) -> None:
+        if isinstance(s, RunRecord):
+            what = f"{s.status}, {s.rows_this_run:,} rows in {s.seconds:.1f} s -> {s.output}"
+        err.print(f"{day}: {what}" + (f": {s}" if isinstance(s, UserError) else ""))
 
     result = backfill(
         args.spec,
