@@ -1,9 +1,10 @@
 """The two stages each shard goes through before it is written.
 
 `prepare_shard` (a Ray task on any core) reads the shard, sets bad rows aside and converts
-the rest to tensors; `InferenceActor.infer` (one actor per GPU, or per core on a CPU-only
-cluster) runs the model on them. Results stay in the object store on their node; the
-driver passes references along, so the data never flows through the driver.
+the rest to tensors; a `ShardRunner` runs the model on them: inside an `InferenceActor` (one
+per GPU, or per core on a CPU-only cluster), or in the driver's own lane while Ray starts.
+Results stay in the object store on their node; the driver passes references along, so the
+data never flows through the driver.
 """
 
 from __future__ import annotations
@@ -17,7 +18,6 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
-import ray
 
 from batch_infer.backends import load_backend
 from batch_infer.backends.base import Feeds
@@ -33,45 +33,34 @@ log = logging.getLogger("batch_infer")
 ERROR_COLUMNS = ("_shard", "_file", "_row", "_reason")
 
 
-class InferenceActor:
-    """Loads the model once; then runs shards, `Backend.concurrency` of them at once."""
+class ShardRunner:
+    """Runs prepared shards on one loaded backend: what an inference actor does, and what
+    the driver's own lane does while Ray starts. Up to `backend.concurrency` threads may
+    call `run` at once. `node` and `gpu` say where it runs, for the manifest."""
 
-    def __init__(self, plan: JobPlan, device: str, threads: int, index: int) -> None:
+    def __init__(
+        self, plan: JobPlan, device: str, threads: int, lane: int, node: str, gpu: str | None
+    ) -> None:
         self.loading_at = time.time()
-        self.plan, self.index = plan, index
-        self.error: UserError | None = None
+        self.plan, self.lane, self.node, self.gpu = plan, lane, node, gpu
         self.first_batch_at: float | None = None
         self.last_batch_at: float | None = None
-        try:
-            self.backend, self.why = load_backend(
-                plan.signature, plan.backend, device=device, threads=threads
-            )
-        except UserError as exc:  # kept for describe(): the driver gets it as a clear error
-            self.error = exc
+        self.backend, self.why = load_backend(
+            plan.signature, plan.backend, device=device, threads=threads
+        )
         self.ready_at = time.time()
 
-    def close(self) -> None:
-        """Release the backend's sessions, device buffers, streams and events."""
-        if self.error is None:
-            self.backend.close()
-
-    def describe(self) -> tuple[str, str]:
-        """(backend, why it was chosen); raises the load error, if any."""
-        if self.error is not None:
-            raise self.error
-        return self.backend.describe(), self.why
-
     def stats(self) -> dict[str, Any]:
-        """This actor's lane of the run's timeline (epoch seconds) and its device's busy time."""
+        """This lane of the run's timeline (epoch seconds) and its device's busy time."""
         return {
-            "actor": self.index,
-            "node": ray.get_runtime_context().get_node_id(),
-            "gpu": ",".join(map(str, ray.get_gpu_ids())) or None,
+            "actor": self.lane,
+            "node": self.node,
+            "gpu": self.gpu,
             "loading_at": self.loading_at,
             "ready_at": self.ready_at,
             "first_batch_at": self.first_batch_at,
             "last_batch_at": self.last_batch_at,
-            "busy_seconds": round(self.backend.busy_seconds(), 3) if self.error is None else 0.0,
+            "busy_seconds": round(self.backend.busy_seconds(), 3),
         }
 
     def _batches(self, feeds: Feeds, rows: int) -> Iterator[tuple[int, Feeds]]:
@@ -79,10 +68,10 @@ class InferenceActor:
         a backend that tunes per shape gets a short last batch padded to a power of two."""
         fixed = self.plan.bindings[0].tensor.fixed_batch
         size = fixed or self.plan.spec.batch_size
+        pads = self.backend.pads_batches
         for start in range(0, rows, size):
             part = {k: v[start : start + size] for k, v in feeds.items()}
             real = min(size, rows - start)
-            pads = self.backend.pads_batches
             padded = fixed or (min(size, 1 << (real - 1).bit_length()) if pads else real)
             if padded > real:
                 part = {
@@ -91,12 +80,9 @@ class InferenceActor:
                 }
             yield real, part
 
-    def infer(
-        self, entry: ShardEntry, keep: pa.Table, feeds: Feeds
-    ) -> tuple[ShardEntry, pa.Table]:
-        """Run a prepared shard; (manifest entry draft, predictions)."""
-        if self.error is not None:
-            raise self.error
+    def run(self, entry: ShardEntry, keep: pa.Table, feeds: Feeds) -> tuple[ShardEntry, pa.Table]:
+        """Run a prepared shard; (manifest entry draft, predictions). A `CudaError` leaves the
+        device in doubt: the caller retires this runner."""
         started = time.time()
         counts: list[int] = []
 
@@ -109,15 +95,9 @@ class InferenceActor:
 
         names = {t.name: (t, col) for t, col in self.plan.outputs}
         pieces: dict[str, list[np.ndarray]] = {name: [] for name in names}
-        try:
-            for i, result in enumerate(self.backend.run(batches())):
-                for name in names:
-                    pieces[name].append(result[name][: counts[i]])
-        except CudaError:
-            # The CUDA context may be unusable now: leave, so the driver retries the shard
-            # on a fresh actor. The process exit releases device memory, streams and events.
-            log.exception("CUDA error; this actor exits and its shard is retried")
-            ray.actor.exit_actor()
+        for i, result in enumerate(self.backend.run(batches())):
+            for name in names:
+                pieces[name].append(result[name][: counts[i]])
         self.last_batch_at = time.time()
         predictions = keep
         for name, (tensor, col) in names.items():
@@ -129,13 +109,59 @@ class InferenceActor:
         entry = dataclasses.replace(
             entry,
             backend=self.backend.describe(),
-            actor=self.index,
+            actor=self.lane,
             infer_started=started,
             infer_seconds=round(time.time() - started, 3),
-            node=ray.get_runtime_context().get_node_id(),
-            gpu=",".join(map(str, ray.get_gpu_ids())) or None,
+            node=self.node,
+            gpu=self.gpu,
         )
         return entry, predictions
+
+    def close(self) -> None:
+        """Release the backend's sessions, device buffers, streams and events."""
+        self.backend.close()
+
+
+class InferenceActor:
+    """A Ray actor around a `ShardRunner`: one per GPU (or per core on a CPU-only cluster)."""
+
+    def __init__(self, plan: JobPlan, device: str, threads: int, index: int) -> None:
+        import ray  # only actors need it: the driver's lane runs without Ray
+
+        self.error: UserError | None = None
+        context = ray.get_runtime_context()
+        gpu = ",".join(map(str, ray.get_gpu_ids())) or None
+        try:
+            self.runner = ShardRunner(plan, device, threads, index, context.get_node_id(), gpu)
+        except UserError as exc:  # kept for describe(): the driver gets it as a clear error
+            self.error = exc
+
+    def describe(self) -> tuple[str, str]:
+        """(backend, why it was chosen); raises the load error, if any."""
+        if self.error is not None:
+            raise self.error
+        return self.runner.backend.describe(), self.runner.why
+
+    def stats(self) -> dict[str, Any]:
+        if self.error is not None:
+            raise self.error
+        return self.runner.stats()
+
+    def infer(
+        self, entry: ShardEntry, keep: pa.Table, feeds: Feeds
+    ) -> tuple[ShardEntry, pa.Table]:
+        if self.error is not None:
+            raise self.error
+        try:
+            return self.runner.run(entry, keep, feeds)
+        except CudaError:
+            # The CUDA context may be unusable now: leave, so the driver retries the shard
+            # on a fresh actor. The process exit releases device memory, streams and events.
+            log.exception("CUDA error; this actor exits and its shard is retried")
+            import ray
+
+            ray.actor.exit_actor()
+            raise  # not reached: exit_actor ends the process
 
 
 def _errors_table(

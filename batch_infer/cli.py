@@ -101,6 +101,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
         progress=not args.quiet,
         date=parse_date(args.date) if args.date else None,
         address=args.address,
+        started_at=process_started_at(),
     )
     _print_summary(console, summary)
     return 0
@@ -164,7 +165,7 @@ def entry() -> None:
     process ends at once, and the Ray it started ends with it (Ray's processes share their
     parent's fate), instead of waiting a second or more for a polite `ray.shutdown()`."""
     code = main()
-    if "ray" in sys.modules and sys.modules["ray"].is_initialized():
+    if "ray" in sys.modules:  # a run: Ray may still be starting, or up; either way, end now
         logging.shutdown()
         sys.stdout.flush()
         sys.stderr.flush()

@@ -4,10 +4,12 @@ It holds shard descriptions and small manifest entries, never the data: prepared
 and predictions stay in the object store and go from task to actor to writer by reference.
 `OutputSink` carries the exactly-once protocol; every run is recorded in `_runs/`.
 
-What a user waits for is the whole command, so the fixed cost is overlapped: Ray starts
-while the shards are planned and the output is checked; the actors load the model while
-the first shards are read; prepared shards go to whichever actor has room (so the last
-ones spread over all actors); the first and last shards are small (`data/sharding.py`).
+What a user waits for is the whole command, so the fixed cost is overlapped: a local Ray
+starts while the shards are planned and the output is checked, and meanwhile the driver's
+own lane (`_Lane`) loads the model on this machine and runs the first shards, until an
+actor is ready; the actors load the model while the first shards are read; prepared
+shards go to whichever actor has room (so the last ones spread over all actors); the
+first and last shards are small (`data/sharding.py`).
 """
 
 from __future__ import annotations
@@ -16,19 +18,17 @@ import datetime as dt
 import logging
 import os
 import sys
+import threading
 import time
 import uuid
 from collections import deque
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import ray
-from ray.exceptions import RayActorError, RayTaskError, WorkerCrashedError
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from batch_infer.actor import InferenceActor, prepare_shard, threads_for
-from batch_infer.backends import actor_concurrency, check_request
+from batch_infer.actor import InferenceActor, ShardRunner, prepare_shard, threads_for
+from batch_infer.backends import actor_concurrency, check_request, local_device
 from batch_infer.data.sharding import Shard, plan_shards
 from batch_infer.errors import UserError
 from batch_infer.planning import JobPlan, build_plan
@@ -38,13 +38,25 @@ from batch_infer.spec import SpecSource, resolve_spec
 
 log = logging.getLogger("batch_infer")
 
-# Errors that mean a process died, not that the shard is bad: the shard is retried.
-_DIED = (
-    RayActorError,
-    WorkerCrashedError,
-    ray.exceptions.ObjectLostError,
-    ray.exceptions.OwnerDiedError,
-)
+if TYPE_CHECKING:
+    from ray.exceptions import RayTaskError
+
+# Ray is imported where it is used: the driver's lane and the planning need none of it, so
+# a local run imports it on the thread that starts Ray, beside the rest of the work.
+
+
+def _died_errors() -> tuple[type[BaseException], ...]:
+    """Errors that mean a process died, not that the shard is bad: the shard is retried."""
+    from ray import exceptions as e
+
+    return (e.RayActorError, e.WorkerCrashedError, e.ObjectLostError, e.OwnerDiedError)
+
+
+def starts_local_ray(address: str | None) -> bool:
+    """Whether `connect(address)` will start a local Ray of this run's own."""
+    if address or os.environ.get("RAY_ADDRESS"):
+        return False
+    return "ray" not in sys.modules or not sys.modules["ray"].is_initialized()
 
 
 def connect(address: str | None = None) -> None:
@@ -52,6 +64,8 @@ def connect(address: str | None = None) -> None:
     for a submitted run), else the one this process already joined with `ray.init`.
     Otherwise start a local Ray of the run's own: never one that happens to be running on
     this machine, which may be another user's."""
+    import ray
+
     if ray.is_initialized():
         return
     address = address or os.environ.get("RAY_ADDRESS") or "local"
@@ -63,99 +77,32 @@ def connect(address: str | None = None) -> None:
     )
 
 
-@dataclass
-class _Task:
-    """What an object reference in flight stands for."""
+class _RayStart:
+    """`connect` on a thread of its own, so the run goes on while Ray starts. The thread
+    lives as long as the process: Ray's processes are bound to the thread that started them
+    (Linux's parent-death signal), and end with the process instead."""
 
-    kind: str  # "ready" (an actor loading its model), "prepare", "infer" or "commit"
-    shard: Shard | None = None
-    attempt: int = 0
-    slot: int = 0  # the actor's or writer's index
-    handle: Any = None  # the actor or writer it runs on, to replace it if it died
-    refs: tuple[Any, ...] = ()  # the task's other results, passed on to the next stage
+    def __init__(self, address: str | None) -> None:
+        self.address, self.error = address, None
+        self.done = threading.Event()
+        threading.Thread(target=self._main, name="batch-infer-ray", daemon=True).start()
 
+    def _main(self) -> None:
+        try:
+            connect(self.address)
+        except BaseException as exc:  # raised by ready(), on the run's own thread
+            self.error = exc
+        finally:
+            self.done.set()
+        threading.Event().wait()  # never returns: see the class's docstring
 
-class _Pool:
-    """The inference actors and writers of one run; replaces the ones that die."""
-
-    def __init__(self, plan: JobPlan, sink: OutputSink, device: str, run_id: str) -> None:
-        spec = plan.spec
-        resources = ray.cluster_resources()
-        self.plan, self.sink, self.device, self.run_id = plan, sink, device, run_id
-        cpus = max(1, int(resources.get("CPU", 1)))
-        concurrency = actor_concurrency(device)
-        if device == "gpu":  # one actor per GPU; the other cores prepare shards ahead of it
-            self.count = int(resources.get("GPU", 0))
-            self.options = {"num_gpus": 1, "num_cpus": 1, "max_concurrency": concurrency}
-            prepare_cpus = 1.0
-            self.ahead = max(4, cpus - self.count)
-        else:  # the actors hold the cores; preparing shares them
-            self.count = spec.num_actors or cpus
-            self.options = {"num_cpus": 1, "max_concurrency": concurrency}
-            prepare_cpus = 0.0
-            self.ahead = self.count + 1
-        # Shards given to an actor at once: what it runs side by side, and one waiting.
-        self.room = concurrency + 1
-        self.threads = threads_for(self.options["num_cpus"])
-        self.plan_ref = ray.put(plan)
-        self.prepare = ray.remote(prepare_shard).options(
-            num_returns=4, num_cpus=prepare_cpus, max_retries=2
-        )
-        self.actors = [self._new_actor(i) for i in range(self.count)]
-        writers = spec.num_writers or max(1, -(-self.count // 4))
-        self.writers = [self._new_writer(i) for i in range(writers)]
-
-    def _name(self, role: str, i: int) -> str:
-        return f"batch-infer:{self.run_id}:{role}-{i}-{uuid.uuid4().hex[:4]}"
-
-    def _new_actor(self, i: int) -> Any:
-        cls = ray.remote(InferenceActor).options(
-            **self.options,
-            name=self._name("infer", i),
-            scheduling_strategy="SPREAD",
-            max_restarts=0,
-        )
-        return cls.remote(self.plan, self.device, self.threads, i)
-
-    def _new_writer(self, i: int) -> Any:
-        cls = ray.remote(ShardWriter).options(
-            num_cpus=0, name=self._name("writer", i), scheduling_strategy="SPREAD"
-        )
-        return cls.remote(self.sink)
-
-    def replace_actor(self, i: int, dead: Any) -> bool:
-        """A new actor for a dead one; False if it was replaced already."""
-        if self.actors[i] is not dead:
+    def ready(self, timeout: float | None = None) -> bool:
+        """Whether Ray is up (waiting up to `timeout` seconds); raises why it could not start."""
+        if not self.done.wait(timeout):
             return False
-        self.actors[i] = self._new_actor(i)
+        if self.error is not None:
+            raise self.error
         return True
-
-    def replace_writer(self, i: int, dead: Any) -> None:
-        if self.writers[i] is dead:
-            self.writers[i] = self._new_writer(i)
-
-    def stats(self) -> list[dict[str, Any]]:
-        """Each live actor's timeline lane (see `InferenceActor.stats`)."""
-        refs = [actor.stats.remote() for actor in self.actors]
-        ready, _ = ray.wait(refs, num_returns=len(refs), timeout=10)
-        out = []
-        for ref in ready:
-            try:
-                out.append(ray.get(ref))
-            except (RayTaskError, *_DIED):
-                continue
-        return sorted(out, key=lambda s: s["actor"])
-
-    def shutdown(self) -> None:
-        """End every actor and writer now: the run is recorded, nothing of theirs is needed,
-        and a process that ends releases its GPU memory, streams and sessions."""
-        for handle in self.actors + self.writers:
-            ray.kill(handle)
-
-
-def _cause(exc: RayTaskError) -> BaseException:
-    cause = exc.cause if isinstance(exc, RayTaskError) else exc
-    return cause if cause is not None else exc
 
 
 class _Progress:
@@ -191,39 +138,243 @@ class _Progress:
             )
 
 
+class _Work:
+    """The shards still to run and the run's counts, shared by the driver's lane (a thread)
+    and the Ray loop; every change goes through one lock."""
+
+    def __init__(self, todo: list[Shard], record: RunRecord, bar: _Progress) -> None:
+        self.lock = threading.Lock()
+        self.pending: deque[tuple[Shard, int]] = deque((s, 0) for s in todo)
+        self.record, self.bar = record, bar
+
+    def take(self) -> tuple[Shard, int] | None:
+        with self.lock:
+            return self.pending.popleft() if self.pending else None
+
+    def put_back(self, shard: Shard, attempt: int) -> None:
+        with self.lock:
+            self.pending.appendleft((shard, attempt))
+
+    def committed(self, entry: ShardEntry) -> None:
+        with self.lock:
+            record = self.record
+            record.mark("first_commit", entry.committed_at)
+            record.timeline["last_commit"] = round(entry.committed_at - record.started_at, 3)
+            record.shards_committed += 1
+            record.rows_this_run += entry.rows
+            record.files_written += len(entry.files)
+            self.bar.committed(record.shards_committed, record.rows_this_run)
+
+    def failed(self, why: str) -> None:
+        with self.lock:
+            self.record.shards_failed += 1
+            self.record.errors.append(why)
+
+
+class _Lane:
+    """The driver's own lane while its local Ray starts: a `ShardRunner` on this machine's
+    device, fed from the same queue, committing through the same sink. Ray's start takes
+    seconds that the device would otherwise spend idle. The lane stops taking shards once
+    an actor is ready, lets its last ones commit, and releases the device."""
+
+    def __init__(self, plan: JobPlan, sink: OutputSink, work: _Work, device: str) -> None:
+        self.plan, self.sink, self.work, self.device = plan, sink, work, device
+        self.stopping = threading.Event()
+        self.stats: dict[str, Any] | None = None
+        self.thread = threading.Thread(target=self._main, name="batch-infer-lane", daemon=True)
+        self.thread.start()
+
+    @property
+    def running(self) -> bool:
+        return self.thread.is_alive()
+
+    def stop(self) -> None:
+        self.stopping.set()
+
+    def _main(self) -> None:
+        gpu = "0" if self.device == "gpu" else None
+        try:
+            runner = ShardRunner(self.plan, self.device, 1, -1, "driver", gpu)
+        except Exception as exc:  # the actors will load it, or say why they cannot
+            log.info("the driver's lane could not load the model (%s); waiting for Ray", exc)
+            return
+        try:
+            threads = runner.backend.concurrency
+            workers = [threading.Thread(target=self._loop, args=(runner,)) for _ in range(threads)]
+            for w in workers:
+                w.start()
+            for w in workers:
+                w.join()
+            self.stats = runner.stats()
+        finally:
+            runner.close()
+
+    def _loop(self, runner: ShardRunner) -> None:
+        run_id = self.work.record.run_id
+        while not self.stopping.is_set() and (item := self.work.take()) is not None:
+            shard, attempt = item
+            try:
+                entry, keep, feeds, errors = prepare_shard(self.plan, shard, run_id, attempt)
+                entry, predictions = runner.run(entry, keep, feeds)
+                entry = self.sink.write(entry, predictions, errors)
+            except UserError as exc:  # bad data: no retry can help, as in the actors
+                self.work.failed(str(exc))
+                continue
+            except Exception as exc:  # the device or the library: leave it to the actors
+                log.warning("the driver's lane stops (%s: %s)", type(exc).__name__, exc)
+                self.work.put_back(shard, attempt)
+                self.stop()
+                return
+            self.work.committed(entry)
+
+
+@dataclass
+class _Task:
+    """What an object reference in flight stands for."""
+
+    kind: str  # "ready" (an actor loading its model), "prepare", "infer" or "commit"
+    shard: Shard | None = None
+    attempt: int = 0
+    slot: int = 0  # the actor's or writer's index
+    handle: Any = None  # the actor or writer it runs on, to replace it if it died
+    refs: tuple[Any, ...] = ()  # the task's other results, passed on to the next stage
+
+
+class _Pool:
+    """The inference actors and writers of one run; replaces the ones that die."""
+
+    def __init__(self, plan: JobPlan, sink: OutputSink, device: str, run_id: str) -> None:
+        import ray
+
+        spec = plan.spec
+        resources = ray.cluster_resources()
+        self.plan, self.sink, self.device, self.run_id = plan, sink, device, run_id
+        cpus = max(1, int(resources.get("CPU", 1)))
+        concurrency = actor_concurrency(device)
+        if device == "gpu":  # one actor per GPU; the other cores prepare shards ahead of it
+            self.count = int(resources.get("GPU", 0))
+            self.options = {"num_gpus": 1, "num_cpus": 1, "max_concurrency": concurrency}
+            prepare_cpus = 1.0
+            self.ahead = max(4, cpus - self.count)
+        else:  # the actors hold the cores; preparing shares them
+            self.count = spec.num_actors or cpus
+            self.options = {"num_cpus": 1, "max_concurrency": concurrency}
+            prepare_cpus = 0.0
+            self.ahead = self.count + 1
+        # Shards given to an actor at once: what it runs side by side, and one waiting.
+        self.room = concurrency + 1
+        self.threads = threads_for(self.options["num_cpus"])
+        self.plan_ref = ray.put(plan)
+        self.prepare = ray.remote(prepare_shard).options(
+            num_returns=4, num_cpus=prepare_cpus, max_retries=2
+        )
+        self.actors = [self._new_actor(i) for i in range(self.count)]
+        writers = spec.num_writers or max(1, -(-self.count // 4))
+        self.writers = [self._new_writer(i) for i in range(writers)]
+
+    def _name(self, role: str, i: int) -> str:
+        return f"batch-infer:{self.run_id}:{role}-{i}-{uuid.uuid4().hex[:4]}"
+
+    def _new_actor(self, i: int) -> Any:
+        import ray
+
+        cls = ray.remote(InferenceActor).options(
+            **self.options,
+            name=self._name("infer", i),
+            scheduling_strategy="SPREAD",
+            max_restarts=0,
+        )
+        return cls.remote(self.plan, self.device, self.threads, i)
+
+    def _new_writer(self, i: int) -> Any:
+        import ray
+
+        cls = ray.remote(ShardWriter).options(
+            num_cpus=0, name=self._name("writer", i), scheduling_strategy="SPREAD"
+        )
+        return cls.remote(self.sink)
+
+    def replace_actor(self, i: int, dead: Any) -> bool:
+        """A new actor for a dead one; False if it was replaced already."""
+        if self.actors[i] is not dead:
+            return False
+        self.actors[i] = self._new_actor(i)
+        return True
+
+    def replace_writer(self, i: int, dead: Any) -> None:
+        if self.writers[i] is dead:
+            self.writers[i] = self._new_writer(i)
+
+    def stats(self) -> list[dict[str, Any]]:
+        """Each live actor's timeline lane (see `InferenceActor.stats`)."""
+        import ray
+        from ray.exceptions import RayTaskError
+
+        refs = [actor.stats.remote() for actor in self.actors]
+        ready, _ = ray.wait(refs, num_returns=len(refs), timeout=10)
+        out = []
+        for ref in ready:
+            try:
+                out.append(ray.get(ref))
+            except (RayTaskError, *_died_errors()):
+                continue
+        return sorted(out, key=lambda s: s["actor"])
+
+    def shutdown(self) -> None:
+        """End every actor and writer now: the run is recorded, nothing of theirs is needed,
+        and a process that ends releases its GPU memory, streams and sessions."""
+        import ray
+
+        for handle in self.actors + self.writers:
+            ray.kill(handle)
+
+
+def _cause(exc: RayTaskError) -> BaseException:
+    return exc.cause if exc.cause is not None else exc
+
+
 def _execute(
     plan: JobPlan,
     sink: OutputSink,
-    todo: list[Shard],
-    record: RunRecord,
-    device: str,
-    progress: bool,
+    work: _Work,
+    lane: _Lane | None,
+    ray_start: _RayStart,
 ) -> None:
     """Prepare shards ahead, hand each prepared one to the actor with the most room, commit
-    what comes back; retry shards whose process died. Returns when every shard is done."""
+    what comes back; retry shards whose process died. Returns when every shard is done:
+    without Ray at all if the driver's lane ran them all while Ray was starting."""
+    while not ray_start.ready(0.05):
+        if lane is None or not lane.running:
+            if not work.pending:
+                return  # the lane ran every shard
+            ray_start.ready()  # nothing to do but wait for Ray
+    import ray
+    from ray.exceptions import RayTaskError
+
+    died_errors = _died_errors()
+    work.record.mark("ray_ready")
+    gpus = int(ray.cluster_resources().get("GPU", 0))
+    device = check_request(plan.spec.backend, plan.spec.device, gpus)
+    record = work.record
     pool = _Pool(plan, sink, device, record.run_id)
     record.actors = pool.count
     max_commits = 2 * len(pool.writers) + pool.count  # backpressure on the writers
-    pending: deque[tuple[Shard, int]] = deque((s, 0) for s in todo)
     prepared: deque[tuple[Shard, int, tuple[Any, ...]]] = deque()
     running: dict[Any, _Task] = {}
     load = [0] * pool.count
     next_writer = 0
-    bar = _Progress(plan.spec.name, len(todo), progress)
     last_refresh = time.time()
     for i, actor in enumerate(pool.actors):
         running[actor.describe.remote()] = _Task("ready", slot=i, handle=actor)
 
     def retry(shard: Shard, attempt: int, why: str) -> None:
         if attempt < plan.spec.max_retries:
-            record.retries += 1
+            with work.lock:
+                record.retries += 1
             log.warning("shard %s: %s; retrying", shard.id, why)
-            pending.append((shard, attempt + 1))
+            work.put_back(shard, attempt + 1)
         else:
-            record.shards_failed += 1
-            record.errors.append(
-                f"shard {shard.id} ({shard.file.relpath}): {why}, {attempt + 1} attempt(s)"
-            )
+            work.failed(f"shard {shard.id} ({shard.file.relpath}): {why}, {attempt + 1} attempt(s)")
 
     def died(task: _Task, exc: BaseException) -> None:
         if task.kind == "commit":
@@ -235,71 +386,71 @@ def _execute(
             role = {"commit": "writer", "prepare": "prepare task"}.get(task.kind, "actor")
             retry(task.shard, task.attempt, f"{role} died ({type(exc).__name__})")
 
-    with bar.bar:
-        while pending or prepared or running:
-            kinds = [t.kind for t in running.values()]
-            preparing, commits = kinds.count("prepare"), kinds.count("commit")
-            while pending and preparing + len(prepared) < pool.ahead and commits < max_commits:
-                shard, attempt = pending.popleft()
-                entry, *refs = pool.prepare.remote(pool.plan_ref, shard, record.run_id, attempt)
-                running[entry] = _Task("prepare", shard, attempt, refs=tuple(refs))
-                preparing += 1
-            while prepared and min(load) < pool.room:
-                i = load.index(min(load))
-                shard, attempt, (entry, keep, feeds, errors) = prepared.popleft()
-                actor = pool.actors[i]
-                done, predictions = actor.infer.options(num_returns=2).remote(entry, keep, feeds)
-                running[done] = _Task("infer", shard, attempt, i, actor, (predictions, errors))
-                load[i] += 1
-            ready, _ = ray.wait(list(running), num_returns=1, timeout=1.0)
-            if time.time() - last_refresh > 10:
-                sink.keep_alive()
-                last_refresh = time.time()
-            for ref in ready:
-                task = running.pop(ref)
-                if task.kind == "infer":
-                    load[task.slot] -= 1
-                try:
-                    result = ray.get(ref)
-                except _DIED as exc:
-                    died(task, exc)
-                    continue
-                except RayTaskError as exc:
-                    cause = _cause(exc)
-                    if task.kind == "ready":  # the model cannot load: no shard can run
-                        raise cause if isinstance(cause, UserError) else exc from None
-                    assert task.shard is not None
-                    if isinstance(cause, UserError):  # bad data: retrying cannot help
-                        record.shards_failed += 1
-                        record.errors.append(str(cause))
-                    else:
-                        retry(task.shard, task.attempt, f"{type(cause).__name__}: {cause}")
-                    continue
-                if task.kind == "ready":
-                    if not record.backend:
-                        record.backend, record.backend_reason = result
-                        log.info("backend: %s", record.backend_reason)
-                elif task.kind == "prepare":
-                    assert task.shard is not None
-                    prepared.append((task.shard, task.attempt, (ref, *task.refs)))
-                elif task.kind == "infer":
-                    w = next_writer % len(pool.writers)
-                    next_writer += 1
-                    writer = pool.writers[w]
-                    commit = writer.commit.remote(result, *task.refs)
-                    running[commit] = _Task("commit", task.shard, task.attempt, w, writer)
+    while work.pending or prepared or running or (lane is not None and lane.running):
+        kinds = [t.kind for t in running.values()]
+        preparing, commits = kinds.count("prepare"), kinds.count("commit")
+        while preparing + len(prepared) < pool.ahead and commits < max_commits:
+            item = work.take()
+            if item is None:
+                break
+            shard, attempt = item
+            entry, *refs = pool.prepare.remote(pool.plan_ref, shard, record.run_id, attempt)
+            running[entry] = _Task("prepare", shard, attempt, refs=tuple(refs))
+            preparing += 1
+        while prepared and min(load) < pool.room:
+            i = load.index(min(load))
+            shard, attempt, (entry, keep, feeds, errors) = prepared.popleft()
+            actor = pool.actors[i]
+            done, predictions = actor.infer.options(num_returns=2).remote(entry, keep, feeds)
+            running[done] = _Task("infer", shard, attempt, i, actor, (predictions, errors))
+            load[i] += 1
+        ready, _ = ray.wait(list(running), num_returns=1, timeout=0.2) if running else ([], [])
+        if not running:
+            time.sleep(0.05)  # only the lane is at work
+        if time.time() - last_refresh > 10:
+            sink.keep_alive()
+            last_refresh = time.time()
+        for ref in ready:
+            task = running.pop(ref)
+            if task.kind == "infer":
+                load[task.slot] -= 1
+            try:
+                result = ray.get(ref)
+            except died_errors as exc:
+                died(task, exc)
+                continue
+            except RayTaskError as exc:
+                cause = _cause(exc)
+                if task.kind == "ready":  # the model cannot load: no shard can run
+                    raise cause if isinstance(cause, UserError) else exc from None
+                assert task.shard is not None
+                if isinstance(cause, UserError):  # bad data: retrying cannot help
+                    work.failed(str(cause))
                 else:
-                    entry: ShardEntry = result
-                    record.mark("first_commit", entry.committed_at)
-                    record.timeline["last_commit"] = round(
-                        entry.committed_at - record.started_at, 3
-                    )
-                    record.shards_committed += 1
-                    record.rows_this_run += entry.rows
-                    record.files_written += len(entry.files)
-                    bar.committed(record.shards_committed, record.rows_this_run)
-            del ready
-    _record_actors(record, pool.stats())
+                    retry(task.shard, task.attempt, f"{type(cause).__name__}: {cause}")
+                continue
+            if task.kind == "ready":
+                if lane is not None:
+                    lane.stop()  # an actor took over: the lane finishes what it holds
+                if not record.backend:
+                    record.backend, record.backend_reason = result
+                    log.info("backend: %s", record.backend_reason)
+            elif task.kind == "prepare":
+                assert task.shard is not None
+                prepared.append((task.shard, task.attempt, (ref, *task.refs)))
+            elif task.kind == "infer":
+                w = next_writer % len(pool.writers)
+                next_writer += 1
+                writer = pool.writers[w]
+                commit = writer.commit.remote(result, *task.refs)
+                running[commit] = _Task("commit", task.shard, task.attempt, w, writer)
+            else:
+                work.committed(result)
+        del ready
+    if lane is not None:
+        lane.thread.join()
+    lanes = pool.stats() + ([lane.stats] if lane is not None and lane.stats else [])
+    _record_actors(record, lanes)
     pool.shutdown()
 
 
@@ -364,35 +515,35 @@ def run(
     record.name, record.date, record.output = spec.name, spec.date, spec.output.path
     record.model, record.model_sha256 = spec.model.onnx, plan.signature.sha256
     sink = OutputSink(spec.output.path, spec.output.row_group_rows)
+    local = starts_local_ray(address)
+    lane_device = local_device(spec.backend, spec.device) if local else None
 
-    def check_output() -> tuple[list[Shard], dict[str, ShardEntry]]:
+    def prepare_output() -> tuple[list[Shard], dict[str, ShardEntry], _Work, _Lane | None]:
+        """Plan the shards, take the output, and start the driver's lane on the first ones."""
         shards = plan_shards(plan.dataset, spec.shard_rows)  # reads every Parquet footer
         fingerprints = {s.id: s.fingerprint for s in shards}
-        return shards, sink.on_write_start(record.run_id, plan.config(), fingerprints, overwrite)
-
-    ray_error: BaseException | None = None
-    with ThreadPoolExecutor(1) as side:
-        checking = side.submit(check_output)
-        if _likely_work(sink, plan.config(), overwrite):
-            try:  # Ray starts meanwhile, on this thread: its processes live as long as it does
-                connect(address)
-                record.mark("ray_ready")
-            except BaseException as exc:  # raised below, once the output is held and recorded
-                ray_error = exc
-        shards, done = checking.result()
-    record.mark("planned")
-    try:
-        if ray_error is not None:
-            raise ray_error
-        record.shards_total = len(shards)
-        record.shards_skipped = len(done)
+        done = sink.on_write_start(record.run_id, plan.config(), fingerprints, overwrite)
+        record.mark("planned")
         todo = [s for s in shards if s.id not in done]
-        if todo:
-            connect(address)
-            record.mark("ray_ready")
-            gpus = int(ray.cluster_resources().get("GPU", 0))
-            device = check_request(spec.backend, spec.device, gpus)
-            _execute(plan, sink, todo, record, device, progress)
+        work = _Work(todo, record, _Progress(spec.name, len(todo), progress))
+        lane = _Lane(plan, sink, work, lane_device) if todo and lane_device else None
+        return shards, done, work, lane
+
+    ray_start = _RayStart(address) if _likely_work(sink, plan.config(), overwrite) else None
+    shards, done, work, lane = prepare_output()
+    try:
+        with work.bar.bar:
+            try:
+                record.shards_total = len(shards)
+                record.shards_skipped = len(done)
+                if work.pending or lane is not None:
+                    _execute(plan, sink, work, lane, ray_start or _RayStart(address))
+            finally:
+                if lane is not None:  # an error above: let the lane's shards commit first
+                    lane.stop()
+                    lane.thread.join()
+                    if lane.stats and not record.actor_stats:  # no actor was needed
+                        _record_actors(record, [lane.stats])
         sink.on_write_complete(record, [s.id for s in shards], spec.max_bad_rows)
     except BaseException as exc:
         sink.on_write_failed(record, exc)

@@ -22,7 +22,6 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from croniter import croniter
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from batch_infer.errors import SpecError
@@ -130,6 +129,8 @@ class ScheduleSpec(_Strict):
                 f"{expr!r}: day-of-month {dom!r} with day-of-week {dow!r} is ambiguous (cron "
                 "implementations disagree on */n here); list the days instead"
             )
+        from croniter import croniter  # only specs with a schedule pay for it
+
         if not croniter.is_valid(expr):
             raise ValueError(f"{expr!r}: not a valid cron expression (a value is out of range?)")
         return expr

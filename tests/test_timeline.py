@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import os
 from pathlib import Path
 
 import numpy as np
@@ -140,3 +141,37 @@ def test_summary_shows_the_timeline(tmp_path):
     assert "planned 0.5 s, Ray 1.0 s, model loaded 2.0 s, first batch 2.1 s" in text
     assert "1,000 rows/s from first to last batch" in text and "90% from first" in text
     assert str(ROOT)  # the repository root is importable (tests.conftest)
+
+
+def test_cli_run_starts_in_the_drivers_lane_while_its_ray_starts(tmp_path):
+    """`batch-infer run` with its own Ray: the driver's lane loads the model and commits the
+    first shards while Ray starts; whoever runs a shard, every row lands once."""
+    import subprocess
+    import sys
+
+    import yaml
+
+    data = _images(tmp_path / "in")
+    spec = {
+        "name": "lane",
+        "input": {"path": str(data)},
+        "model": {"onnx": _model(tmp_path / "sum.onnx"), "inputs": {"px": "px"}},
+        "batch_size": 64,
+        "output": {"path": str(tmp_path / "out"), "keep_columns": ["id"]},
+    }
+    (tmp_path / "job.yaml").write_text(yaml.safe_dump(spec))
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    done = subprocess.run(
+        [sys.executable, "-m", "batch_infer.cli", "run", str(tmp_path / "job.yaml"), "-q"],
+        capture_output=True, text=True, timeout=300, env=env,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    assert read_output(tmp_path / "out").sort_by("id")["id"].to_pylist() == list(range(1800))
+    (saved,) = [json.loads(p.read_text()) for p in (tmp_path / "out" / "_runs").glob("*.json")]
+    entries = [json.loads(p.read_text()) for p in (tmp_path / "out/_manifest/shards").glob("*")]
+    first = min(entries, key=lambda e: e["committed_at"])
+    assert first["actor"] == -1 and first["node"] == "driver"  # the lane's, before any actor
+    lane = [a for a in saved["actor_stats"] if a["actor"] == -1]
+    assert lane and lane[0]["busy_seconds"] > 0
+    assert saved["timeline"]["first_commit"] < saved["timeline"].get("ray_ready", float("inf"))
+    assert sum(e["rows"] for e in entries) == 1800

@@ -35,8 +35,24 @@ def actor_concurrency(device: str) -> int:
     return GPU_CONCURRENCY if device == "gpu" else Backend.concurrency
 
 
+def local_device(requested: str, device: str) -> str | None:
+    """The device this process can run the job's backend on ('gpu' or 'cpu'), or None. It is
+    what the driver's own lane uses while a local Ray starts (`job._Lane`)."""
+    if device != "cpu" and _has("cuda.bindings"):
+        from batch_infer.backends.cuda_streams import device_count
+
+        if device_count() > 0:
+            return "gpu"
+    if device == "gpu" or requested in ("tensorrt", "tensorrt-rtx"):
+        return None
+    return "cpu"
+
+
 def _has(module: str) -> bool:
-    return importlib.util.find_spec(module) is not None
+    try:
+        return importlib.util.find_spec(module) is not None
+    except ModuleNotFoundError:  # a dotted name whose package is missing
+        return False
 
 
 def _rtx_runs_here(capability: tuple[int, int]) -> bool:

@@ -250,22 +250,28 @@ class SlotRing:
         a slot only when it holds none, so two threads never wait on each other.
         """
         mine: deque[Slot] = deque()
+
+        def collect_oldest() -> Feeds:
+            """The oldest batch's outputs (copies), its slot already handed back: no slot is
+            held across a `yield`, so a consumer that stops early loses none."""
+            oldest = mine.popleft()
+            try:
+                return self._collect(oldest)
+            finally:
+                self._free.put(oldest)
+
         try:
             for feeds in batches:  # converting the next batch overlaps with the GPU's work
                 try:
                     slot = self._free.get_nowait()
                 except queue.Empty:
                     if mine:
-                        oldest = mine.popleft()
-                        yield self._collect(oldest)
-                        self._free.put(oldest)
+                        yield collect_oldest()
                     slot = self.acquire()
                 mine.append(slot)
                 self._submit(slot, feeds, enqueue)
             while mine:
-                oldest = mine.popleft()
-                yield self._collect(oldest)
-                self._free.put(oldest)
+                yield collect_oldest()
         finally:  # a failed batch: wait for this thread's slots, then hand them back
             for slot in mine:
                 cudart.cudaEventSynchronize(slot.done)

@@ -121,7 +121,7 @@ class RunRecord(_Record):
     model_sha256: str = ""
     output: str = ""
     actors: int = 0
-    nodes: list[str] = field(default_factory=list)
+    nodes: list[str] = field(default_factory=list)  # Ray nodes that ran shards ("driver": its lane)
     errors: list[str] = field(default_factory=list)
     started_at: float = field(default_factory=time.time)  # the process's start, epoch seconds
     finished_at: float | None = None
