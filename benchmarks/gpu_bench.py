@@ -1,12 +1,19 @@
-"""GPU benchmark (run by hand on the GPU machine; see docs/gpu.md for the figures).
+"""GPU benchmark (run by hand on the GPU machine): what a user waits for.
 
-For each workload, side by side in one run, all with ONNX Runtime CUDA and batch 256:
-  (1) compute: the backend's own binding, device-resident inputs, no copies;
-  (2) slot loop with copies (pinned host -> device -> host), one slot, then K slots;
-  (3) the full job, Parquet to Parquet, with GPU utilization and actor RSS sampled.
+For each workload, side by side in one run, ONNX Runtime CUDA, batch 256:
+  compute   the backend's own rate: one batch resident on the device, launched again and
+            again (no copies, no Python between launches);
+  job       `batch-infer run SPEC` as a whole process (interpreter, imports, its own Ray,
+            planning, model load, every shard, commits, exit), timed from outside, with the
+            run's own timeline from `_runs/`;
+  ray-data  the same data and model through Ray Data as a user would write it
+            (read_parquet -> map_batches(ORT CUDA actor, num_gpus=1) -> write_parquet), also a
+            whole process with its own `ray.init()`.
+fp16 models come from ONNX Runtime's converter with fp32 inputs and outputs kept (a torch
+`.half()` export gives wrong answers); their agreement with fp32 is measured and printed.
 
-    python benchmarks/gpu_bench.py --workloads resnet50-fp16-bytes resnet50-fp16-list \
-        --images 40000 --out $OUT
+    python benchmarks/gpu_bench.py --workloads resnet50 bert --images 100000 --texts 131072 \
+        --out $OUT
 """
 
 from __future__ import annotations
@@ -15,86 +22,101 @@ import argparse
 import json
 import os
 import subprocess
-import threading
+import sys
 import time
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import numpy as np
-import psutil
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-import batch_infer
-from batch_infer.backends.onnxruntime_cuda import OnnxRuntimeCUDA
-from batch_infer.model import read_signature
-from benchmarks.steady import shard_entries, steady_rate
-from tests.gpu_models import export_bert, export_resnet50
-
 BATCH = 256
+SEQ = 128
+IMAGE = 224 * 224 * 3
 
 
-def workload(name: str, work: Path, images: int, texts: int) -> dict:
-    """(model path, data dir, spec inputs, rows) for a workload name like resnet50-fp16-bytes."""
-    family, precision, layout = [*name.split("-"), "tokens"][:3]
-    fp16 = precision == "fp16"
-    model = work / f"{family}-{precision}.onnx"
-    data = work / f"data-{family}-{layout}"
-    if family == "resnet50":
-        if not model.exists():
-            export_resnet50(model, fp16=fp16)
-        if not data.exists():
-            data.mkdir(parents=True)
-            rng = np.random.default_rng(0)
-            per_file = 4096
-            for i, start in enumerate(range(0, images, per_file)):
-                n = min(per_file, images - start)
-                px = rng.integers(0, 256, (n, 224 * 224 * 3), dtype=np.uint8)
-                col = (
-                    pa.FixedSizeListArray.from_arrays(pa.array(px.reshape(-1)), px.shape[1])
-                    if layout == "list"
-                    else pa.FixedSizeBinaryArray.from_buffers(
-                        pa.binary(px.shape[1]), n, [None, pa.py_buffer(px)]
-                    )
-                )
-                pq.write_table(
-                    pa.table({"id": np.arange(start, start + n), "pixels": col}),
-                    data / f"part-{i:04d}.parquet",
-                    row_group_size=512,
-                    compression="none",
-                )
-        return {
-            "model": str(model),
-            "data": str(data),
-            "inputs": {"pixels": "pixels"},
-            "rows": images,
-        }
-    if not model.exists():
-        export_bert(model, fp16=fp16)
-    if not data.exists():
-        data.mkdir(parents=True)
-        rng = np.random.default_rng(0)
-        seq = 128
-        ids = rng.integers(1000, 30000, (texts, seq))
-        lengths = rng.integers(16, seq, texts)
-        mask = (np.arange(seq)[None, :] < lengths[:, None]).astype(np.int64)
+def _image_file(args: tuple[Path, int, int]) -> None:
+    path, start, n = args
+    px = np.random.default_rng(start).integers(0, 256, (n, IMAGE), dtype=np.uint8)
+    col = pa.FixedSizeBinaryArray.from_buffers(pa.binary(IMAGE), n, [None, pa.py_buffer(px)])
+    table = pa.table({"id": np.arange(start, start + n), "pixels": col})
+    pq.write_table(table, path, row_group_size=256, compression="none")
+
+
+def make_images(root: Path, images: int, per_file: int = 1024) -> None:
+    """Raw uint8 NHWC pixels as fixed_size_binary: files of 1,024 images, row groups of 256."""
+    if root.exists():
+        return
+    tmp = root.with_suffix(".tmp")
+    tmp.mkdir(parents=True, exist_ok=True)
+    jobs = [
+        (tmp / f"part-{i:05d}.parquet", s, min(per_file, images - s))
+        for i, s in enumerate(range(0, images, per_file))
+    ]
+    with ProcessPoolExecutor(max(1, (os.cpu_count() or 2) - 2)) as pool:
+        list(pool.map(_image_file, jobs))
+    tmp.rename(root)
+
+
+def make_tokens(root: Path, rows: int, per_file: int = 4096) -> None:
+    """int64 ids and mask as fixed-size lists of 128: files of 4,096 rows."""
+    if root.exists():
+        return
+    tmp = root.with_suffix(".tmp")
+    tmp.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(0)
+    for i, start in enumerate(range(0, rows, per_file)):
+        n = min(per_file, rows - start)
+        ids = rng.integers(1000, 30000, (n, SEQ))
+        lengths = rng.integers(16, SEQ, n)
+        mask = (np.arange(SEQ)[None, :] < lengths[:, None]).astype(np.int64)
         table = pa.table(
             {
-                "id": np.arange(texts),
-                "ids": pa.FixedSizeListArray.from_arrays(pa.array(ids.reshape(-1)), seq),
-                "mask": pa.FixedSizeListArray.from_arrays(pa.array(mask.reshape(-1)), seq),
+                "id": np.arange(start, start + n),
+                "ids": pa.FixedSizeListArray.from_arrays(pa.array(ids.reshape(-1)), SEQ),
+                "mask": pa.FixedSizeListArray.from_arrays(pa.array(mask.reshape(-1)), SEQ),
             }
         )
-        pq.write_table(table, data / "tokens.parquet", row_group_size=4096)
-    return {
-        "model": str(model),
-        "data": str(data),
-        "inputs": {"ids": "ids", "mask": "mask"},
-        "rows": texts,
-    }
+        pq.write_table(table, tmp / f"part-{i:05d}.parquet", row_group_size=1024)
+    tmp.rename(root)
 
 
-def sample_batches(w: dict, count: int) -> list[dict[str, np.ndarray]]:
-    """Real rows from the data set, converted the way the job converts them."""
+def to_fp16(src: Path, dst: Path) -> None:
+    """ONNX Runtime's fp16 converter, inputs and outputs kept as they were."""
+    import onnx
+    from onnxruntime.transformers.float16 import convert_float_to_float16
+
+    model = convert_float_to_float16(onnx.load(str(src)), keep_io_types=True)
+    onnx.save(model, str(dst))
+
+
+def workloads(names: list[str], work: Path, images: int, texts: int) -> dict[str, dict]:
+    from tests.gpu_models import export_bert, export_resnet50
+
+    out = {}
+    for name in names:
+        fp32, fp16 = work / f"{name}-fp32.onnx", work / f"{name}-fp16.onnx"
+        if name == "resnet50":
+            if not fp32.exists():
+                export_resnet50(fp32)
+            make_images(work / "images", images)
+            data, inputs, rows, output = work / "images", {"pixels": "pixels"}, images, "logits"
+        else:
+            if not fp32.exists():
+                export_bert(fp32, seq=SEQ)
+            make_tokens(work / "tokens", texts)
+            data, inputs, rows = work / "tokens", {"ids": "ids", "mask": "mask"}, texts
+            output = "pooled"
+        if not fp16.exists():
+            to_fp16(fp32, fp16)
+        out[name] = {"fp32": fp32, "model": fp16, "data": data, "inputs": inputs, "rows": rows,
+                     "output": output}  # fmt: skip
+    return out
+
+
+def sample_feeds(w: dict) -> dict[str, np.ndarray]:
+    """One batch of real rows, converted the way the job converts them."""
     from batch_infer.actor import prepare_shard
     from batch_infer.data.sharding import plan_shards
     from batch_infer.planning import build_plan
@@ -102,25 +124,28 @@ def sample_batches(w: dict, count: int) -> list[dict[str, np.ndarray]]:
 
     spec = resolve_spec(
         {
-            "name": "s",
-            "input": {"path": w["data"]},
-            "model": {"onnx": w["model"], "inputs": w["inputs"]},
-            "output": {"path": "/tmp/unused"},
+            "name": "sample",
+            "input": {"path": str(w["data"])},
+            "model": {"onnx": str(w["model"]), "inputs": w["inputs"]},
+            "output": {"path": "/tmp/bench-unused"},
         }
     )
     plan = build_plan(spec)
-    _, keep, feeds, _ = prepare_shard(plan, plan_shards(plan.dataset, None)[0], "bench", 0)
-    n = max(1, keep.num_rows // BATCH)
-    return [
-        {k: v[(i % n) * BATCH : (i % n + 1) * BATCH] for k, v in feeds.items()}
-        for i in range(count)
-    ]
+    shard = max(plan_shards(plan.dataset, None)[:8], key=lambda s: s.rows or 0)
+    _, _, feeds, _ = prepare_shard(plan, shard, "bench", 0)
+    return {k: v[:BATCH] for k, v in feeds.items()}
 
 
-def compute_rate(sig, batches, seconds: float) -> float:
+def compute_rate(model: Path, feeds: dict[str, np.ndarray], seconds: float) -> float:
     """The backend's own rate: one batch resident on the device, launched again and again."""
-    with OnnxRuntimeCUDA(sig, slots=1) as backend, backend.resident(batches[0]) as batch:
-        batch.launch(5)
+    from batch_infer.backends.onnxruntime_cuda import OnnxRuntimeCUDA
+    from batch_infer.model import read_signature
+
+    with (
+        OnnxRuntimeCUDA(read_signature(str(model)), slots=1) as backend,
+        backend.resident(feeds) as batch,
+    ):
+        batch.launch(10)
         batch.wait()
         runs, start = 0, time.perf_counter()
         while time.perf_counter() - start < seconds:
@@ -130,136 +155,154 @@ def compute_rate(sig, batches, seconds: float) -> float:
         return runs * batch.rows / (time.perf_counter() - start)
 
 
-def loop_rate(sig, batches, slots: int, seconds: float) -> float:
-    backend = OnnxRuntimeCUDA(sig, slots=slots)
-    for _ in backend.run(batches[:4]):
-        pass
-    rows, start = 0, time.perf_counter()
-    while time.perf_counter() - start < seconds:
-        for _ in backend.run(batches):
-            rows += BATCH
-    rate = rows / (time.perf_counter() - start)
-    backend.close()
-    return rate
+def agreement(w: dict, feeds: dict[str, np.ndarray]) -> dict[str, float]:
+    """fp16 against fp32 on the same batch: relative L2 error, top-1 agreement."""
+    import onnxruntime as ort
+
+    outs = []
+    for model in (w["fp32"], w["model"]):
+        session = ort.InferenceSession(str(model), providers=["CUDAExecutionProvider"])
+        outs.append(session.run(None, feeds)[0].astype(np.float64))
+    ref, got = outs
+    rel = float(np.linalg.norm(got - ref) / np.linalg.norm(ref))
+    return {"rel_l2": rel, "top1_agreement": float(np.mean(got.argmax(1) == ref.argmax(1)))}
 
 
-class Sampler:
-    """GPU utilization (nvidia-smi) and the inference actors' RSS, while the job runs."""
+class GpuSampler:
+    """nvidia-smi utilization every 200 ms while something runs."""
 
     def __init__(self, path: Path) -> None:
-        self.smi = subprocess.Popen(
-            [
-                "nvidia-smi",
-                "--query-gpu=index,utilization.gpu,memory.used",
-                "--format=csv,noheader,nounits",
-                "-lms",
-                "200",
-            ],
-            stdout=open(path, "w"),  # noqa: SIM115 - nvidia-smi writes to it until finish()
-        )
-        self.path, self.rss, self.stop = path, 0, False
-        self.thread = threading.Thread(target=self._rss, daemon=True)
-        self.thread.start()
+        self.path = path
+        self.proc = subprocess.Popen(
+            ["nvidia-smi", "--query-gpu=utilization.gpu", "--format=csv,noheader,nounits",
+             "-lms", "200"],
+            stdout=path.open("w"),
+        )  # fmt: skip
 
-    def _rss(self) -> None:
-        while not self.stop:
-            for p in psutil.process_iter(["cmdline", "memory_info"]):
-                cmd = " ".join(p.info["cmdline"] or [])
-                if "InferenceActor" in cmd and p.info["memory_info"]:
-                    self.rss = max(self.rss, p.info["memory_info"].rss)
-            time.sleep(0.5)
-
-    def finish_per_device(self) -> tuple[dict[str, float], int]:
-        """Mean utilization of each GPU over the samples where it was busy, and peak RSS."""
-        self.stop = True
-        self.smi.terminate()
-        self.thread.join()
-        per: dict[str, list[float]] = {}
-        for line in self.path.read_text().splitlines():
-            if line.count(",") == 2:
-                index, util, _ = (x.strip() for x in line.split(","))
-                per.setdefault(index, []).append(float(util))
-        means = {
-            i: round(float(np.mean([u for u in v if u > 0] or [0])), 1) for i, v in per.items()
-        }
-        return means, self.rss
-
-    def finish(self) -> tuple[list[float], int]:
-        self.stop = True
-        self.smi.terminate()
-        self.thread.join()
-        util = [
-            float(line.split(",")[1])
-            for line in self.path.read_text().splitlines()
-            if line.count(",") == 2
-        ]
-        return util, self.rss
+    def stop(self) -> float:
+        self.proc.terminate()
+        self.proc.wait()
+        samples = [float(x) for x in self.path.read_text().split() if x.strip().isdigit()]
+        busy = [u for u in samples if u > 0]
+        return round(float(np.mean(busy)), 1) if busy else 0.0
 
 
-def job_rate(w: dict, work: Path, name: str, slots: int, out_dir: Path) -> dict:
+def timed(argv: list[str], log: Path, env: dict | None = None) -> float:
+    start = time.perf_counter()
+    with log.open("w") as f:
+        subprocess.run(argv, check=True, stdout=f, stderr=subprocess.STDOUT, env=env)
+    return time.perf_counter() - start
+
+
+def job(name: str, w: dict, work: Path, out_dir: Path, env: dict | None = None) -> dict:
+    """`batch-infer run` as a whole process; `env` for e.g. CUDA_VISIBLE_DEVICES."""
     out = work / f"out-{name}"
     spec = {
         "name": name,
-        "input": {"path": w["data"]},
-        "model": {"onnx": w["model"], "inputs": w["inputs"]},
+        "input": {"path": str(w["data"])},
+        "model": {"onnx": str(w["model"]), "inputs": w["inputs"]},
         "batch_size": BATCH,
-        "slots": slots,
-        "shard_rows": 1024 if "resnet" in name else 4096,
         "output": {"path": str(out), "keep_columns": ["id"]},
     }
-    sampler = Sampler(out_dir / f"smi-{name}.csv")
-    summary = batch_infer.run(spec, overwrite=True)
-    util, rss = sampler.finish()
-    busy = [u for u in util if u > 0]
-    return {
-        "rows": summary.rows,
-        "wall_rate": summary.rows / summary.seconds,
-        "steady_rate": steady_rate(shard_entries(out)),
-        "gpu_util_mean_busy": float(np.mean(busy)) if busy else 0.0,
-        "gpu_util_samples": len(util),
-        "actor_peak_rss_mib": rss / 2**20,
-        "seconds": summary.seconds,
-        "backend": summary.backend,
-    }
+    path = work / f"{name}.yaml"
+    path.write_text(json.dumps(spec))
+    sampler = GpuSampler(out_dir / f"smi-{name}-job.csv")
+    argv = ["batch-infer", "run", str(path), "--overwrite"]
+    seconds = timed(argv, out_dir / f"{name}-job.log", env)
+    util = sampler.stop()
+    (run,) = [json.loads(p.read_text()) for p in (out / "_runs").glob("*.json")]
+    return {"seconds": round(seconds, 2), "rows": run["rows"], "timeline": run["timeline"],
+            "actors": run["actor_stats"], "shards": run["shards_total"],
+            "gpu_util_busy": util, "backend": run["backend"]}  # fmt: skip
+
+
+RAY_DATA = """
+import sys, time, numpy as np, pyarrow as pa, ray, onnxruntime as ort
+data, model, out, inputs = sys.argv[1], sys.argv[2], sys.argv[3], sys.argv[4].split(",")
+ray.init(include_dashboard=False)
+
+class Predict:
+    def __init__(self):
+        self.session = ort.InferenceSession(model, providers=["CUDAExecutionProvider"])
+        self.output = self.session.get_outputs()[0].name
+        self.types = {i.name: i for i in self.session.get_inputs()}
+
+    def tensor(self, column, name):
+        t = self.types[name]
+        if pa.types.is_fixed_size_binary(column.type):
+            column, width = column.combine_chunks(), column.type.byte_width
+            raw = np.frombuffer(column.buffers()[1], np.uint8)
+            raw = raw[column.offset * width : (column.offset + len(column)) * width]
+            return raw.reshape(len(column), *t.shape[1:])
+        return np.stack(column.to_numpy(zero_copy_only=False)).astype(np.int64)
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        feeds = {name: self.tensor(batch.column(name), name) for name in inputs}
+        result = self.session.run([self.output], feeds)[0]
+        return pa.table({"id": batch.column("id"),
+                         self.output: pa.FixedSizeListArray.from_arrays(
+                             pa.array(result.reshape(-1)), result.shape[1])})
+
+ds = ray.data.read_parquet(data)
+ds = ds.map_batches(Predict, batch_size=256, batch_format="pyarrow", num_gpus=1, concurrency=1)
+ds.write_parquet(out)
+"""
+
+
+def ray_data(name: str, w: dict, work: Path, out_dir: Path) -> dict:
+    out = work / f"raydata-{name}"
+    subprocess.run(["rm", "-rf", str(out)], check=True)
+    sampler = GpuSampler(out_dir / f"smi-{name}-raydata.csv")
+    argv = [sys.executable, "-c", RAY_DATA, str(w["data"]), str(w["model"]), str(out),
+            ",".join(w["inputs"])]  # fmt: skip
+    seconds = timed(argv, out_dir / f"{name}-raydata.log")
+    rows = pq.ParquetDataset(str(out)).read(columns=["id"]).num_rows
+    return {"seconds": round(seconds, 2), "rows": rows, "gpu_util_busy": sampler.stop()}
 
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--workloads", nargs="+", required=True)
-    ap.add_argument("--images", type=int, default=40000)
-    ap.add_argument("--texts", type=int, default=100000)
+    ap.add_argument("--workloads", nargs="+", default=["resnet50", "bert"])
+    ap.add_argument("--images", type=int, default=100_000)
+    ap.add_argument("--texts", type=int, default=131_072)
     ap.add_argument("--seconds", type=float, default=5.0)
-    ap.add_argument("--slots", type=int, default=3)
+    ap.add_argument("--no-ray-data", action="store_true")
     ap.add_argument("--work", type=Path, default=Path("/tmp/bench"))
     ap.add_argument("--out", type=Path, default=Path(os.environ.get("OUT", "benchmarks/results")))
     args = ap.parse_args()
     args.work.mkdir(parents=True, exist_ok=True)
     args.out.mkdir(parents=True, exist_ok=True)
-    import ray
-
-    ray.init(include_dashboard=False, log_to_driver=False)
-    for name in args.workloads:
-        t0 = time.perf_counter()
-        w = workload(name, args.work, args.images, args.texts)
-        made = time.perf_counter() - t0
-        sig = read_signature(w["model"])
-        batches = sample_batches(w, 16)
-        res = {"workload": name, "batch": BATCH, "setup_seconds": round(made, 1)}
-        res["compute"] = compute_rate(sig, batches, args.seconds)
-        res["loop_1_slot"] = loop_rate(sig, batches, 1, args.seconds)
-        res[f"loop_{args.slots}_slots"] = loop_rate(sig, batches, args.slots, args.seconds)
-        res["job"] = job_rate(w, args.work, name, args.slots, args.out)
-        (args.out / f"gpu-{name}.json").write_text(json.dumps(res, indent=1))
-        c = res["compute"]
-        print(
-            f"{name}: compute {c:,.0f}/s | loop 1 slot {res['loop_1_slot'] / c:.2f} | "
-            f"loop {args.slots} slots {res[f'loop_{args.slots}_slots'] / c:.2f} | "
-            f"job steady {res['job']['steady_rate'] / c:.2f} "
-            f"({res['job']['steady_rate']:,.0f}/s), wall {res['job']['wall_rate'] / c:.2f} | "
-            f"GPU util {res['job']['gpu_util_mean_busy']:.0f}% | actor RSS "
-            f"{res['job']['actor_peak_rss_mib']:,.0f} MiB",
-            flush=True,
+    made = time.perf_counter()
+    ws = workloads(args.workloads, args.work, args.images, args.texts)
+    print(f"models and data ready in {time.perf_counter() - made:.0f} s", flush=True)
+    results = {}
+    for name, w in ws.items():
+        feeds = sample_feeds(w)
+        res = {"workload": name, "batch": BATCH, "rows": w["rows"]}
+        res["fp16_vs_fp32"] = agreement(w, feeds)
+        res["compute_fp32"] = compute_rate(w["fp32"], feeds, args.seconds)
+        res["compute"] = compute_rate(w["model"], feeds, args.seconds)
+        res["job"] = job(name, w, args.work, args.out)
+        if not args.no_ray_data:
+            res["ray_data"] = ray_data(name, w, args.work, args.out)
+        results[name] = res
+        c, j = res["compute"], res["job"]
+        line = (
+            f"{name}: fp16 compute {c:,.0f}/s (fp32 {res['compute_fp32']:,.0f}/s; fp16 vs fp32 "
+            f"{res['fp16_vs_fp32']}) | job {j['rows']:,} rows in {j['seconds']:.1f} s = "
+            f"{j['rows'] / j['seconds']:,.0f}/s = {j['rows'] / j['seconds'] / c:.2f} of compute"
+            f" | first commit {j['timeline'].get('first_commit')} s | GPU {j['gpu_util_busy']}%"
         )
+        if "ray_data" in res:
+            r = res["ray_data"]
+            rate = r["rows"] / r["seconds"]
+            line += (
+                f" | Ray Data {r['rows']:,} rows in {r['seconds']:.1f} s = {rate:,.0f}/s "
+                f"({rate / c:.2f} of compute); job / Ray Data {r['seconds'] / j['seconds']:.2f}"
+            )
+        print(line, flush=True)
+        print(f"  timeline {j['timeline']}\n  actors {j['actors']}", flush=True)
+        (args.out / f"gpu-{name}.json").write_text(json.dumps(res, indent=1))
 
 
 if __name__ == "__main__":
