@@ -13,6 +13,7 @@ import datetime as dt
 import ipaddress
 import json
 import os
+import re
 import secrets
 import shutil
 import signal
@@ -573,7 +574,7 @@ def test_cluster_failures_exit_5_and_a_running_job_is_not_deleted(head: Head, tm
     try:
         running = cli("jobs", "delete", job_id, "--address", head.address, env=env)
         assert running.returncode == EXIT_USER_ERROR
-        assert f"job {job_id} is RUNNING: stop it first" in running.stderr
+        assert re.search(f"job {job_id} is (PENDING|RUNNING): stop it first", running.stderr)
 
         proxy = Proxy(target=int(head.address.rsplit(":", 1)[1]))
         follower = subprocess.Popen(
