@@ -476,7 +476,7 @@ def _table(title: str, names: list[str], rows: list[list[Any]], caption: str = "
 
 def _print_result(result: duckdb.DuckDBPyRelation, max_rows: int) -> None:
     """The first `max_rows` rows (0: all) as a table; the rest are counted, not converted."""
-    reader = result.fetch_record_batch()
+    reader = result.to_arrow_reader()
     kept, total = [], 0
     for batch in reader:
         if not max_rows or total < max_rows:
