@@ -101,11 +101,7 @@ class _Output:
 class _Layout:
     root: Location
     outputs: list[_Output]
-
-    @property
-    def direct(self) -> bool:
-        """Local paths are read by DuckDB itself, URIs (file:// too) through pyarrow."""
-        return not is_uri(self.root.given)
+    direct: bool  # a local path, read by DuckDB itself; URIs (file:// too) go through pyarrow
 
     def uri(self, path: str) -> str:
         """`path` spelled as the user spelled the location (a URI stays a URI)."""
@@ -147,7 +143,7 @@ def _discover(output: str | os.PathLike[str]) -> _Layout:
         raise OutputError(f"{given}: cannot read this location: {_one_line(exc)}") from None
     if not outputs:
         raise OutputError(f"{given}: holds no batch-infer output (no _manifest/ at or below it)")
-    return _Layout(root, sorted(outputs, key=lambda o: o.path))
+    return _Layout(root, sorted(outputs, key=lambda o: o.path), not is_uri(given))
 
 
 # --------------------------------------------------------------------------- views
@@ -341,12 +337,6 @@ def _reads_only(sql: str) -> None:
             )
 
 
-def _result(con: duckdb.DuckDBPyConnection, sql: str) -> duckdb.DuckDBPyRelation | None:
-    """The relation of the last statement (None where an older DuckDB gives none)."""
-    _reads_only(sql)
-    return con.sql(sql)
-
-
 def query(output: str | os.PathLike[str], sql: str) -> pa.Table:
     """Run DuckDB SQL over a job output (or a folder of dated outputs); return the result.
 
@@ -359,7 +349,8 @@ def query(output: str | os.PathLike[str], sql: str) -> pa.Table:
     con = connect(output)
     try:
         with _sql_errors("query"):
-            result = _result(con, sql)
+            _reads_only(sql)
+            result = con.sql(sql)  # None where an older DuckDB has no result to give
             return pa.table({}) if result is None else result.to_arrow_table()
     finally:
         con.close()
@@ -552,16 +543,8 @@ def inspect(
         print(json.dumps(report, indent=1, default=lambda v: v.isoformat()))  # dates, times
         return
     runs, outs = report["runs"], report["outputs"]
-    head = Text.assemble((report["output"], "bold"), f": {report['outputs_total']} output(s), ")
-    head.append(f"{report['runs_total']} run(s)")
-    if runs:
-        last = runs[-1]
-        head.append(f"; last run {last['run_id']} ").append_text(_status(last["status"]))
-        head.append(
-            f" at {_cell(last['started_at'])}, backend {last['backend'] or '-'}, model "
-            f"{last['model'] or '-'} (sha256 {(last['model_sha256'] or '-')[:12]})"
-        )
-    _console().print(head, soft_wrap=True)
+    head = f"{report['output']}: {report['outputs_total']} output(s), {report['runs_total']} run(s)"
+    _console().print(Text(head, style="bold"), soft_wrap=True)
     show = {"status": _status, "success": _status, "errors": lambda e: "; ".join(e or ["-"])}
     show |= {"node": lambda n: n[:12], "gpu": lambda g: g or "-"}
     show |= {"model_sha256": lambda s: ", ".join(h[:12] for h in s)}
@@ -604,7 +587,8 @@ def _cmd_query(args: argparse.Namespace) -> int:
     con = _connect(layout)
     try:
         with _sql_errors("query"):
-            result = _result(con, sql)
+            _reads_only(sql)
+            result = con.sql(sql)
             if result is not None and args.format == "table":
                 _print_result(result, args.max_rows)
             elif result is not None:
