@@ -39,14 +39,21 @@ class ShardRunner:
     call `run` at once. `node` and `gpu` say where it runs, for the manifest."""
 
     def __init__(
-        self, plan: JobPlan, device: str, threads: int, lane: int, node: str, gpu: str | None
+        self,
+        plan: JobPlan,
+        device: str,
+        threads: int,
+        lane: int,
+        node: str,
+        gpu: str | None,
+        cuda_device: int = 0,
     ) -> None:
         self.loading_at = time.time()
         self.plan, self.lane, self.node, self.gpu = plan, lane, node, gpu
         self.first_batch_at: float | None = None
         self.last_batch_at: float | None = None
         self.backend, self.why = load_backend(
-            plan.signature, plan.backend, device=device, threads=threads
+            plan.signature, plan.backend, device=device, threads=threads, gpu=cuda_device
         )
         self.ready_at = time.time()
 

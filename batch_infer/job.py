@@ -22,13 +22,14 @@ import threading
 import time
 import uuid
 from collections import deque
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from batch_infer.actor import InferenceActor, ShardRunner, prepare_shard, threads_for
-from batch_infer.backends import actor_concurrency, check_request, local_device
+from batch_infer.backends import actor_concurrency, check_request, local_devices
 from batch_infer.data.sharding import Shard, plan_shards
 from batch_infer.errors import UserError
 from batch_infer.planning import JobPlan, build_plan
@@ -59,18 +60,21 @@ def starts_local_ray(address: str | None) -> bool:
     return "ray" not in sys.modules or not sys.modules["ray"].is_initialized()
 
 
-def connect(address: str | None = None) -> None:
+def connect(address: str | None = None, num_gpus: int | None = None) -> None:
     """Join the Ray cluster the caller names: `address`, else `RAY_ADDRESS` (set by Ray Jobs
     for a submitted run), else the one this process already joined with `ray.init`.
     Otherwise start a local Ray of the run's own: never one that happens to be running on
-    this machine, which may be another user's."""
+    this machine, which may be another user's. `num_gpus` limits a local Ray to the GPUs
+    the run's own process does not drive (it drives the last ones)."""
     import ray
 
     if ray.is_initialized():
         return
     address = address or os.environ.get("RAY_ADDRESS") or "local"
+    local = {"num_gpus": num_gpus} if address == "local" and num_gpus is not None else {}
     ray.init(
         address=address,
+        **local,
         include_dashboard=False,
         logging_level=logging.WARNING,
         log_to_driver=False,
@@ -82,14 +86,14 @@ class _RayStart:
     lives as long as the process: Ray's processes are bound to the thread that started them
     (Linux's parent-death signal), and end with the process instead."""
 
-    def __init__(self, address: str | None) -> None:
-        self.address, self.error = address, None
+    def __init__(self, address: str | None, num_gpus: int | None = None) -> None:
+        self.address, self.num_gpus, self.error = address, num_gpus, None
         self.done = threading.Event()
         threading.Thread(target=self._main, name="batch-infer-ray", daemon=True).start()
 
     def _main(self) -> None:
         try:
-            connect(self.address)
+            connect(self.address, self.num_gpus)
         except BaseException as exc:  # raised by ready(), on the run's own thread
             self.error = exc
         finally:
@@ -172,15 +176,29 @@ class _Work:
 
 
 class _Lane:
-    """The driver's own lane while its local Ray starts: a `ShardRunner` on this machine's
-    device, fed from the same queue, committing through the same sink. Ray's start takes
-    seconds that the device would otherwise spend idle. The lane stops taking shards once
-    an actor is ready, lets its last ones commit, and releases the device."""
+    """The run's own process driving this machine's device: the same stages as the Ray path
+    (prepare, run, commit) in threads of this process, through the same sink. It needs no
+    Ray, so a local run computes from its first second; with more GPUs than one, Ray's
+    actors drive the others. Readers and writers release the GIL (pyarrow, zstd, numpy),
+    so a few threads keep one device busy.
 
-    def __init__(self, plan: JobPlan, sink: OutputSink, work: _Work, device: str) -> None:
-        self.plan, self.sink, self.work, self.device = plan, sink, work, device
+    It stops when the queue is empty or `stop()` is called (the shards it has taken but not
+    run go back to the queue), or on an error that is not the data's: the shard goes back,
+    and the run falls back to Ray's actors."""
+
+    def __init__(
+        self, plan: JobPlan, sink: OutputSink, work: _Work, device: str, gpu: int | None
+    ) -> None:
+        self.plan, self.sink, self.work, self.device, self.gpu = plan, sink, work, device, gpu
         self.stopping = threading.Event()
         self.stats: dict[str, Any] | None = None
+        cores = os.cpu_count() or 1
+        # The CPU: one session on every core, reading beside it (as a hand-written loop
+        # would). A GPU: the session's threads, and cores enough to read ahead of it.
+        self.threads = cores if device == "cpu" else 1
+        self.readers = 1 if device == "cpu" else max(2, min(12, cores - 2))
+        self.prepared: deque[tuple[Shard, int, Future]] = deque()
+        self.lock = threading.Lock()
         self.thread = threading.Thread(target=self._main, name="batch-infer-lane", daemon=True)
         self.thread.start()
 
@@ -192,40 +210,80 @@ class _Lane:
         self.stopping.set()
 
     def _main(self) -> None:
-        gpu = "0" if self.device == "gpu" else None
+        gpu = None if self.gpu is None else str(self.gpu)
         try:
-            runner = ShardRunner(self.plan, self.device, 1, -1, "driver", gpu)
-        except Exception as exc:  # the actors will load it, or say why they cannot
-            log.info("the driver's lane could not load the model (%s); waiting for Ray", exc)
+            runner = ShardRunner(
+                self.plan, self.device, self.threads, -1, "driver", gpu, self.gpu or 0
+            )
+        except Exception as exc:  # Ray's actors will load it, or say why they cannot
+            log.warning("this process cannot load the model (%s); Ray's actors will", exc)
             return
         try:
-            threads = runner.backend.concurrency
-            workers = [threading.Thread(target=self._loop, args=(runner,)) for _ in range(threads)]
-            for w in workers:
-                w.start()
-            for w in workers:
-                w.join()
+            with (
+                ThreadPoolExecutor(self.readers, "batch-infer-read") as readers,
+                ThreadPoolExecutor(2, "batch-infer-commit") as committers,
+            ):
+                workers = [
+                    threading.Thread(target=self._loop, args=(runner, readers, committers))
+                    for _ in range(runner.backend.concurrency)
+                ]
+                for w in workers:
+                    w.start()
+                for w in workers:
+                    w.join()
+                with self.lock:  # taken but not run (a stop): back to the queue
+                    while self.prepared:
+                        shard, attempt, _ = self.prepared.pop()
+                        self.work.put_back(shard, attempt)
             self.stats = runner.stats()
         finally:
             runner.close()
 
-    def _loop(self, runner: ShardRunner) -> None:
+    def _next(self, readers: ThreadPoolExecutor) -> tuple[Shard, int, Future] | None:
+        """The next prepared shard, reading ahead up to one per reader (and two more)."""
         run_id = self.work.record.run_id
-        while not self.stopping.is_set() and (item := self.work.take()) is not None:
-            shard, attempt = item
+        with self.lock:
+            while not self.stopping.is_set() and len(self.prepared) < self.readers + 2:
+                item = self.work.take()
+                if item is None:
+                    break
+                shard, attempt = item
+                future = readers.submit(prepare_shard, self.plan, shard, run_id, attempt)
+                self.prepared.append((shard, attempt, future))
+            if self.stopping.is_set() or not self.prepared:
+                return None
+            return self.prepared.popleft()
+
+    def _loop(
+        self, runner: ShardRunner, readers: ThreadPoolExecutor, committers: ThreadPoolExecutor
+    ) -> None:
+        while (item := self._next(readers)) is not None:
+            shard, attempt, future = item
             try:
-                entry, keep, feeds, errors = prepare_shard(self.plan, shard, run_id, attempt)
+                entry, keep, feeds, errors = future.result()
                 entry, predictions = runner.run(entry, keep, feeds)
-                entry = self.sink.write(entry, predictions, errors)
             except UserError as exc:  # bad data: no retry can help, as in the actors
                 self.work.failed(str(exc))
                 continue
-            except Exception as exc:  # the device or the library: leave it to the actors
-                log.warning("the driver's lane stops (%s: %s)", type(exc).__name__, exc)
-                self.work.put_back(shard, attempt)
-                self.stop()
+            except Exception as exc:  # the device or a library: leave it to Ray's actors
+                self._give_up(shard, attempt, exc)
                 return
-            self.work.committed(entry)
+            committers.submit(self._commit, shard, attempt, entry, predictions, errors)
+
+    def _commit(
+        self, shard: Shard, attempt: int, entry: ShardEntry, predictions: Any, errors: Any
+    ) -> None:
+        try:
+            entry = self.sink.write(entry, predictions, errors)
+        except Exception as exc:
+            self._give_up(shard, attempt, exc)
+            return
+        self.work.committed(entry)
+
+    def _give_up(self, shard: Shard, attempt: int, exc: Exception) -> None:
+        log.warning("this process stops running shards (%s: %s)", type(exc).__name__, exc)
+        self.work.put_back(shard, attempt)
+        self.stop()
 
 
 @dataclass
@@ -338,16 +396,23 @@ def _execute(
     sink: OutputSink,
     work: _Work,
     lane: _Lane | None,
-    ray_start: _RayStart,
+    ray_start: _RayStart | None,
+    address: str | None,
 ) -> None:
     """Prepare shards ahead, hand each prepared one to the actor with the most room, commit
-    what comes back; retry shards whose process died. Returns when every shard is done:
-    without Ray at all if the driver's lane ran them all while Ray was starting."""
+    what comes back; retry shards whose process died. Returns when every shard is done.
+
+    Without `ray_start`, the run's own process (`lane`) is the whole run; Ray starts only if
+    it stops with shards left (an error that is not the data's)."""
+    if ray_start is None:
+        if lane is not None:
+            lane.thread.join()
+        if not work.pending:
+            return
+        ray_start = _RayStart(address)
     while not ray_start.ready(0.05):
-        if lane is None or not lane.running:
-            if not work.pending:
-                return  # the lane ran every shard
-            ray_start.ready()  # nothing to do but wait for Ray
+        if (lane is None or not lane.running) and not work.pending:
+            return  # the run's own process ran every shard while Ray was starting
     import ray
     from ray.exceptions import RayTaskError
 
@@ -430,8 +495,6 @@ def _execute(
                     retry(task.shard, task.attempt, f"{type(cause).__name__}: {cause}")
                 continue
             if task.kind == "ready":
-                if lane is not None:
-                    lane.stop()  # an actor took over: the lane finishes what it holds
                 if not record.backend:
                     record.backend, record.backend_reason = result
                     log.info("backend: %s", record.backend_reason)
@@ -515,21 +578,29 @@ def run(
     record.name, record.date, record.output = spec.name, spec.date, spec.output.path
     record.model, record.model_sha256 = spec.model.onnx, plan.signature.sha256
     sink = OutputSink(spec.output.path, spec.output.row_group_rows)
-    local = starts_local_ray(address)
-    lane_device = local_device(spec.backend, spec.device) if local else None
+    # A local run drives this machine's device in its own process (`_Lane`); Ray starts
+    # only for more: the other GPUs of a multi-GPU machine, or a cluster it was told to join.
+    here = None
+    if starts_local_ray(address) and spec.num_actors is None:
+        here = local_devices(spec.backend, spec.device)
+    device, gpus = here or ("", 0)
+    lane_gpu = gpus - 1 if device == "gpu" else None  # the last GPU; Ray gets the others
+    ray_gpus = lane_gpu  # a local Ray beside the lane sees the GPUs before it
 
     def prepare_output() -> tuple[list[Shard], dict[str, ShardEntry], _Work, _Lane | None]:
-        """Plan the shards, take the output, and start the driver's lane on the first ones."""
+        """Plan the shards, take the output, and start this process's lane on them."""
         shards = plan_shards(plan.dataset, spec.shard_rows)  # reads every Parquet footer
         fingerprints = {s.id: s.fingerprint for s in shards}
         done = sink.on_write_start(record.run_id, plan.config(), fingerprints, overwrite)
         record.mark("planned")
         todo = [s for s in shards if s.id not in done]
         work = _Work(todo, record, _Progress(spec.name, len(todo), progress))
-        lane = _Lane(plan, sink, work, lane_device) if todo and lane_device else None
+        lane = _Lane(plan, sink, work, device, lane_gpu) if todo and here else None
         return shards, done, work, lane
 
-    ray_start = _RayStart(address) if _likely_work(sink, plan.config(), overwrite) else None
+    ray_start = None
+    if (here is None or gpus > 1) and _likely_work(sink, plan.config(), overwrite):
+        ray_start = _RayStart(address, ray_gpus)  # starts meanwhile
     shards, done, work, lane = prepare_output()
     try:
         with work.bar.bar:
@@ -537,7 +608,9 @@ def run(
                 record.shards_total = len(shards)
                 record.shards_skipped = len(done)
                 if work.pending or lane is not None:
-                    _execute(plan, sink, work, lane, ray_start or _RayStart(address))
+                    if ray_start is None and lane is None:
+                        ray_start = _RayStart(address, ray_gpus)
+                    _execute(plan, sink, work, lane, ray_start, address)
             finally:
                 if lane is not None:  # an error above: let the lane's shards commit first
                     lane.stop()

@@ -136,13 +136,15 @@ def sample_feeds(w: dict) -> dict[str, np.ndarray]:
     return {k: v[:BATCH] for k, v in feeds.items()}
 
 
-def compute_rate(model: Path, feeds: dict[str, np.ndarray], seconds: float) -> float:
+def compute_rate(
+    model: Path, feeds: dict[str, np.ndarray], seconds: float, **cuda: str
+) -> float:
     """The backend's own rate: one batch resident on the device, launched again and again."""
     from batch_infer.backends.onnxruntime_cuda import OnnxRuntimeCUDA
     from batch_infer.model import read_signature
 
     with (
-        OnnxRuntimeCUDA(read_signature(str(model)), slots=1) as backend,
+        OnnxRuntimeCUDA(read_signature(str(model)), slots=1, cuda_options=cuda) as backend,
         backend.resident(feeds) as batch,
     ):
         batch.launch(10)
@@ -211,7 +213,13 @@ def job(name: str, w: dict, work: Path, out_dir: Path, env: dict | None = None) 
     seconds = timed(argv, out_dir / f"{name}-job.log", env)
     util = sampler.stop()
     (run,) = [json.loads(p.read_text()) for p in (out / "_runs").glob("*.json")]
+    entries = sorted(
+        (json.loads(p.read_text()) for p in (out / "_manifest" / "shards").glob("*.json")),
+        key=lambda e: e["infer_started"],
+    )
+    shard_rates = [(e["actor"], round(e["rows"] / max(e["infer_seconds"], 1e-3))) for e in entries]
     return {"seconds": round(seconds, 2), "rows": run["rows"], "timeline": run["timeline"],
+            "shard_rates": shard_rates,
             "actors": run["actor_stats"], "shards": run["shards_total"],
             "gpu_util_busy": util, "backend": run["backend"]}  # fmt: skip
 
@@ -282,6 +290,10 @@ def main() -> None:
         res["fp16_vs_fp32"] = agreement(w, feeds)
         res["compute_fp32"] = compute_rate(w["fp32"], feeds, args.seconds)
         res["compute"] = compute_rate(w["model"], feeds, args.seconds)
+        for search in ("EXHAUSTIVE", "HEURISTIC", "DEFAULT"):
+            started = time.perf_counter()
+            rate = compute_rate(w["model"], feeds, args.seconds, cudnn_conv_algo_search=search)
+            res[f"compute_{search}"] = {"rate": rate, "seconds": time.perf_counter() - started}
         res["job"] = job(name, w, args.work, args.out)
         if not args.no_ray_data:
             res["ray_data"] = ray_data(name, w, args.work, args.out)
@@ -302,6 +314,11 @@ def main() -> None:
             )
         print(line, flush=True)
         print(f"  timeline {j['timeline']}\n  actors {j['actors']}", flush=True)
+        print("  cudnn search: " + ", ".join(
+            f"{k[8:]} {v['rate']:,.0f}/s ({v['seconds']:.1f} s with load and warm-up)"
+            for k, v in res.items() if k.startswith("compute_") and isinstance(v, dict)
+        ), flush=True)  # fmt: skip
+        print(f"  per-shard rows/s: {j['shard_rates']}", flush=True)
         (args.out / f"gpu-{name}.json").write_text(json.dumps(res, indent=1))
 
 

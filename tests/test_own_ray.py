@@ -94,6 +94,7 @@ def test_local_run_starts_its_own_ray_beside_a_foreign_one(foreign_head, tmp_pat
     doc["input"]["path"] = str(ROOT / "data" / "digits")
     doc["model"]["onnx"] = str(ROOT / "models" / "digits.onnx")
     doc["output"]["path"] = str(tmp_path / "out")
+    doc["num_actors"] = 2  # Ray's actors, not only the run's own process: Ray must start
     spec = tmp_path / "job.yaml"
     spec.write_text(yaml.safe_dump(doc))
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}

@@ -116,6 +116,16 @@ def test_run_records_its_timeline_and_each_actors_lane(tmp_path):
     for e in entries:
         assert e["prepare_started"] <= e["infer_started"] <= e["committed_at"]
 
+    from batch_infer.location import open_location
+    from batch_infer.ops.timeline import write_timeline
+
+    page = tmp_path / "run.html"
+    write_timeline(open_location(str(tmp_path / "out"), "out"), str(page))
+    text = page.read_text()
+    assert text.count('class="infer"') == len(entries) == text.count('class="commit"')
+    assert "actor 0" in text and "actor 1" in text and "first commit" in text
+    assert "<script" not in text and "http://" not in text.replace("http://www.w3.org", "")
+
 
 def ray_node() -> str:
     import ray

@@ -35,17 +35,18 @@ def actor_concurrency(device: str) -> int:
     return GPU_CONCURRENCY if device == "gpu" else Backend.concurrency
 
 
-def local_device(requested: str, device: str) -> str | None:
-    """The device this process can run the job's backend on ('gpu' or 'cpu'), or None. It is
-    what the driver's own lane uses while a local Ray starts (`job._Lane`)."""
+def local_devices(requested: str, device: str) -> tuple[str, int] | None:
+    """What this machine can run the job's backend on: ('gpu', GPU count) or ('cpu', 0), or
+    None. It is what a local run's own process drives (`job._Lane`)."""
     if device != "cpu" and _has("cuda.bindings"):
         from batch_infer.backends.cuda_streams import device_count
 
-        if device_count() > 0:
-            return "gpu"
+        gpus = device_count()
+        if gpus > 0:
+            return "gpu", gpus
     if device == "gpu" or requested in ("tensorrt", "tensorrt-rtx"):
         return None
-    return "cpu"
+    return "cpu", 0
 
 
 def _has(module: str) -> bool:
@@ -59,7 +60,7 @@ def _rtx_runs_here(capability: tuple[int, int]) -> bool:
     return capability in RTX_CAPABILITIES or capability[0] == 12
 
 
-def resolve(options: BackendOptions, device: str) -> tuple[str, str]:
+def resolve(options: BackendOptions, device: str, gpu: int = 0) -> tuple[str, str]:
     """(backend, why) for this process; `auto` prefers TensorRT, then TensorRT-RTX, then ORT."""
     if device == "cpu":
         return "onnxruntime", "ONNX Runtime on the CPU: no GPU for this actor"
@@ -68,7 +69,7 @@ def resolve(options: BackendOptions, device: str) -> tuple[str, str]:
     from batch_infer.backends.cuda_streams import compute_capability
     from batch_infer.backends.onnxruntime_cuda import cuda_available
 
-    cc = compute_capability()
+    cc = compute_capability(gpu)
     skipped = []
     if options.engine is None:
         skipped.append(f"TensorRT skipped: {options.engine_problem}")
@@ -91,20 +92,22 @@ def resolve(options: BackendOptions, device: str) -> tuple[str, str]:
 
 
 def load_backend(
-    signature: ModelSignature, options: BackendOptions, *, device: str, threads: int
+    signature: ModelSignature, options: BackendOptions, *, device: str, threads: int, gpu: int = 0
 ) -> tuple[Backend, str]:
-    """Load the model on this process's device; BackendError if the backend cannot run."""
-    name, why = resolve(options, device)
+    """Load the model on this process's device; BackendError if the backend cannot run.
+
+    `gpu` is the CUDA device: an actor's own GPU is device 0 (Ray sets CUDA_VISIBLE_DEVICES
+    to it); the driver's lane names the one it drives."""
+    name, why = resolve(options, device, gpu)
     log.info("backend: %s", why)
     if name in ("tensorrt", "tensorrt-rtx"):
         from batch_infer.backends.tensorrt import TensorRTBackend
 
-        return TensorRTBackend(signature, options, backend=name), why
+        return TensorRTBackend(signature, options, backend=name, device=gpu), why
     if name == "onnxruntime" and device == "gpu":
         from batch_infer.backends.onnxruntime_cuda import OnnxRuntimeCUDA
 
-        # Ray sets CUDA_VISIBLE_DEVICES to the actor's own GPU, which is then device 0.
-        return OnnxRuntimeCUDA(signature, slots=options.slots, device=0), why
+        return OnnxRuntimeCUDA(signature, slots=options.slots, device=gpu), why
     if name in ("onnxruntime", "onnxruntime-cpu"):
         from batch_infer.backends.onnxruntime_cpu import OnnxRuntimeCPU
 

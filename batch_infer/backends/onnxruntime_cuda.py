@@ -16,6 +16,12 @@ from batch_infer.backends.cuda_streams import Slot, SlotRing, StreamBackend
 from batch_infer.errors import BackendError
 from batch_infer.model import ModelSignature
 
+# CUDA execution provider options every session gets (ONNX Runtime's names and values).
+# cuDNN's exhaustive search runs again for every new batch shape in every session (about a
+# second each for ResNet-50 on an H100) and picked nothing faster than its heuristics there
+# (8,532 vs 8,536 images/s, benchmarks/results/gpu.md): the heuristics it is.
+CUDA_OPTIONS: dict[str, str] = {"cudnn_conv_algo_search": "HEURISTIC"}
+
 
 def cuda_available() -> bool:
     return "CUDAExecutionProvider" in ort.get_available_providers()
@@ -23,9 +29,15 @@ def cuda_available() -> bool:
 
 class OnnxRuntimeCUDA(StreamBackend):
     name = "onnxruntime-cuda"
-    pads_batches = True  # cuDNN searches convolution algorithms for every new input shape
+    pads_batches = True  # fewer shapes: fewer plans for cuDNN and ONNX Runtime to make
 
-    def __init__(self, signature: ModelSignature, slots: int = 2, device: int = 0) -> None:
+    def __init__(
+        self,
+        signature: ModelSignature,
+        slots: int = 2,
+        device: int = 0,
+        cuda_options: dict[str, str] | None = None,
+    ) -> None:
         if not cuda_available():
             raise BackendError(
                 "ONNX Runtime here has no CUDAExecutionProvider: install onnxruntime-gpu "
@@ -37,12 +49,14 @@ class OnnxRuntimeCUDA(StreamBackend):
         self.ring = SlotRing(signature.inputs, signature.outputs, slots=slots, device=device)
 
         def load(stream: int) -> tuple[Any, Any]:
+            options = {**CUDA_OPTIONS, **(cuda_options or {})}
             provider = (
                 "CUDAExecutionProvider",
-                {"device_id": str(device), "user_compute_stream": str(stream)},
+                {**options, "device_id": str(device), "user_compute_stream": str(stream)},
             )
-            options = ort.SessionOptions()
-            session = ort.InferenceSession(signature.path, options, providers=[provider])
+            session = ort.InferenceSession(
+                signature.path, ort.SessionOptions(), providers=[provider]
+            )
             if session.get_providers()[0] != "CUDAExecutionProvider":
                 raise BackendError(f"ONNX Runtime did not put {signature.path} on CUDA")
             return session, session.io_binding()
