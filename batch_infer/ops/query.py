@@ -51,12 +51,8 @@ if TYPE_CHECKING:  # DuckDB and Rich load on first use: `batch-infer --help` sta
 
 EXIT_PIPE = 141  # 128 + SIGPIPE: what a shell reports for `cmd | head` when cmd is cut off
 MARKERS = ("_manifest", "_runs", "_errors")  # a folder holding one of these is a job output
-COPY = {
-    "csv": "FORMAT csv, HEADER true",
-    "json": "FORMAT json, ARRAY true",
-    "ndjson": "FORMAT json",
-    "parquet": "FORMAT parquet",
-}
+COPY = dict(csv="FORMAT csv, HEADER", json="FORMAT json, ARRAY", ndjson="FORMAT json")
+COPY |= dict(parquet="FORMAT parquet")  # DuckDB's COPY options per --format
 ERROR_COLUMNS = {"_shard": "VARCHAR", "_file": "VARCHAR", "_row": "BIGINT", "_reason": "VARCHAR"}
 _READS = {"SELECT", "EXPLAIN", "CREATE", "INSERT", "UPDATE", "DELETE", "DROP", "MULTI"}  # PIVOT
 _EXPLAIN = re.compile(r"\s*EXPLAIN\s+(ANALY[SZ]E\s+|\([^)]*\)\s*)?", re.IGNORECASE)
