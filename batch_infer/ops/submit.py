@@ -225,7 +225,7 @@ class Submission:
     def describe(self) -> dict[str, Any]:
         """What `submit --dry-run` prints: everything that would be sent."""
         files = {SPEC_NAME: "the spec below"}
-        files |= {rel: f"{src} ({_mib(src.stat().st_size)})" for src, rel in self.model_files}
+        files |= {rel: f"{src} ({src.stat().st_size:,} bytes)" for src, rel in self.model_files}
         return {
             "entrypoint": self.entrypoint(),
             "runtime_env": self.runtime_env(working_dir="(a temporary folder)") | {"files": files},
