@@ -1,11 +1,18 @@
-"""`batch-infer`: the command line. User errors print one line and exit non-zero."""
+"""batch-infer: offline batch inference, exactly once, resumable.
+
+Runs an ONNX model over a Parquet, CSV or Arrow data set and writes the predictions to
+Parquet: every input row once, in the predictions or in _errors/; a rerun resumes.
+Start with: batch-infer run jobs/quickstart.yaml
+"""
 
 from __future__ import annotations
 
 import argparse
 import logging
 import os
+import signal
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -121,7 +128,22 @@ def _cmd_build(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="batch-infer", description=__doc__)
+    from batch_infer import __version__
+
+    parser = argparse.ArgumentParser(
+        prog="batch-infer",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="Exit codes: 0 ok, 1 a bug (traceback), 2 a user error, 3 too many bad rows, "
+        "4 shards failed, 5 the cluster or network (retry), 130 interrupted (rerun resumes).",
+    )
+    parser.add_argument("--version", action="version", version=f"batch-infer {__version__}")
+    parser.add_argument(
+        "-v",
+        "--verbose",
+        action="store_true",
+        help="log what batch-infer decides (which backend and why, where Ray's logs are)",
+    )
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("run", help="run a job spec to completion (resumes an interrupted run)")
     p.add_argument("spec", help="the job spec (YAML)")
@@ -142,10 +164,19 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _interrupt(signum: int, frame: object) -> None:
+    """SIGTERM (`jobs stop`, Kubernetes, systemd) ends a run the way Ctrl-C does."""
+    raise KeyboardInterrupt
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    if args.verbose:
+        logging.getLogger("batch_infer").setLevel(logging.INFO)
     console = Console(stderr=True, soft_wrap=True)  # never break a path across lines
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, _interrupt)
 
     def error(exc: Exception, code: int) -> int:
         console.print(Text("error: ", style="red") + Text(str(exc)), highlight=False)

@@ -41,8 +41,18 @@ class OutputError(UserError):
     """The output location is unusable: locked, or holding another job's results."""
 
 
+class OutputFailedError(OutputError):
+    """Writing to the output failed in a way no retry fixes (no space, read-only, no
+    permission): the run stops at once; what was committed stays, and a rerun resumes."""
+
+
 class BackendError(UserError):
     """The requested backend cannot run here."""
+
+
+class HookError(UserError):
+    """A user's preprocess or postprocess hook raised, or returned what does not fit: its
+    shard fails (nothing of it is committed); the message names the hook, shard and row."""
 
 
 class BadRowsError(UserError):

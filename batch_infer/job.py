@@ -31,7 +31,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from batch_infer.actor import InferenceActor, ShardRunner, prepare_shard, threads_for
 from batch_infer.backends import actor_concurrency, check_request, local_devices
 from batch_infer.data.sharding import Shard, plan_shards
-from batch_infer.errors import UserError
+from batch_infer.errors import OutputFailedError, UserError
 from batch_infer.planning import JobPlan, build_plan
 from batch_infer.sink.manifest import SUCCESS, OutputSink, RunRecord, ShardEntry
 from batch_infer.sink.writing import ShardWriter
@@ -72,13 +72,18 @@ def connect(address: str | None = None, num_gpus: int | None = None) -> None:
         return
     address = address or os.environ.get("RAY_ADDRESS") or "local"
     local = {"num_gpus": num_gpus} if address == "local" and num_gpus is not None else {}
-    ray.init(
+    # Every failed task's result is looked at by the driver, which reports it in one line:
+    # Ray's "unhandled error" tracebacks for the results nobody fetched only add noise.
+    os.environ.setdefault("RAY_IGNORE_UNHANDLED_ERRORS", "1")
+    context = ray.init(
         address=address,
         **local,
         include_dashboard=False,
         logging_level=logging.WARNING,
         log_to_driver=False,
     )
+    session = context.address_info.get("session_dir")
+    log.info("Ray at %s; its logs are in %s/logs", context.address_info.get("gcs_address"), session)
 
 
 class _RayStart:
@@ -150,6 +155,21 @@ class _Work:
         self.lock = threading.Lock()
         self.pending: deque[tuple[Shard, int]] = deque((s, 0) for s in todo)
         self.record, self.bar = record, bar
+        self.fatal: OutputFailedError | None = None  # the output failed: the run stops
+
+    def stop_for(self, exc: OutputFailedError) -> None:
+        with self.lock:
+            self.fatal = self.fatal or exc
+            self.pending.clear()
+
+    def raise_fatal(self) -> None:
+        """Raise why the output failed, with what this run committed before it did."""
+        if self.fatal is not None:
+            record = self.record
+            raise OutputFailedError(
+                f"{self.fatal} ({record.shards_committed} shard(s), {record.rows_this_run:,} "
+                "rows committed by this run are kept)"
+            ) from None
 
     def take(self) -> tuple[Shard, int] | None:
         with self.lock:
@@ -199,17 +219,31 @@ class _Lane:
         self.readers = 1 if device == "cpu" else max(2, min(12, cores - 2))
         self.prepared: deque[tuple[Shard, int, Future]] = deque()
         self.lock = threading.Lock()
-        self.thread = threading.Thread(target=self._main, name="batch-infer-lane", daemon=True)
-        self.thread.start()
+        # An Event, not Thread.join(): a join interrupted by Ctrl-C or SIGTERM marks the
+        # thread as ended although it still runs (CPython 3.11), and the run would record
+        # itself before the lane's last commits.
+        self.done = threading.Event()
+        threading.Thread(target=self._main, name="batch-infer-lane", daemon=True).start()
 
     @property
     def running(self) -> bool:
-        return self.thread.is_alive()
+        return not self.done.is_set()
 
     def stop(self) -> None:
         self.stopping.set()
 
+    def wait(self) -> None:
+        """Until the lane has ended (its last commits done)."""
+        while not self.done.wait(0.5):
+            pass
+
     def _main(self) -> None:
+        try:
+            self._run()
+        finally:
+            self.done.set()
+
+    def _run(self) -> None:
         gpu = None if self.gpu is None else str(self.gpu)
         try:
             runner = ShardRunner(
@@ -275,6 +309,10 @@ class _Lane:
     ) -> None:
         try:
             entry = self.sink.write(entry, predictions, errors)
+        except OutputFailedError as exc:  # no retry fixes a full or read-only output
+            self.work.stop_for(exc)
+            self.stop()
+            return
         except Exception as exc:
             self._give_up(shard, attempt, exc)
             return
@@ -406,11 +444,13 @@ def _execute(
     it stops with shards left (an error that is not the data's)."""
     if ray_start is None:
         if lane is not None:
-            lane.thread.join()
+            lane.wait()
+        work.raise_fatal()
         if not work.pending:
             return
         ray_start = _RayStart(address)
     while not ray_start.ready(0.05):
+        work.raise_fatal()
         if (lane is None or not lane.running) and not work.pending:
             return  # the run's own process ran every shard while Ray was starting
     import ray
@@ -452,6 +492,7 @@ def _execute(
             retry(task.shard, task.attempt, f"{role} died ({type(exc).__name__})")
 
     while work.pending or prepared or running or (lane is not None and lane.running):
+        work.raise_fatal()
         kinds = [t.kind for t in running.values()]
         preparing, commits = kinds.count("prepare"), kinds.count("commit")
         while preparing + len(prepared) < pool.ahead and commits < max_commits:
@@ -486,6 +527,9 @@ def _execute(
                 continue
             except RayTaskError as exc:
                 cause = _cause(exc)
+                if isinstance(cause, OutputFailedError):  # the output takes no more: stop
+                    work.stop_for(cause)
+                    work.raise_fatal()
                 if task.kind == "ready":  # the model cannot load: no shard can run
                     raise cause if isinstance(cause, UserError) else exc from None
                 assert task.shard is not None
@@ -511,7 +555,7 @@ def _execute(
                 work.committed(result)
         del ready
     if lane is not None:
-        lane.thread.join()
+        lane.wait()
     lanes = pool.stats() + ([lane.stats] if lane is not None and lane.stats else [])
     _record_actors(record, lanes)
     pool.shutdown()
@@ -614,7 +658,7 @@ def run(
             finally:
                 if lane is not None:  # an error above: let the lane's shards commit first
                     lane.stop()
-                    lane.thread.join()
+                    lane.wait()
                     if lane.stats and not record.actor_stats:  # no actor was needed
                         _record_actors(record, [lane.stats])
         sink.on_write_complete(record, [s.id for s in shards], spec.max_bad_rows)

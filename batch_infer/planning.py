@@ -13,12 +13,14 @@ import pyarrow as pa
 
 from batch_infer.backends.base import BackendOptions
 from batch_infer.backends.tensorrt_build import plan_recipe
+from batch_infer.data.decode import DecodedInput, plan_hook, plan_image, plan_text, read_labels
+from batch_infer.data.postprocess import Builtin, Hook
 from batch_infer.data.reading import Dataset, open_dataset
 from batch_infer.data.tensors import InputBinding, check_binding
 from batch_infer.errors import OutputError, SpecError, UserError
 from batch_infer.location import is_uri, open_location
 from batch_infer.model import ModelSignature, TensorInfo, read_signature
-from batch_infer.spec import JobSpec
+from batch_infer.spec import ImageInput, JobSpec, Postprocess, TextInput
 
 
 @dataclass(frozen=True)
@@ -32,16 +34,24 @@ class JobPlan:
     outputs: tuple[tuple[TensorInfo, str], ...]  # model output -> output column
     keep_schema: pa.Schema
     backend: BackendOptions
+    # Inputs decoded, tokenized or made by the preprocess hook (data/decode/).
+    decoded: tuple[DecodedInput, ...] = ()
+    postprocess: Builtin | Hook | None = None
 
     @property
     def columns(self) -> list[str]:
-        """Input columns to read: model inputs first, then the kept ones."""
-        cols = [c for b in self.bindings for c in b.columns] + list(self.keep_schema.names)
+        """Input columns to read: model inputs first, then the kept ones; every column
+        when a preprocess hook makes inputs (it is given the shard's columns)."""
+        if any(not d.columns for d in self.decoded):
+            return list(self.dataset.schema.names)
+        cols = [c for b in self.bindings for c in b.columns]
+        cols += [c for d in self.decoded for c in d.columns] + list(self.keep_schema.names)
         return list(dict.fromkeys(cols))
 
     @property
     def text_columns(self) -> set[str]:
-        return {c for b in self.bindings for c in b.columns}
+        cols = {c for b in self.bindings for c in b.columns}
+        return cols | {c for d in self.decoded for c in d.columns}
 
     def config(self) -> dict:
         """What the outputs depend on: a rerun into the same output must match it."""
@@ -52,7 +62,16 @@ class JobPlan:
             "keep_columns": list(self.keep_schema.names),
             "input_format": self.dataset.format,
             "shard_rows": self.spec.shard_rows,
-        }
+        } | self._decode_config()
+
+    def _decode_config(self) -> dict:
+        """Decoders and postprocessing, only when the spec has them (older outputs match)."""
+        out: dict = {}
+        if self.decoded:
+            out["decoded_inputs"] = {d.tensor.name: d.source.config() for d in self.decoded}
+        if self.postprocess is not None:
+            out["postprocess"] = self.postprocess.config()
+        return out
 
 
 def _bindings(spec: JobSpec, signature: ModelSignature, dataset: Dataset) -> list[InputBinding]:
@@ -64,14 +83,17 @@ def _bindings(spec: JobSpec, signature: ModelSignature, dataset: Dataset) -> lis
                 f"its inputs are: {', '.join(names)}"
             )
     missing = [n for n in names if n not in spec.model.inputs]
-    if missing:
+    if missing and spec.model.preprocess is None:
         raise SpecError(f"model.inputs: model input {missing[0]!r} is not mapped to a column")
     bindings = []
     for tensor in signature.inputs:
-        cols = spec.model.inputs[tensor.name]
+        cols = spec.model.inputs.get(tensor.name)
+        if not isinstance(cols, str | list):
+            continue  # decoded, tokenized or from the hook: see _decoded
         stacked = isinstance(cols, list)
         binding = InputBinding(tensor, tuple(cols) if stacked else (cols,), stacked)
-        check_binding(binding, dataset.schema, f"model.inputs.{tensor.name}")
+        where = f"model.inputs.{tensor.name}"
+        check_binding(binding, dataset.schema, where, text=dataset.format == "csv")
         bindings.append(binding)
     batches = {t.fixed_batch for t in signature.inputs}
     if len(batches) > 1:
@@ -81,8 +103,81 @@ def _bindings(spec: JobSpec, signature: ModelSignature, dataset: Dataset) -> lis
     return bindings
 
 
+def _decoded(spec: JobSpec, signature: ModelSignature, dataset: Dataset) -> list[DecodedInput]:
+    """The inputs decoded from images, tokenized from text, or left to the preprocess hook."""
+    out, from_hook = [], []
+    for tensor in signature.inputs:
+        form = spec.model.inputs.get(tensor.name)
+        where = f"model.inputs.{tensor.name}"
+        if isinstance(form, ImageInput):
+            out.append(plan_image(tensor, form, dataset.schema, where))
+        elif isinstance(form, TextInput):
+            out.append(plan_text(tensor, form, dataset.schema, where))
+        elif form is None:
+            from_hook.append(tensor)
+    if spec.model.preprocess is not None:
+        if not from_hook:
+            raise SpecError(
+                "model.preprocess: every model input is mapped in model.inputs, so the hook "
+                "would feed none; leave out the inputs it makes"
+            )
+        out += plan_hook(spec.model.preprocess, from_hook)
+    return out
+
+
+def _postprocess(spec: JobSpec, signature: ModelSignature) -> Builtin | Hook | None:
+    """The postprocess hook (it must import) or the built-in's output, checked: [N, classes]
+    scores, labels as many as classes, top_k no more than classes."""
+    post = spec.model.postprocess
+    if post is None:
+        return None
+    if isinstance(post, str):
+        from batch_infer.data.decode.hooks import load_hook
+
+        load_hook(post, "model.postprocess")
+        return Hook(post)
+    assert isinstance(post, Postprocess)
+    names = [t.name for t in signature.outputs]
+    name = post.output
+    if name is None:
+        if len(names) > 1:
+            raise SpecError(
+                f"model.postprocess.output: {signature.path} has outputs {', '.join(names)}; "
+                "name the one holding class scores"
+            )
+        name = names[0]
+    if name not in names:
+        raise SpecError(
+            f"model.postprocess.output: {name!r} is not an output of {signature.path}; "
+            f"its outputs are: {', '.join(names)}"
+        )
+    tensor = next(t for t in signature.outputs if t.name == name)
+    classes = tensor.item_shape[-1] if tensor.item_shape else 1
+    if len([d for d in tensor.item_shape if d != 1]) > 1 or tensor.dtype.kind != "f":
+        raise SpecError(
+            f"model.postprocess: output {name!r} is {tensor.dtype} {list(tensor.shape)}; "
+            "label and score need float class scores [N, classes]"
+        )
+    labels, path = None, None
+    if post.labels is not None:
+        path, labels = read_labels(post.labels)
+        if classes > 0 and len(labels) != classes:
+            raise SpecError(
+                f"model.postprocess.labels: {post.labels} has {len(labels)} labels; output "
+                f"{name!r} has {classes} classes"
+            )
+    if classes > 0 and post.top_k > classes:
+        raise SpecError(
+            f"model.postprocess.top_k: {post.top_k}, but {name!r} has {classes} classes"
+        )
+    return Builtin(name, post.softmax, post.top_k, labels, path)
+
+
 def _outputs(spec: JobSpec, signature: ModelSignature) -> list[tuple[TensorInfo, str]]:
     by_name = {t.name: t for t in signature.outputs}
+    post = spec.model.postprocess
+    if isinstance(post, str) or (post is not None and not post.keep_outputs):
+        return []  # the postprocess makes the columns
     mapping = spec.model.outputs or {t.name: t.name for t in signature.outputs}
     for name in mapping:
         if name not in by_name:
@@ -140,6 +235,8 @@ def build_plan(spec: JobSpec) -> JobPlan:
     options = backend_options(spec, signature)
     dataset = open_dataset(spec.input.path, spec.input.format)
     bindings = _bindings(spec, signature, dataset)
+    decoded = _decoded(spec, signature, dataset)
+    post = _postprocess(spec, signature)
     outputs = _outputs(spec, signature)
     for col in spec.output.keep_columns:
         if col not in dataset.schema.names:
@@ -148,14 +245,28 @@ def build_plan(spec: JobSpec) -> JobPlan:
                 f"columns are: {', '.join(dataset.schema.names)}"
             )
     out_cols = [col for _, col in outputs]
+    out_cols += list(post.columns) if isinstance(post, Builtin) else []
     clash = set(out_cols) & set(spec.output.keep_columns)
     if clash or len(set(out_cols)) != len(out_cols):
         name = sorted(clash)[0] if clash else out_cols[0]
+        if isinstance(post, Builtin) and name in post.columns:
+            raise SpecError(
+                f"output: column {name!r} would be written twice (model.postprocess writes "
+                f"{', '.join(post.columns)}); leave it out of output.keep_columns"
+            )
         raise SpecError(
             f"output: column {name!r} would be written twice; rename it in model.outputs"
         )
     _check_paths(spec, dataset)
     keep_schema = pa.schema([dataset.schema.field(c) for c in spec.output.keep_columns])
     return JobPlan(
-        spec, dataset, signature, tuple(bindings), tuple(outputs), keep_schema, options
+        spec,
+        dataset,
+        signature,
+        tuple(bindings),
+        tuple(outputs),
+        keep_schema,
+        options,
+        decoded=tuple(decoded),
+        postprocess=post,
     )

@@ -61,10 +61,12 @@ def _leaf(t: pa.DataType) -> pa.DataType:
     return t
 
 
-def _leaf_fits(leaf: pa.DataType, target: np.dtype) -> str | None:
-    """None if values of `leaf` can feed `target`, else why not."""
+def _leaf_fits(leaf: pa.DataType, target: np.dtype, text: bool) -> str | None:
+    """None if values of `leaf` can feed `target`, else why not. `text`: the format stores
+    numbers as text (CSV), so text is parsed per row and one that is not a number makes a
+    bad row; in a typed format (Parquet, Arrow) a text column is a mistake in the spec."""
     if _is_stringy(leaf):
-        return None  # parsed per row; text that is not a number makes a bad row
+        return None if text else f"{leaf} is text, not numbers (only CSV is parsed per row)"
     if pa.types.is_boolean(leaf):
         return None
     if pa.types.is_integer(leaf):
@@ -76,8 +78,11 @@ def _leaf_fits(leaf: pa.DataType, target: np.dtype) -> str | None:
     return f"{leaf} is not numeric"
 
 
-def check_binding(binding: InputBinding, schema: pa.Schema, where: str) -> None:
-    """Raise a clear error when the columns cannot feed the model input, from the schema alone."""
+def check_binding(
+    binding: InputBinding, schema: pa.Schema, where: str, text: bool = False
+) -> None:
+    """Raise a clear error when the columns cannot feed the model input, from the schema alone.
+    `text`: the input format keeps numbers as text (CSV)."""
     tensor = binding.tensor
     dims = tensor.item_shape
     shape = "[" + ", ".join("?" if d < 0 else str(d) for d in tensor.shape) + "]"
@@ -97,7 +102,11 @@ def check_binding(binding: InputBinding, schema: pa.Schema, where: str) -> None:
             )
         for col in binding.columns:
             t = schema.field(col).type
-            why = "a list column cannot be stacked" if _is_list(t) else _leaf_fits(t, tensor.dtype)
+            why = (
+                "a list column cannot be stacked"
+                if _is_list(t)
+                else _leaf_fits(t, tensor.dtype, text)
+            )
             if why:
                 raise InputError(f"{where}: column {col!r} ({t}) for model input {need}: {why}")
         return
@@ -126,7 +135,7 @@ def check_binding(binding: InputBinding, schema: pa.Schema, where: str) -> None:
                 f"{where}: column {col!r} holds {count} values per row; "
                 f"model input {need} needs {binding.fixed_count()}"
             )
-    why = _leaf_fits(_leaf(t), tensor.dtype)
+    why = _leaf_fits(_leaf(t), tensor.dtype, text)
     if why:
         raise InputError(f"{where}: column {col!r} ({t}) for model input {need}: {why}")
 

@@ -24,7 +24,10 @@ call `write` once per shard (the commit), and the driver ends with `on_write_com
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import errno
+import logging
 import os
 import posixpath
 import socket
@@ -38,7 +41,7 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 from filelock import FileLock, Timeout
 
-from batch_infer.errors import BadRowsError, JobFailedError, OutputError
+from batch_infer.errors import BadRowsError, JobFailedError, OutputError, OutputFailedError
 from batch_infer.location import Location, open_location
 
 MANIFEST = "_manifest"
@@ -52,6 +55,7 @@ LOCK = "_LOCK"
 LOCK_INFO = "_LOCK.json"
 
 R = TypeVar("R", bound="_Record")
+log = logging.getLogger("batch_infer")
 
 
 class _Record:
@@ -84,6 +88,7 @@ class ShardEntry(_Record):
     attempt: int = 0
     prepare_started: float = 0.0  # epoch seconds: the shard's bar on the run's timeline
     prepare_seconds: float = 0.0
+    preprocess: str = ""  # how decoded inputs were made, e.g. "pixels: Pillow 13.0.0 on the CPU"
     backend: str = ""
     actor: int | None = None  # which inference actor of the run (its lane on the timeline)
     infer_started: float = 0.0
@@ -199,11 +204,28 @@ class OutputLock:
         return f"{self.out.root}: another batch-infer run is writing to this output{who}"
 
     def release(self) -> None:
-        try:
-            self.out.delete(LOCK_INFO)
+        try:  # only a note of who holds it: the OS lock is what excludes, and goes now
+            with contextlib.suppress(OSError):
+                self.out.delete(LOCK_INFO)
         finally:
             if self._filelock is not None:
                 self._filelock.release()
+
+
+# OS errors of the output that no retry fixes: the run stops at the first one.
+FATAL_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.ENOTDIR}
+
+
+def _os_error(out: Location, exc: OSError, doing: str) -> OutputFailedError:
+    """One line for an OS error on the output: what, where, and what to do."""
+    what = exc.strerror or str(exc)
+    hint = {
+        errno.ENOSPC: "free some space, then rerun the same command to resume",
+        errno.EDQUOT: "free some of your quota, then rerun the same command to resume",
+        errno.EROFS: "the file system is read-only: choose another output.path",
+    }.get(exc.errno or 0, "fix the output's permissions or choose another output.path")
+    where = exc.filename or out.root
+    return OutputFailedError(f"output.path: {where}: {what} while {doing}; {hint}")
 
 
 def _ours(name: str) -> bool:
@@ -281,10 +303,16 @@ class OutputSink:
     ) -> dict[str, ShardEntry]:
         """Lock the output, make it ready for this job, and return the shards committed
         before. `config` is what the outputs depend on; `fingerprints` maps every planned
-        shard to its input's fingerprint. Refuses to mix results of other inputs or models."""
-        self.refuse_foreign()
-        self._lock = OutputLock(self.out, run_id)
-        self._lock.acquire()
+        shard to its input's fingerprint. Refuses to mix results of other inputs or models.
+        An OS error (no space, read-only, a file where a folder should be) is one line, and
+        leaves nothing behind that would block a rerun."""
+        lock = OutputLock(self.out, run_id)
+        try:
+            self.refuse_foreign()
+            lock.acquire()
+        except OSError as exc:
+            raise _os_error(self.out, exc, "taking the output's lock") from None
+        self._lock = lock
         try:
             done = self._prepare(config, overwrite)
             for shard_id, entry in done.items():
@@ -296,11 +324,18 @@ class OutputSink:
                         "--overwrite to start over"
                     )
             self.out.delete(SUCCESS)
+        except OSError as exc:
+            self._release()
+            raise _os_error(self.out, exc, "preparing the output") from None
         except BaseException:
-            self._lock.release()
-            self._lock = None
+            self._release()
             raise
         return done
+
+    def _release(self) -> None:
+        if self._lock is not None:
+            lock, self._lock = self._lock, None
+            lock.release()
 
     def _prepare(self, config: dict[str, Any], overwrite: bool) -> dict[str, ShardEntry]:
         out = self.out
@@ -336,7 +371,19 @@ class OutputSink:
     def write(
         self, entry: ShardEntry, predictions: pa.Table, errors: pa.Table | None
     ) -> ShardEntry:
-        """Commit one shard: stage its files, write its entry (the commit), move into place."""
+        """Commit one shard: stage its files, write its entry (the commit), move into place.
+
+        Raises `OutputFailedError` for an OS error no retry fixes (no space, read-only)."""
+        try:
+            return self._write(entry, predictions, errors)
+        except OSError as exc:
+            if exc.errno in FATAL_ERRNOS:
+                raise _os_error(self.out, exc, f"committing shard {entry.shard}") from None
+            raise
+
+    def _write(
+        self, entry: ShardEntry, predictions: pa.Table, errors: pa.Table | None
+    ) -> ShardEntry:
         out, shard = self.out, entry.shard
         stage = f"{STAGING}/{shard}-{uuid.uuid4().hex[:8]}"
         staged: dict[str, str] = {}
@@ -354,7 +401,8 @@ class OutputSink:
             )
             out.write_json(f"{SHARDS}/{shard}.json", entry.to_json())  # the commit point
         except BaseException:
-            out.delete(stage)  # nothing of this attempt was committed
+            with contextlib.suppress(OSError):  # nothing of this attempt was committed
+                out.delete(stage)
             raise
         for final, tmp in staged.items():
             out.filesystem.create_dir(out.path(posixpath.dirname(final)), recursive=True)
@@ -407,7 +455,7 @@ class OutputSink:
         record.rows_per_second = round(record.rows_this_run / max(record.seconds, 1e-9), 1)
         try:
             self.out.write_json(f"{RUNS}/{record.run_id}.json", record.to_json())
+        except OSError as exc:  # a full disk must not hide why the run ended
+            log.warning("could not record the run in %s: %s", self.out.path(RUNS), exc)
         finally:
-            if self._lock is not None:
-                self._lock.release()
-                self._lock = None
+            self._release()
