@@ -35,8 +35,8 @@ import requests
 import yaml
 from onnx import TensorProto, helper, numpy_helper
 
-from batch_infer.errors import EXIT_CLUSTER, EXIT_USER_ERROR
-from batch_infer.ops.submit import CARRY_LIMIT, MODEL_ORIGIN_ENV, Submission
+from batch_infer.errors import EXIT_CLUSTER, EXIT_USER_ERROR, SpecError
+from batch_infer.ops.submit import CARRY_LIMIT, MODEL_ORIGIN_ENV, Submission, model_files
 from batch_infer.spec import resolve_spec
 from tests.conftest import ROOT, read_output
 
@@ -624,6 +624,29 @@ def test_carried_spec(tmp_path: Path) -> None:
     again = resolve_spec(carried, date=dt.date(2024, 5, 1))
     assert again.output.path == sub.spec.output.path and again.date == "2024-05-01"
     assert sub.warnings == []
+
+
+def test_external_data_is_carried_from_the_models_folder_only(tmp_path: Path) -> None:
+    """The files come from batch_infer.model's scan of the graph; none from outside its folder."""
+    folder = tmp_path / "m"
+    folder.mkdir()
+    model = onnx.load(str(_heavy_model(folder / "heavy.onnx", width=64, repeats=2)))
+    onnx.save(model, folder / "ext.onnx", save_as_external_data=True, location="weights.bin",
+              size_threshold=0)  # fmt: skip
+    assert model_files(folder / "ext.onnx") == [
+        (folder / "ext.onnx", "model/ext.onnx"),
+        (folder / "weights.bin", "model/weights.bin"),
+    ]
+    outside = onnx.load(str(folder / "ext.onnx"), load_external_data=False)
+    for tensor in outside.graph.initializer:
+        for entry in tensor.external_data:
+            if entry.key == "location":
+                entry.value = "../weights.bin"
+    onnx.save(outside, folder / "outside.onnx")
+    with pytest.raises(
+        SpecError, match=r"keeps weights in '\.\./weights\.bin', outside its folder"
+    ):
+        model_files(folder / "outside.onnx")
 
 
 def test_model_too_large_to_carry(tmp_path: Path) -> None:
