@@ -59,8 +59,7 @@ _EXPLAIN = re.compile(r"\s*EXPLAIN\s+(ANALY[SZ]E\s+|\([^)]*\)\s*)?", re.IGNORECA
 _TYPES = {str: "VARCHAR", int: "BIGINT", float: "DOUBLE", bool: "BOOLEAN", list[str]: "VARCHAR[]"}
 _Command = Callable[[argparse.Namespace], int]
 _TIMES = ("started_at", "finished_at")  # epoch seconds in a record, TIMESTAMPTZ in the view
-_STYLES = {"succeeded": "green", "failed": "red", "interrupted": "yellow", "running": "cyan"}
-_STYLES |= {"yes": "green", "no": "yellow"}
+_STYLES = dict(succeeded="green", yes="green", failed="red", interrupted="yellow", no="yellow")
 _RUN_KEYS = ("date", "started_at", "run_id", "status", "rows", "bad_rows", "seconds", "errors")
 _OUTPUT_KEYS = ("output", "success", "shards", "rows", "bad_rows", "retried", "committed_at")
 _OUTPUT_KEYS += ("model_sha256",)
@@ -239,14 +238,14 @@ def _arrow_views(con: duckdb.DuckDBPyConnection, layout: _Layout) -> None:
         for path, _ in runs:
             with fs.open_input_stream(path) as f:
                 docs.append(f.read().decode())
-        names = pa.array([layout.uri(path) for path, _ in runs])
-        con.register("_runs_docs", pa.table({"filename": names, "doc": docs}))
-        path_keys = {k.name: [_hive(o.path).get(k.name) for _, o in runs] for k in keys}
-        columns = {k.name: pa.array(path_keys[k.name], pa.string()).cast(k.type) for k in keys}
-        con.register("_runs_keys", pa.table({"filename": names, **columns}))
+        table = {"filename": [layout.uri(path) for path, _ in runs], "doc": docs}
+        for k in keys:  # each summary's path keys, typed as the datasets' partitions
+            keyed = pa.array([_hive(out.path).get(k.name) for _, out in runs], pa.string())
+            table[k.name] = keyed.cast(k.type)
+        con.register("_runs_docs", pa.table(table))
         record = _lit(json.dumps(_run_fields()))  # DuckDB parses the JSON, as read_json does
         raw = f"(SELECT filename, unnest(json_transform(doc, {record})) FROM _runs_docs)"
-        select = _runs_select(raw, "_runs_keys" if values else None, tuple(values))
+        select = _runs_select(raw, "_runs_docs" if values else None, tuple(values))
         con.execute(f"CREATE VIEW runs AS {select} ORDER BY started_at")
 
 
