@@ -31,7 +31,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from batch_infer.actor import InferenceActor, ShardRunner, prepare_shard, threads_for
 from batch_infer.backends import actor_concurrency, check_request, local_devices
 from batch_infer.data.sharding import Shard, plan_shards
-from batch_infer.errors import OutputFailedError, UserError
+from batch_infer.errors import JobFailedError, OutputFailedError, UserError
 from batch_infer.planning import JobPlan, build_plan
 from batch_infer.sink.manifest import SUCCESS, OutputSink, RunRecord, ShardEntry
 from batch_infer.sink.writing import ShardWriter
@@ -454,7 +454,7 @@ def _execute(
         if (lane is None or not lane.running) and not work.pending:
             return  # the run's own process ran every shard while Ray was starting
     import ray
-    from ray.exceptions import RayTaskError
+    from ray.exceptions import RayError, RayTaskError
 
     died_errors = _died_errors()
     work.record.mark("ray_ready")
@@ -467,6 +467,9 @@ def _execute(
     prepared: deque[tuple[Shard, int, tuple[Any, ...]]] = deque()
     running: dict[Any, _Task] = {}
     load = [0] * pool.count
+    # Shards go only to actors whose model is loaded: a replacement for an actor lost with
+    # its node may wait for resources that never come, and must not hold shards meanwhile.
+    loaded = [False] * pool.count
     next_writer = 0
     last_refresh = time.time()
     for i, actor in enumerate(pool.actors):
@@ -486,74 +489,89 @@ def _execute(
             pool.replace_writer(task.slot, task.handle)
         elif task.kind in ("infer", "ready") and pool.replace_actor(task.slot, task.handle):
             new = pool.actors[task.slot]
+            loaded[task.slot] = False
             running[new.describe.remote()] = _Task("ready", slot=task.slot, handle=new)
         if task.shard is not None:
             role = {"commit": "writer", "prepare": "prepare task"}.get(task.kind, "actor")
             retry(task.shard, task.attempt, f"{role} died ({type(exc).__name__})")
 
-    while work.pending or prepared or running or (lane is not None and lane.running):
-        work.raise_fatal()
-        kinds = [t.kind for t in running.values()]
-        preparing, commits = kinds.count("prepare"), kinds.count("commit")
-        while preparing + len(prepared) < pool.ahead and commits < max_commits:
-            item = work.take()
-            if item is None:
-                break
-            shard, attempt = item
-            entry, *refs = pool.prepare.remote(pool.plan_ref, shard, record.run_id, attempt)
-            running[entry] = _Task("prepare", shard, attempt, refs=tuple(refs))
-            preparing += 1
-        while prepared and min(load) < pool.room:
-            i = load.index(min(load))
-            shard, attempt, (entry, keep, feeds, errors) = prepared.popleft()
-            actor = pool.actors[i]
-            done, predictions = actor.infer.options(num_returns=2).remote(entry, keep, feeds)
-            running[done] = _Task("infer", shard, attempt, i, actor, (predictions, errors))
-            load[i] += 1
-        ready, _ = ray.wait(list(running), num_returns=1, timeout=0.2) if running else ([], [])
-        if not running:
-            time.sleep(0.05)  # only the lane is at work
-        if time.time() - last_refresh > 10:
-            sink.keep_alive()
-            last_refresh = time.time()
-        for ref in ready:
-            task = running.pop(ref)
-            if task.kind == "infer":
-                load[task.slot] -= 1
-            try:
-                result = ray.get(ref)
-            except died_errors as exc:
-                died(task, exc)
-                continue
-            except RayTaskError as exc:
-                cause = _cause(exc)
-                if isinstance(cause, OutputFailedError):  # the output takes no more: stop
-                    work.stop_for(cause)
-                    work.raise_fatal()
-                if task.kind == "ready":  # the model cannot load: no shard can run
-                    raise cause if isinstance(cause, UserError) else exc from None
-                assert task.shard is not None
-                if isinstance(cause, UserError):  # bad data: retrying cannot help
-                    work.failed(str(cause))
+    try:
+        def busy() -> bool:  # actors still loading hold no work: they do not keep the run
+            return any(t.kind != "ready" for t in running.values())
+
+        while work.pending or prepared or busy() or (lane is not None and lane.running):
+            work.raise_fatal()
+            kinds = [t.kind for t in running.values()]
+            preparing, commits = kinds.count("prepare"), kinds.count("commit")
+            while preparing + len(prepared) < pool.ahead and commits < max_commits:
+                item = work.take()
+                if item is None:
+                    break
+                shard, attempt = item
+                entry, *refs = pool.prepare.remote(pool.plan_ref, shard, record.run_id, attempt)
+                running[entry] = _Task("prepare", shard, attempt, refs=tuple(refs))
+                preparing += 1
+            while prepared:
+                room = [(load[i], i) for i in range(pool.count) if loaded[i]]
+                if not room or min(room)[0] >= pool.room:
+                    break
+                i = min(room)[1]
+                shard, attempt, (entry, keep, feeds, errors) = prepared.popleft()
+                actor = pool.actors[i]
+                done, predictions = actor.infer.options(num_returns=2).remote(entry, keep, feeds)
+                running[done] = _Task("infer", shard, attempt, i, actor, (predictions, errors))
+                load[i] += 1
+            ready, _ = ray.wait(list(running), num_returns=1, timeout=0.2) if running else ([], [])
+            if not running:
+                time.sleep(0.05)  # only the lane is at work
+            if time.time() - last_refresh > 10:
+                sink.keep_alive()
+                last_refresh = time.time()
+            for ref in ready:
+                task = running.pop(ref)
+                if task.kind == "infer":
+                    load[task.slot] -= 1
+                try:
+                    result = ray.get(ref)
+                except died_errors as exc:
+                    died(task, exc)
+                    continue
+                except RayTaskError as exc:
+                    cause = _cause(exc)
+                    if isinstance(cause, OutputFailedError):  # the output takes no more: stop
+                        work.stop_for(cause)
+                        work.raise_fatal()
+                    if task.kind == "ready":  # the model cannot load: no shard can run
+                        raise cause if isinstance(cause, UserError) else exc from None
+                    assert task.shard is not None
+                    if isinstance(cause, UserError):  # bad data: retrying cannot help
+                        work.failed(str(cause))
+                    else:
+                        retry(task.shard, task.attempt, f"{type(cause).__name__}: {cause}")
+                    continue
+                if task.kind == "ready":
+                    loaded[task.slot] = True
+                    if not record.backend:
+                        record.backend, record.backend_reason = result
+                        log.info("backend: %s", record.backend_reason)
+                elif task.kind == "prepare":
+                    assert task.shard is not None
+                    prepared.append((task.shard, task.attempt, (ref, *task.refs)))
+                elif task.kind == "infer":
+                    w = next_writer % len(pool.writers)
+                    next_writer += 1
+                    writer = pool.writers[w]
+                    commit = writer.commit.remote(result, *task.refs)
+                    running[commit] = _Task("commit", task.shard, task.attempt, w, writer)
                 else:
-                    retry(task.shard, task.attempt, f"{type(cause).__name__}: {cause}")
-                continue
-            if task.kind == "ready":
-                if not record.backend:
-                    record.backend, record.backend_reason = result
-                    log.info("backend: %s", record.backend_reason)
-            elif task.kind == "prepare":
-                assert task.shard is not None
-                prepared.append((task.shard, task.attempt, (ref, *task.refs)))
-            elif task.kind == "infer":
-                w = next_writer % len(pool.writers)
-                next_writer += 1
-                writer = pool.writers[w]
-                commit = writer.commit.remote(result, *task.refs)
-                running[commit] = _Task("commit", task.shard, task.attempt, w, writer)
-            else:
-                work.committed(result)
-        del ready
+                    work.committed(result)
+            del ready
+    except RayError as exc:  # Ray itself failed (its node or raylet died), not a shard
+        what = "a Ray node of this run died" if "Died" in type(exc).__name__ else "Ray failed"
+        raise JobFailedError(
+            f"{what} ({type(exc).__name__}); the {record.shards_committed} shard(s) committed "
+            "by this run are kept: rerun the same command to resume"
+        ) from None
     if lane is not None:
         lane.wait()
     lanes = pool.stats() + ([lane.stats] if lane is not None and lane.stats else [])
@@ -620,7 +638,9 @@ def run(
     spec = resolve_spec(spec, overrides, date)
     plan = build_plan(spec)  # spec, model and input schema checked: nothing started yet
     record.name, record.date, record.output = spec.name, spec.date, spec.output.path
-    record.model, record.model_sha256 = spec.model.onnx, plan.signature.sha256
+    # A submitted run reads the copy Ray uploaded; `batch-infer submit` names the original.
+    origin = os.environ.get("BATCH_INFER_MODEL_ORIGIN")
+    record.model, record.model_sha256 = origin or spec.model.onnx, plan.signature.sha256
     sink = OutputSink(spec.output.path, spec.output.row_group_rows)
     # A local run drives this machine's device in its own process (`_Lane`); Ray starts
     # only for more: the other GPUs of a multi-GPU machine, or a cluster it was told to join.

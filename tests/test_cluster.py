@@ -37,3 +37,33 @@ def test_shards_spread_over_both_nodes(two_node_cluster, tmp_path, models):
     assert len(nodes) == 2
     inputs = ds.dataset(str(data), format="parquet", partitioning="hive").to_table()
     assert_matches_direct(models["two_io"], inputs, read_output(out))
+
+
+def test_a_node_removed_mid_run_its_shards_rerun_elsewhere(two_node_cluster, tmp_path, models):
+    """A worker node leaves (its raylet and workers die) mid-run: the run goes on, on the
+    head, and every row lands once."""
+    import threading
+    import time
+
+    data = write_parquet_dataset(tmp_path / "in", files=4, rows=1500, row_group=50)
+    out = tmp_path / "out"
+    spec = two_io_spec(data, out, models["two_io"], shard_rows=50, batch_size=10)
+    shards = out / "_manifest" / "shards"
+    worker = two_node_cluster.list_all_nodes()[1]
+    removed: list[bool] = []
+
+    def remove_the_worker() -> None:
+        deadline = time.time() + 120
+        while time.time() < deadline and len(list(shards.glob("*.json"))) < 3:
+            time.sleep(0.02)
+        two_node_cluster.remove_node(worker, allow_graceful=False)
+        removed.append(True)
+
+    remover = threading.Thread(target=remove_the_worker)
+    remover.start()
+    summary = batch_infer.run(spec)
+    remover.join()
+    assert removed and summary.status == "succeeded" and summary.rows == 6000
+    assert summary.retries >= 1  # what the lost node held was run again
+    inputs = ds.dataset(str(data), format="parquet", partitioning="hive").to_table()
+    assert_matches_direct(models["two_io"], inputs, read_output(out))

@@ -292,3 +292,42 @@ def test_two_runs_started_at_the_same_moment_one_refused_rows_once(tmp_path):
     refused = next(err for code, err in results if code == 2)
     assert "another batch-infer run is writing to this output" in refused
     _assert_exactly_once(tmp_path / "out", rows)
+
+
+def test_raylet_killed_mid_run_is_one_line_exit_4_recorded_and_resumable(tmp_path):
+    """Ray's own raylet dies under a run that uses Ray's actors: the run says so in one last
+    line, exits 4, records itself, frees the output; the rerun finishes exactly once."""
+    rows = 24000
+    data = _vectors(tmp_path / "in", files=4, rows=rows // 4)
+    model = _heavy_model(tmp_path / "heavy.onnx")
+    out = tmp_path / "out"
+    spec = _spec(tmp_path, data, out, model, num_actors=2)  # Ray's actors, not this process
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "batch_infer.cli", "run", str(spec), "-q"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
+        env={**env, "PYTHONPATH": str(ROOT)},
+    )  # fmt: skip
+    try:
+        deadline = time.time() + 180
+        while len(_committed(out)) < 2:
+            assert proc.poll() is None, proc.stderr.read()
+            assert time.time() < deadline, "no shard was committed in time"
+            time.sleep(0.05)
+        found = subprocess.run(["pgrep", "-s", str(proc.pid), "-f", "raylet/raylet"],
+                               capture_output=True, text=True).stdout.split()  # fmt: skip
+        assert found, "the run's own raylet was not found"
+        for pid in found:
+            os.kill(int(pid), signal.SIGKILL)
+        _, err = proc.communicate(timeout=120)
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert proc.returncode == 4, err
+    last = [ln for ln in err.splitlines() if ln.strip()][-1]
+    assert last.startswith("error: a Ray node of this run died") and "rerun" in last, err
+    (record,) = [json.loads(p.read_text()) for p in (out / "_runs").glob("*.json")]
+    assert record["status"] == "failed" and record["shards_committed"] == len(_committed(out))
+    again = _cli("run", str(spec), "-q")
+    assert again.returncode == 0, again.stderr
+    _assert_exactly_once(out, rows)

@@ -151,6 +151,36 @@ def test_actor_killed_mid_shard_is_retried_without_duplicates(tmp_path, models):
 
 
 @pytest.mark.usefixtures("ray_start_regular")
+def test_writer_killed_mid_commit_is_retried_without_duplicates(tmp_path, models):
+    """The writer's process dies (SIGKILL) while commits flow: its shards are retried."""
+    data = _big_input(tmp_path / "in", files=2, rows=3000)
+    out = tmp_path / "out"
+    spec = two_io_spec(data, out, models["two_io"], shard_rows=150, batch_size=10)
+    killed: list[int] = []
+
+    def kill_the_writer() -> None:
+        deadline = time.time() + 120
+        while time.time() < deadline and len(_committed(out)) < 2:
+            time.sleep(0.02)
+        for actor in ray.util.list_named_actors(all_namespaces=True):
+            if ":writer-" in actor["name"]:
+                handle = ray.get_actor(actor["name"], namespace=actor["namespace"])
+                pid = ray.get(handle.__ray_call__.remote(lambda self: os.getpid()))
+                os.kill(pid, signal.SIGKILL)
+                killed.append(pid)
+                return
+
+    killer = threading.Thread(target=kill_the_writer)
+    killer.start()
+    summary = batch_infer.run(spec)
+    killer.join()
+    assert killed, "no writer was killed"
+    assert summary.status == "succeeded" and summary.rows == 6000
+    assert_matches_direct(models["two_io"], _inputs(data), read_output(out))
+    assert not (out / "_staging").exists()
+
+
+@pytest.mark.usefixtures("ray_start_regular")
 def test_changed_input_is_refused_then_overwrite_starts_over(tmp_path, models):
     data = _big_input(tmp_path / "in", files=2, rows=300)
     out = tmp_path / "out"

@@ -279,10 +279,10 @@ def test_quickstart_submit_wait_status_logs_list(head: Head, tmp_path: Path) -> 
     table = read_output(out)
     assert table.num_rows == 1797
     assert sorted(table.column("id").to_pylist()) == list(range(1797))
-    # The driver read the carried copy of the model, not the repository's file.
+    # The driver read the carried copy of the model; the run names where the model lives.
     (run,) = _runs(out)
     assert run["status"] == "succeeded" and run["date"] == "2024-05-01"
-    assert "runtime_resources" in run["model"] and run["model"].endswith("model/digits.onnx")
+    assert run["model"] == str(ROOT / "models" / "digits.onnx")
 
     # The package went as a py_module, the spec and model as the working_dir.
     from ray.job_submission import JobSubmissionClient
