@@ -20,7 +20,7 @@ from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
-from batch_infer.errors import EXIT_INTERRUPTED, UserError
+from batch_infer.errors import EXIT_INTERRUPTED, SpecError, UserError
 from batch_infer.ops.query import register as register_query
 from batch_infer.ops.schedule import register as register_schedule
 from batch_infer.ops.submit import register as register_submit
@@ -120,10 +120,52 @@ def _cmd_build(args: argparse.Namespace) -> int:
     from batch_infer.planning import backend_options
 
     spec = resolve_spec(args.spec, parse_overrides(args.set))
-    signature = read_signature(spec.model.onnx)
-    engine = build_ahead(signature, backend_options(spec, signature))
+    if spec.model.optimize is not None:  # the engine of the optimized model
+        from batch_infer.planning import build_plan
+
+        plan = build_plan(spec)
+        signature, options = plan.signature, plan.backend
+    else:
+        signature = read_signature(spec.model.onnx)
+        options = backend_options(spec, signature)
+    engine = build_ahead(signature, options)
     state = "built" if engine.built else "already cached"
     Console().print(f"engine {state}: {engine.path} ({len(engine.data):,} bytes)", highlight=False)
+    return 0
+
+
+def _cmd_optimize(args: argparse.Namespace) -> int:
+    import json
+
+    from batch_infer.optimize.gate import GateFailed
+    from batch_infer.optimize.report import print_report
+    from batch_infer.planning import build_plan
+
+    overrides = parse_overrides(args.set)
+    if args.backend:
+        overrides["model.optimize.target"] = args.backend
+    spec = resolve_spec(args.spec, overrides)
+    if spec.model.optimize is None:
+        raise SpecError(
+            f"{args.spec}: model.optimize is not set; add it to the spec or pass e.g. "
+            "--set model.optimize.precision=int8"
+        )
+    try:
+        plan = build_plan(spec)
+    except GateFailed as exc:
+        if args.json:
+            Path(args.json).write_text(json.dumps(exc.report, indent=1) + "\n")
+        print_report(exc.report, Console(stderr=True))
+        raise
+    assert plan.optimized is not None
+    report = plan.optimized.report | {
+        "optimized_model": plan.signature.path,
+        "optimized_sha256": plan.signature.sha256,
+        "cached": not plan.optimized.made,
+    }
+    if args.json:
+        Path(args.json).write_text(json.dumps(report, indent=1) + "\n")
+    print_report(report, Console())
     return 0
 
 
@@ -159,6 +201,18 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("spec")
     add_spec_arguments(b)
     b.set_defaults(func=_cmd_build)
+    o = sub.add_parser(
+        "optimize", help="make the spec's model faster for its backend (model.optimize), gated"
+    )
+    o.add_argument("spec")
+    add_spec_arguments(o)
+    o.add_argument(
+        "--backend",
+        choices=("onnxruntime-cpu", "onnxruntime-cuda", "tensorrt", "tensorrt-rtx"),
+        help="the target (default: model.optimize.target, else the backend the job would use)",
+    )
+    o.add_argument("--json", metavar="PATH", help="also write the report as JSON")
+    o.set_defaults(func=_cmd_optimize)
     for register in (register_submit, register_schedule, register_query):
         register(sub)  # each module adds its own subcommands
     return parser

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import pyarrow as pa
 
@@ -21,6 +22,9 @@ from batch_infer.errors import OutputError, SpecError, UserError
 from batch_infer.location import is_uri, open_location
 from batch_infer.model import ModelSignature, TensorInfo, read_signature
 from batch_infer.spec import ImageInput, JobSpec, Postprocess, TextInput
+
+if TYPE_CHECKING:
+    from batch_infer.optimize.cache import Artifact
 
 
 @dataclass(frozen=True)
@@ -37,6 +41,8 @@ class JobPlan:
     # Inputs decoded, tokenized or made by the preprocess hook (data/decode/).
     decoded: tuple[DecodedInput, ...] = ()
     postprocess: Builtin | Hook | None = None
+    # model.optimize: the optimized model (its key and report); `signature` is its own.
+    optimized: Artifact | None = None
 
     @property
     def columns(self) -> list[str]:
@@ -62,7 +68,7 @@ class JobPlan:
             "keep_columns": list(self.keep_schema.names),
             "input_format": self.dataset.format,
             "shard_rows": self.spec.shard_rows,
-        } | self._decode_config()
+        } | self._decode_config() | ({"optimize": self.optimized.record} if self.optimized else {})
 
     def _decode_config(self) -> dict:
         """Decoders and postprocessing, only when the spec has them (older outputs match)."""
@@ -259,7 +265,7 @@ def build_plan(spec: JobSpec) -> JobPlan:
         )
     _check_paths(spec, dataset)
     keep_schema = pa.schema([dataset.schema.field(c) for c in spec.output.keep_columns])
-    return JobPlan(
+    plan = JobPlan(
         spec,
         dataset,
         signature,
@@ -270,3 +276,8 @@ def build_plan(spec: JobSpec) -> JobPlan:
         decoded=tuple(decoded),
         postprocess=post,
     )
+    if spec.model.optimize is None:
+        return plan
+    from batch_infer.optimize.optimizer import optimize_plan  # ONNX Runtime's tools: only now
+
+    return optimize_plan(plan)

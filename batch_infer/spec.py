@@ -39,6 +39,43 @@ class InputSpec(_Strict):
     format: Literal["parquet", "csv", "ipc"] = "parquet"
 
 
+class GateSpec(_Strict):
+    """The accuracy gate an optimized model must pass against the original, on held-out rows."""
+
+    rows: int = Field(default=256, ge=1, description="Held-out input rows (not calibration).")
+    max_rel_l2: float = Field(default=0.05, gt=0, description="Per float output: relative L2.")
+    min_top1_agreement: float = Field(
+        default=0.99, ge=0, le=1, description="Classifier outputs (and integer outputs): agreement."
+    )
+    max_abs: float | None = Field(default=None, gt=0, description="Largest absolute difference.")
+    min_cosine: float | None = Field(default=None, ge=-1, le=1)
+
+
+class Int8Spec(_Strict):
+    """Overrides of the target's int8 recipe (auto: the target's own, see docs/optimize.md)."""
+
+    activations: Literal["auto", "uint8", "int8"] = "auto"
+    per_channel: bool | None = None
+    reduce_range: bool | None = None
+
+
+class OptimizeSpec(_Strict):
+    """Make the model faster for the job's backend before it runs (batch_infer/optimize/)."""
+
+    precision: Literal["fp32", "fp16", "int8", "fp8"] = "fp32"
+    fuse: bool = Field(default=True, description="ONNX Runtime's fusions (ONNX Runtime targets).")
+    calibration_rows: int = Field(default=512, ge=1, description="Rows of the job's own input.")
+    seed: int = Field(default=0, ge=0, description="Seeds the draw of calibration and gate rows.")
+    gate: GateSpec = Field(default_factory=GateSpec)
+    target: Literal["auto", "onnxruntime-cpu", "onnxruntime-cuda", "tensorrt", "tensorrt-rtx"] = (
+        Field(default="auto", description="auto: the backend the job would use.")
+    )
+    sparsity: bool = Field(default=False, description="TensorRT's sparse-weights flag (2:4).")
+    num_heads: int = Field(default=0, ge=0, description="Attention fusion; 0: detected.")
+    hidden_size: int = Field(default=0, ge=0, description="Attention fusion; 0: detected.")
+    int8: Int8Spec = Field(default_factory=Int8Spec)
+
+
 class ModelSpec(_Strict):
     onnx: str
     inputs: dict[str, str | list[str]] = Field(
@@ -46,6 +83,9 @@ class ModelSpec(_Strict):
     )
     outputs: dict[str, str] | None = Field(
         default=None, description="ONNX output name -> output column; default: all, same names."
+    )
+    optimize: OptimizeSpec | None = Field(
+        default=None, description="fp16/int8/fp8, fusion, an accuracy gate (docs/optimize.md)."
     )
 
     @field_validator("inputs")

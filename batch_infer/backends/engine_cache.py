@@ -40,6 +40,7 @@ class EngineKey:
     precision: str  # "fp32", "fp16" or "int8"
     slots: int  # one optimization profile per slot
     profile: Mapping[str, Sequence[Sequence[int]]]  # input -> (min, opt, max)
+    sparse_weights: bool = False  # TensorRT's 2:4 sparse kernels allowed
 
     def as_json(self) -> dict:
         """The key as plain JSON values (tuples become lists), for hashing and the sidecar."""

@@ -83,8 +83,9 @@ def product(trt: ModuleType) -> str:
     return f"{'TensorRT-RTX' if is_rtx(trt) else 'TensorRT'} {trt.__version__}"
 
 
-def make_logger(trt: ModuleType) -> Any:
-    """An ILogger that keeps errors (build and parse failures are only reported there)."""
+def make_logger(trt: ModuleType, verbose: Callable[[str], None] | None = None) -> Any:
+    """An ILogger that keeps errors (build and parse failures are only reported there);
+    `verbose` is given every info and verbose message (a DETAILED build's layer table)."""
 
     class Logger(trt.ILogger):
         def __init__(self) -> None:
@@ -97,6 +98,8 @@ def make_logger(trt: ModuleType) -> Any:
                 log.debug("%s: %s", product(trt), msg)
             elif severity == trt.ILogger.Severity.WARNING:
                 log.warning("%s: %s", product(trt), msg)
+            elif verbose is not None:
+                verbose(msg)
 
         def take_errors(self) -> str:
             text, self.errors = "; ".join(self.errors) or "no error was logged", []
@@ -317,15 +320,19 @@ def build_engine(
     precision: str | None = None,
     compute_capability: tuple[int, int] | None = None,
     timing_cache: str | os.PathLike[str] | None = None,
+    sparse_weights: bool = False,
+    verbose: Callable[[str], None] | None = None,
 ) -> bytes:
     """Build a serialized engine with `slots` copies of `profile` (one per execution context).
 
     `compute_capability` is TensorRT-RTX's target (None: this machine's GPU); full TensorRT
     always builds for the GPU it runs on. `timing_cache` is a file, read and rewritten (last
-    writer wins), full TensorRT only.
+    writer wins), full TensorRT only. `sparse_weights` lets TensorRT use 2:4 sparse kernels
+    for weights that follow the pattern. `verbose` gets the builder's info and verbose
+    messages from a DETAILED profiling-verbosity build (its per-layer table among them).
     """
     trt = load_bindings(backend)
-    logger = make_logger(trt)
+    logger = make_logger(trt, verbose)
     builder = trt.Builder(logger)
     network = builder.create_network(0)  # explicit batch is the only mode in 10+
     parser = trt.OnnxParser(network, logger)
@@ -343,6 +350,10 @@ def build_engine(
     config = builder.create_builder_config()
     for flag in precision_flags(trt, precision, network):
         config.set_flag(flag)
+    if sparse_weights:
+        config.set_flag(trt.BuilderFlag.SPARSE_WEIGHTS)
+    if verbose is not None:
+        config.profiling_verbosity = trt.ProfilingVerbosity.DETAILED
     if is_rtx(trt):
         config.num_compute_capabilities = 1  # the count first, then the entry
         target = (
@@ -391,6 +402,7 @@ class EngineRecipe:
     precision: str | None = None
     compute_capability: tuple[int, int] | None = None  # None: the GPU it is built on
     cache_dir: str | None = None
+    sparse_weights: bool = False  # TensorRT's 2:4 sparse kernels (model.optimize.sparsity)
 
 
 def plan_recipe(
@@ -442,6 +454,7 @@ def ensure_engine(
         precision=recipe.precision or "fp32",
         slots=recipe.slots,
         profile=recipe.profile,
+        sparse_weights=recipe.sparse_weights,
     )
     directory = cache_dir_path(recipe.cache_dir)
     timing = directory / f"timing-{backend}-{trt.__version__}-sm{cc[0]}{cc[1]}.cache"
@@ -463,6 +476,7 @@ def ensure_engine(
             precision=recipe.precision,
             compute_capability=cc,
             timing_cache=timing,
+            sparse_weights=recipe.sparse_weights,
         )
 
     return get_or_build(key, build, cache_dir=directory, validate=validate)
