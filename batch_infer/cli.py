@@ -24,7 +24,7 @@ from batch_infer.errors import EXIT_INTERRUPTED, SpecError, UserError
 from batch_infer.ops.query import register as register_query
 from batch_infer.ops.schedule import register as register_schedule
 from batch_infer.ops.submit import register as register_submit
-from batch_infer.sink.manifest import RunRecord
+from batch_infer.sink.manifest import RunRecord, timeline_text
 from batch_infer.spec import add_spec_arguments, parse_date, parse_overrides, resolve_spec
 
 
@@ -38,20 +38,6 @@ def process_started_at() -> float:
     except (OSError, ValueError, IndexError, AttributeError):
         return time.time()
     return time.time() - age
-
-
-def _timeline(s: RunRecord) -> str:
-    names = {
-        "ray_ready": "Ray",
-        "planned": "planned",
-        "backend_ready": "model loaded",
-        "first_batch": "first batch",
-        "first_commit": "first commit",
-        "last_commit": "last commit",
-        "finished": "done",
-    }
-    marks = sorted((t, names[k]) for k, t in s.timeline.items() if k in names)
-    return ", ".join(f"{name} {t:.1f} s" for t, name in marks)
 
 
 def _busy(s: RunRecord) -> str:
@@ -80,7 +66,7 @@ def _print_summary(console: Console, s: RunRecord) -> None:
         f"start to end{steady}",
     )
     if s.timeline:
-        table.add_row("timeline", _timeline(s))
+        table.add_row("timeline", timeline_text(s.timeline))
         table.add_row("device busy", _busy(s))
     table.add_row(
         "shards",

@@ -185,3 +185,12 @@ def test_cli_run_starts_in_the_drivers_lane_while_its_ray_starts(tmp_path):
     assert lane and lane[0]["busy_seconds"] > 0
     assert saved["timeline"]["first_commit"] < saved["timeline"].get("ray_ready", float("inf"))
     assert sum(e["rows"] for e in entries) == 1800
+
+    inspect = [sys.executable, "-m", "batch_infer.cli", "inspect", str(tmp_path / "out")]
+    shown = subprocess.run(inspect, capture_output=True, text=True, timeout=60, env=env)
+    assert "last run's timeline (s after its start): planned" in shown.stdout, shown.stderr
+    page = tmp_path / "run.html"
+    drawn = subprocess.run([*inspect, "--timeline", str(page)], capture_output=True, text=True,
+                           timeout=60, env=env)  # fmt: skip
+    assert drawn.returncode == 0 and saved["run_id"] in drawn.stderr, drawn.stderr
+    assert page.read_text().count('class="infer"') == len(entries)

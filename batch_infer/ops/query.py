@@ -42,7 +42,7 @@ import pyarrow.fs as pafs
 
 from batch_infer.errors import OutputError, UserError
 from batch_infer.location import Location, is_uri, open_location
-from batch_infer.sink.manifest import RunRecord, committed_entries
+from batch_infer.sink.manifest import RunRecord, committed_entries, timeline_text
 
 if TYPE_CHECKING:  # DuckDB and Rich load on first use: `batch-infer --help` stays fast
     import duckdb
@@ -552,6 +552,9 @@ def inspect(
     ):
         cells = [[show.get(k, lambda v: v)(r[k]) for k in keys] for r in rows]
         _table(title, list(keys), cells)
+    if runs and runs[-1].get("timeline"):
+        line = f"last run's timeline (s after its start): {timeline_text(runs[-1]['timeline'])}"
+        _console().print(Text(line), soft_wrap=True)
 
 
 # --------------------------------------------------------------------------- command line
@@ -594,6 +597,13 @@ def _cmd_query(args: argparse.Namespace) -> int:
 
 
 def _cmd_inspect(args: argparse.Namespace) -> int:
+    if args.timeline:
+        from batch_infer.ops.timeline import write_timeline
+
+        out = open_location(args.output, "output", OutputError)
+        record = write_timeline(out, args.timeline, args.run)
+        print(f"wrote the timeline of run {record.run_id} to {args.timeline}", file=sys.stderr)
+        return 0
     inspect(args.output, runs=args.runs, outputs=args.outputs, as_json=args.json)
     return 0
 
@@ -626,4 +636,10 @@ def register(subparsers: Any) -> None:
     i.add_argument("--runs", type=int, default=10, metavar="N", help="runs shown (default 10)")
     i.add_argument("--outputs", type=int, default=10, metavar="N", help="the last N outputs")
     i.add_argument("--json", action="store_true", help="the same as one JSON document")
+    i.add_argument(
+        "--timeline",
+        metavar="FILE.html",
+        help="draw a run's timeline (a lane per actor, shards as bars) into one HTML file",
+    )
+    i.add_argument("--run", metavar="ID", help="with --timeline: this run (default: the latest)")
     i.set_defaults(func=_quiet_pipe(_cmd_inspect))

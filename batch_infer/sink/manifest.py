@@ -155,6 +155,12 @@ PHASES = (
 )
 
 
+def timeline_text(timeline: dict[str, float]) -> str:
+    """A run's phases in the order they happened, one line: "planned 0.4 s, ..." """
+    marks = sorted((t, phase.replace("_", " ")) for phase, t in timeline.items())
+    return ", ".join(f"{name} {t:.1f} s" for t, name in marks)
+
+
 class OutputLock:
     """One run per output at a time.
 
