@@ -65,12 +65,19 @@ def connect(address: str | None = None, num_gpus: int | None = None) -> None:
     for a submitted run), else the one this process already joined with `ray.init`.
     Otherwise start a local Ray of the run's own: never one that happens to be running on
     this machine, which may be another user's. `num_gpus` limits a local Ray to the GPUs
-    the run's own process does not drive (it drives the last ones)."""
-    import ray
+    the run's own process does not drive (it drives the last ones).
 
-    if ray.is_initialized():
+    A local Ray of the run's own listens on loopback only and uses Ray's token
+    authentication on purpose (so Ray does not warn about it): no other machine can reach
+    it, and no other user of this one can join it."""
+    if "ray" in sys.modules and sys.modules["ray"].is_initialized():
         return
     address = address or os.environ.get("RAY_ADDRESS") or "local"
+    if address == "local" and "ray" not in sys.modules:  # read when Ray is imported
+        os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")  # loopback only
+        os.environ.setdefault("RAY_AUTH_MODE", "token")
+    import ray
+
     local = {"num_gpus": num_gpus} if address == "local" and num_gpus is not None else {}
     # Every failed task's result is looked at by the driver, which reports it in one line:
     # Ray's "unhandled error" tracebacks for the results nobody fetched only add noise.

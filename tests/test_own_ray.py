@@ -106,3 +106,34 @@ def test_local_run_starts_its_own_ray_beside_a_foreign_one(foreign_head, tmp_pat
     (record,) = [json.loads(p.read_text()) for p in (tmp_path / "out" / "_runs").glob("*.json")]
     assert record["status"] == "succeeded" and record["rows"] == 1797
     assert record["nodes"] and foreign_node not in record["nodes"]  # its own Ray's node
+
+
+LISTENERS = """
+import os, subprocess, sys
+from batch_infer.job import connect
+connect()
+ours = {line.split()[0] for line in subprocess.run(["ps", "-e", "-o", "pid=,sid="],
+        capture_output=True, text=True).stdout.splitlines()
+        if line.split()[1] == str(os.getsid(0))}
+listen = subprocess.run(["ss", "-Hltnp"], capture_output=True, text=True).stdout
+mine = [l.split()[3] for l in listen.splitlines() if any(f"pid={p}," in l for p in ours)]
+print(" ".join(mine))
+sys.stdout.flush()
+os._exit(0)
+"""
+
+
+def test_a_local_ray_of_the_runs_own_listens_on_loopback_only(tmp_path):
+    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "RAY_AUTH_MODE")}
+    done = subprocess.run(
+        [sys.executable, "-c", LISTENERS], capture_output=True, text=True, timeout=180,
+        env={**env, "HOME": str(tmp_path)}, start_new_session=True,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    addresses = done.stdout.split()
+    assert addresses, "no listening socket of the run's own Ray was found"
+    assert all(a.rsplit(":", 1)[0] in ("127.0.0.1", "[::ffff:127.0.0.1]") for a in addresses), (
+        addresses
+    )
+    assert "Token authentication is enabled" not in done.stderr  # on purpose: no warning
+    assert (tmp_path / ".ray" / "auth_token").exists()
