@@ -14,6 +14,7 @@ first and last shards are small (`data/sharding.py`).
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import logging
 import os
@@ -573,6 +574,13 @@ def _execute(
                 else:
                     work.committed(result)
             del ready
+    except KeyboardInterrupt:  # Ctrl-C or SIGTERM: count the commits already on their way
+        commits = [ref for ref, t in running.items() if t.kind == "commit"]
+        done, _ = ray.wait(commits, num_returns=len(commits), timeout=2.0) if commits else ([], [])
+        for ref in done:
+            with contextlib.suppress(RayError):
+                work.committed(ray.get(ref))
+        raise
     except RayError as exc:  # Ray itself failed (its node or raylet died), not a shard
         what = "a Ray node of this run died" if "Died" in type(exc).__name__ else "Ray failed"
         raise JobFailedError(

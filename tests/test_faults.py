@@ -244,20 +244,27 @@ def test_disk_full_during_a_commit_stops_at_once_then_the_rerun_is_exact(tmp_pat
 # --------------------------------------------------------------------------- signals
 
 
-@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
-def test_sigterm_and_sigint_mid_run_are_recorded_as_interrupted_and_resume(tmp_path, sig):
+@pytest.mark.parametrize(
+    ("sig", "actors"),
+    [(signal.SIGTERM, None), (signal.SIGINT, None), (signal.SIGTERM, 2)],
+    ids=["sigterm", "sigint", "sigterm-ray-actors"],
+)
+def test_sigterm_and_sigint_mid_run_are_recorded_as_interrupted_and_resume(
+    tmp_path, sig, actors
+):
+    """Also with Ray's actors (`num_actors`), whose commits in flight are counted."""
     rows = 24000
     data = _vectors(tmp_path / "in", files=4, rows=rows // 4)
     model = _heavy_model(tmp_path / "heavy.onnx")
     out = tmp_path / "out"
-    spec = _spec(tmp_path, data, out, model)
+    spec = _spec(tmp_path, data, out, model, **({"num_actors": actors} if actors else {}))
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     proc = subprocess.Popen(
         [sys.executable, "-m", "batch_infer.cli", "run", str(spec), "-q"],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
         env={**env, "PYTHONPATH": str(ROOT)},
     )  # fmt: skip
-    deadline = time.time() + 120
+    deadline = time.time() + 180
     while len(_committed(out)) < 2:
         assert proc.poll() is None, proc.stderr.read()
         assert time.time() < deadline, "no shard was committed in time"
@@ -331,3 +338,28 @@ def test_raylet_killed_mid_run_is_one_line_exit_4_recorded_and_resumable(tmp_pat
     again = _cli("run", str(spec), "-q")
     assert again.returncode == 0, again.stderr
     _assert_exactly_once(out, rows)
+
+
+def _corrupt_a_data_page(path: Path) -> None:
+    """Overwrite bytes inside the first column chunk's data, keeping the footer valid."""
+    meta = pq.read_metadata(path)
+    column = meta.row_group(0).column(1)
+    start = column.data_page_offset + 40
+    with path.open("r+b") as f:
+        f.seek(start)
+        f.write(bytes(range(256)) * 8)
+
+
+@pytest.mark.parametrize("actors", [None, 2], ids=["this-process", "ray-actors"])
+def test_a_corrupt_data_page_is_one_line_without_ray_tracebacks(tmp_path, actors):
+    data = _vectors(tmp_path / "in", files=2, rows=1000)
+    _corrupt_a_data_page(data / "f1.parquet")
+    assert pq.read_metadata(data / "f1.parquet").num_rows == 1000  # the footer still reads
+    model = _heavy_model(tmp_path / "heavy.onnx")
+    spec = _spec(tmp_path, data, tmp_path / "out", model,
+                 **({"num_actors": actors} if actors else {}))  # fmt: skip
+    done = _cli("run", str(spec), "-q")
+    assert done.returncode == 4, done.stderr
+    assert "Unhandled error" not in done.stderr and "Traceback" not in done.stderr
+    assert "f1.parquet" in done.stderr and "cannot read this parquet file" in done.stderr
+    assert len(_committed(tmp_path / "out")) >= 2  # the good file's shards are kept
