@@ -21,6 +21,8 @@ import pyarrow as pa
 
 from batch_infer.backends import load_backend
 from batch_infer.backends.base import Feeds
+from batch_infer.data.decode import decode_shard
+from batch_infer.data.postprocess import Builtin, builtin_columns, hook_columns
 from batch_infer.data.reading import read_rows
 from batch_infer.data.sharding import Shard
 from batch_infer.data.tensors import find_bad_rows, to_arrow, to_tensor
@@ -31,6 +33,9 @@ from batch_infer.sink.manifest import ShardEntry
 log = logging.getLogger("batch_infer")
 
 ERROR_COLUMNS = ("_shard", "_file", "_row", "_reason")
+# With a postprocess hook, each kept row carries its input row to the actor (for a hook's
+# error message); the actor drops it before the predictions are written.
+INPUT_ROW = "__batch_infer_row"
 
 
 class ShardRunner:
@@ -73,7 +78,7 @@ class ShardRunner:
     def _batches(self, feeds: Feeds, rows: int) -> Iterator[tuple[int, Feeds]]:
         """(real rows, feeds) per micro-batch. A model with a fixed batch gets full batches;
         a backend that tunes per shape gets a short last batch padded to a power of two."""
-        fixed = self.plan.bindings[0].tensor.fixed_batch
+        fixed = self.plan.signature.inputs[0].fixed_batch
         size = fixed or self.plan.spec.batch_size
         pads = self.backend.pads_batches
         for start in range(0, rows, size):
@@ -100,19 +105,32 @@ class ShardRunner:
                     self.first_batch_at = time.time()
                 yield part
 
-        names = {t.name: (t, col) for t, col in self.plan.outputs}
-        pieces: dict[str, list[np.ndarray]] = {name: [] for name in names}
+        post = self.plan.postprocess
+        wanted = self.plan.signature.outputs if post else [t for t, _ in self.plan.outputs]
+        pieces: dict[str, list[np.ndarray]] = {t.name: [] for t in wanted}
         for i, result in enumerate(self.backend.run(batches())):
-            for name in names:
+            for name in pieces:
                 pieces[name].append(result[name][: counts[i]])
         self.last_batch_at = time.time()
-        predictions = keep
-        for name, (tensor, col) in names.items():
-            if pieces[name]:
-                array = np.concatenate(pieces[name])
+        arrays = {}
+        for tensor in wanted:
+            if pieces[tensor.name]:
+                arrays[tensor.name] = np.concatenate(pieces[tensor.name])
             else:
-                array = np.zeros((0, *(max(d, 1) for d in tensor.item_shape)), tensor.dtype)
-            predictions = predictions.append_column(col, to_arrow(array, tensor))
+                shape = (0, *(max(d, 1) for d in tensor.item_shape))
+                arrays[tensor.name] = np.zeros(shape, tensor.dtype)
+        predictions = keep.drop_columns([c for c in keep.column_names if c == INPUT_ROW])
+        for tensor, col in self.plan.outputs:
+            predictions = predictions.append_column(col, to_arrow(arrays[tensor.name], tensor))
+        columns: list[tuple[str, pa.Array]] = []
+        if isinstance(post, Builtin):
+            columns = builtin_columns(post, arrays[post.output])
+        elif post is not None:
+            rows = keep.column(INPUT_ROW).to_numpy()
+            where = f"shard {entry.shard} ({entry.file})"
+            columns = hook_columns(post, arrays, keep.num_rows, where, lambda i: int(rows[i]))
+        for col, values in columns:
+            predictions = predictions.append_column(col, values)
         entry = dataclasses.replace(
             entry,
             backend=self.backend.describe(),
@@ -210,9 +228,27 @@ def prepare_shard(
     if shard.rows is not None and shard.rows != table.num_rows:
         raise RuntimeError(f"shard {shard.id}: read {table.num_rows} rows, planned {shard.rows}")
     bad, reasons = find_bad_rows(table, list(plan.bindings))
+    decoded, how = {}, ""
+    if plan.decoded:  # images, texts, the preprocess hook: bad rows of their own
+        where = f"shard {shard.id} ({shard.file.relpath})"
+        decoded, more, how = decode_shard(
+            plan.decoded, table, plan.dataset, shard.file.path, where, shard.row_start
+        )
+        if more:
+            why = np.full(table.num_rows, "", dtype=object)
+            why[bad] = reasons
+            for row, reason in more.items():
+                if not why[row]:
+                    why[row] = reason
+            bad = why != ""
+            reasons = why[bad].tolist()
     good = table.filter(pa.array(~bad)) if bad.any() else table
     keep = good.select(plan.keep_schema.names).cast(plan.keep_schema)
+    if plan.postprocess is not None and not isinstance(plan.postprocess, Builtin):
+        rows = np.flatnonzero(~bad) + shard.row_start
+        keep = keep.append_column(INPUT_ROW, pa.array(rows, pa.int64()))
     feeds = {b.tensor.name: to_tensor(good, b) for b in plan.bindings}
+    feeds |= {name: array[~bad] if bad.any() else array for name, array in decoded.items()}
     errors = _errors_table(plan, shard, table, bad, reasons) if bad.any() else None
     entry = ShardEntry(
         shard=shard.id,
@@ -228,6 +264,7 @@ def prepare_shard(
         attempt=attempt,
         prepare_started=started,
         prepare_seconds=round(time.time() - started, 3),
+        preprocess=how,
     )
     return entry, keep, feeds, errors
 

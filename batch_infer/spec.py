@@ -19,10 +19,19 @@ import re
 import string
 import zoneinfo
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Discriminator,
+    Field,
+    Tag,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from batch_infer.errors import SpecError
 from batch_infer.location import absolute
@@ -37,6 +46,83 @@ class _Strict(BaseModel):
 class InputSpec(_Strict):
     path: str = Field(description="A file, a directory (hive partitions become columns) or a glob.")
     format: Literal["parquet", "csv", "ipc"] = "parquet"
+
+
+class ImageInput(_Strict):
+    """An input decoded from encoded images: bytes (JPEG, PNG, WebP, ...) or file paths/URIs."""
+
+    column: str
+    decode: Literal["image"]
+    size: tuple[int, int] = Field(description="[height, width] the model takes.")
+    resize: Literal["shorter_side_crop", "stretch"] = Field(
+        default="shorter_side_crop",
+        description="shorter_side_crop: shorter side to size, then the centre; stretch: to size.",
+    )
+    layout: Literal["NHWC", "NCHW"] = "NHWC"
+    dtype: Literal["uint8", "float32"] = Field(
+        default="uint8", description="Pixel values 0-255 either way: normalize in the model."
+    )
+    channels: Literal["RGB", "BGR", "L"] = "RGB"
+    device: Literal["auto", "cpu", "gpu"] = Field(
+        default="auto", description="Where to decode: auto uses the GPU decoder when it can."
+    )
+
+    @field_validator("size")
+    @classmethod
+    def _positive(cls, v: tuple[int, int]) -> tuple[int, int]:
+        if min(v) < 1:
+            raise ValueError(f"{list(v)}: height and width must be positive")
+        return v
+
+
+class TextInput(_Strict):
+    """An input tokenized from a text column with a Hugging Face `tokenizer.json`."""
+
+    column: str
+    tokenizer: str = Field(description="A tokenizer.json (path or URI).")
+    max_length: int = Field(ge=1)
+    field: Literal["input_ids", "attention_mask", "token_type_ids"] | None = Field(
+        default=None, description="The encoding's field; default: the ONNX input's name."
+    )
+    padding: Literal["max_length", "longest"] = "max_length"
+    truncation: bool = Field(
+        default=True, description="Cut longer texts; false: a longer text is a bad row."
+    )
+
+
+class Postprocess(_Strict):
+    """Built-in postprocessing of one model output (scores over classes): label and score."""
+
+    output: str | None = Field(default=None, description="Model output; default: the only one.")
+    softmax: bool = False
+    top_k: int = Field(default=1, ge=1, description="1: argmax; more: lists of the top k too.")
+    labels: str | None = Field(default=None, description="A text file, one label per line.")
+    keep_outputs: bool = Field(default=False, description="Also write the raw model outputs.")
+
+
+def _input_form(v: Any) -> str | None:
+    if isinstance(v, str):
+        return "column"
+    if isinstance(v, list):
+        return "columns"
+    if isinstance(v, dict | ImageInput | TextInput):
+        get = v.get if isinstance(v, dict) else lambda k: getattr(v, k, None)
+        return "image" if get("decode") is not None else "text" if get("tokenizer") else None
+    return None
+
+
+ModelInput = Annotated[
+    Annotated[str, Tag("column")]
+    | Annotated[list[str], Tag("columns")]
+    | Annotated[ImageInput, Tag("image")]
+    | Annotated[TextInput, Tag("text")],
+    Discriminator(
+        _input_form,
+        custom_error_type="input_form",
+        custom_error_message="expected a column, a list of columns, {column, decode: image, "
+        "size, ...} or {column, tokenizer, max_length, ...}",
+    ),
+]
 
 
 class GateSpec(_Strict):
@@ -78,11 +164,22 @@ class OptimizeSpec(_Strict):
 
 class ModelSpec(_Strict):
     onnx: str
-    inputs: dict[str, str | list[str]] = Field(
-        description="ONNX input name -> one column, or a list of numeric columns to stack."
+    inputs: dict[str, ModelInput] = Field(
+        description="ONNX input name -> one column, a list of numeric columns to stack, an "
+        "image column to decode or a text column to tokenize."
     )
     outputs: dict[str, str] | None = Field(
         default=None, description="ONNX output name -> output column; default: all, same names."
+    )
+    preprocess: str | None = Field(
+        default=None,
+        description="package.module:function: the shard's columns (an Arrow table) -> numpy "
+        "arrays for the model inputs not in `inputs` (and optionally bad-row reasons).",
+    )
+    postprocess: str | Postprocess | None = Field(
+        default=None,
+        description="package.module:function (model outputs -> output columns), or built-in "
+        "{softmax, top_k, labels, ...}.",
     )
     optimize: OptimizeSpec | None = Field(
         default=None, description="fp16/int8/fp8, fusion, an accuracy gate (docs/optimize.md)."
@@ -90,12 +187,23 @@ class ModelSpec(_Strict):
 
     @field_validator("inputs")
     @classmethod
-    def _inputs_not_empty(cls, v: dict[str, str | list[str]]) -> dict[str, str | list[str]]:
-        if not v:
-            raise ValueError("map at least one ONNX input to a column")
+    def _inputs_not_empty(cls, v: dict[str, Any]) -> dict[str, Any]:
         for name, cols in v.items():
             if isinstance(cols, list) and not cols:
                 raise ValueError(f"input {name!r}: the list of columns to stack is empty")
+        return v
+
+    @model_validator(mode="after")
+    def _inputs_fed(self) -> ModelSpec:
+        if not self.inputs and self.preprocess is None:
+            raise ValueError("map at least one ONNX input to a column (or name a preprocess hook)")
+        return self
+
+    @field_validator("preprocess", "postprocess")
+    @classmethod
+    def _hook_name(cls, v: Any) -> Any:
+        if isinstance(v, str) and not re.fullmatch(r"[\w.]+:[\w.]+", v):
+            raise ValueError(f"{v!r}: expected package.module:function")
         return v
 
 

@@ -1,0 +1,389 @@
+"""Encoded images (JPEG, PNG, WebP, ...) -> fixed-size pixel tensors.
+
+On the CPU: Pillow (libjpeg-turbo inside), measured against OpenCV, simplejpeg and
+Pillow-SIMD in docs/inputs.md; its antialiased bilinear resize is what models trained with
+torchvision saw. On the GPU: nvImageCodec (nvJPEG, the hardware decoder where the GPU has
+one) with the same resize as two matrix products in CuPy, used where this process sees a GPU
+and both import; anything it cannot decode is retried on the CPU, so a reason is Pillow's.
+
+An image that cannot be read or decoded is a bad row with its reason, never a failed shard.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import os
+import posixpath
+import threading
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from functools import lru_cache
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.fs as pafs
+
+log = logging.getLogger("batch_infer")
+
+# Reading files named in a column: a pool per process, so object stores' latency overlaps.
+_READERS = 16
+
+
+@dataclass(frozen=True)
+class ImageDecode:
+    """How one model input is made from an image column (planned once, sent to workers)."""
+
+    column: str
+    height: int
+    width: int
+    resize: str  # shorter_side_crop | stretch
+    layout: str  # NHWC | NCHW
+    channels: str  # RGB | BGR | L
+    device: str  # auto | cpu | gpu
+    from_paths: bool  # the column holds paths/URIs, not bytes
+
+    def config(self) -> dict[str, Any]:
+        return {
+            "column": self.column,
+            "decode": "image",
+            "size": [self.height, self.width],
+            "resize": self.resize,
+            "layout": self.layout,
+            "channels": self.channels,
+        }
+
+
+def crop_box(width: int, height: int, d: ImageDecode) -> tuple[tuple[float, ...], int, int]:
+    """(source box, output width, output height) for Pillow's `resize(size, box=...)`.
+
+    shorter_side_crop: the shorter side scaled to the output's (the longer one by the same
+    factor, truncated), then the centre; a crop done through `box`, so only the output's
+    pixels are computed. stretch: the whole image to the output's size."""
+    if d.resize == "stretch":
+        return (0.0, 0.0, float(width), float(height)), d.width, d.height
+    scale = max(d.width / width, d.height / height)
+    rw, rh = max(d.width, int(width * scale)), max(d.height, int(height * scale))
+    left, top = (rw - d.width) // 2, (rh - d.height) // 2
+    sx, sy = width / rw, height / rh
+    box = (left * sx, top * sy, (left + d.width) * sx, (top + d.height) * sy)
+    return box, d.width, d.height
+
+
+def _mode(d: ImageDecode) -> str:
+    return "L" if d.channels == "L" else "RGB"
+
+
+def decode_pillow(data: bytes, d: ImageDecode) -> np.ndarray:
+    """One image -> [H, W, C] uint8 (C = 1 or 3); raises on anything undecodable."""
+    from PIL import Image
+
+    with Image.open(io.BytesIO(data)) as im:
+        im.load()  # a truncated or corrupt file raises here
+        im = im.convert(_mode(d))
+        box, w, h = crop_box(im.width, im.height, d)
+        out = np.asarray(im.resize((w, h), Image.Resampling.BILINEAR, box=box))
+    out = out.reshape(h, w, -1)
+    return out[..., ::-1] if d.channels == "BGR" else out
+
+
+def _reason(exc: BaseException) -> str:
+    text = " ".join(str(exc).split()) or type(exc).__name__
+    return f"not a decodable image ({text})"
+
+
+@lru_cache(maxsize=64)
+def _filesystem(uri_root: str) -> pafs.FileSystem:
+    return pafs.FileSystem.from_uri(uri_root)[0]
+
+
+def _locate(value: str, fs: pafs.FileSystem, base: str) -> tuple[pafs.FileSystem, str]:
+    """A path in a column: a URI (s3://, gs://, file://), an absolute local path, or a path
+    relative to the folder of the data file that names it (on the input's filesystem)."""
+    if "://" in value:
+        scheme, rest = value.split("://", 1)
+        root = f"{scheme}://{rest.split('/', 1)[0]}" if scheme != "file" else "file:///"
+        filesystem = _filesystem(root)
+        return filesystem, pafs.FileSystem.from_uri(value)[1]
+    if value.startswith("/"):
+        return pafs.LocalFileSystem(), value
+    return fs, posixpath.normpath(posixpath.join(base, value))
+
+
+def _read_file(value: str, fs: pafs.FileSystem, base: str) -> bytes | str:
+    """The file's bytes, or why it cannot be read."""
+    try:
+        filesystem, path = _locate(value, fs, base)
+        with filesystem.open_input_file(path) as f:
+            return f.read()
+    except FileNotFoundError:
+        return f"no such file {value!r}"
+    except (OSError, pa.ArrowException, ValueError) as exc:
+        return f"cannot read {value!r} ({' '.join(str(exc).split())})"
+
+
+_pool: ThreadPoolExecutor | None = None
+_pool_lock = threading.Lock()
+
+
+def _readers() -> ThreadPoolExecutor:
+    global _pool
+    with _pool_lock:
+        if _pool is None:
+            _pool = ThreadPoolExecutor(_READERS, thread_name_prefix="batch-infer-image-read")
+        return _pool
+
+
+def fetch(
+    column: pa.Array, from_paths: bool, fs: pafs.FileSystem, base: str
+) -> tuple[list[bytes | None], dict[int, str]]:
+    """(encoded bytes per row, None where the row is bad; {row: reason})."""
+    values = column.to_pylist()
+    reasons: dict[int, str] = {}
+    for i, v in enumerate(values):
+        if v is None:
+            reasons[i] = "null"
+        elif len(v) == 0:
+            reasons[i] = "empty path" if from_paths else "empty (0 bytes)"
+    if not from_paths:
+        return [None if i in reasons else v for i, v in enumerate(values)], reasons
+    todo = [i for i in range(len(values)) if i not in reasons]
+    read = _readers().map(lambda i: _read_file(values[i], fs, base), todo)
+    data: list[bytes | None] = [None] * len(values)
+    for i, got in zip(todo, read, strict=True):
+        if isinstance(got, str):
+            reasons[i] = got
+        else:
+            data[i] = got
+    return data, reasons
+
+
+class PillowDecoder:
+    """The CPU decoder: one image at a time (a prepare task has one core; the run's own
+    process prepares several shards at once, and Pillow releases the GIL while it decodes)."""
+
+    name = "pillow"
+
+    def describe(self) -> str:
+        import PIL
+
+        return f"Pillow {PIL.__version__} on the CPU"
+
+    def decode(
+        self, data: Sequence[bytes | None], d: ImageDecode, out: np.ndarray
+    ) -> dict[int, str]:
+        reasons = {}
+        for i, blob in enumerate(data):
+            if blob is None:
+                continue
+            try:
+                out[i] = decode_pillow(blob, d)
+            except Exception as exc:  # Pillow raises OSError, SyntaxError, ValueError, ...
+                reasons[i] = _reason(exc)
+        return reasons
+
+
+def resize_weights(size: int, start: float, stop: float, out: int) -> np.ndarray:
+    """Pillow's bilinear (triangle, widened when shrinking) weights as an [out, size] matrix,
+    so a resize is two matrix products: the same coefficients Pillow computes."""
+    scale = (stop - start) / out
+    filterscale = max(scale, 1.0)
+    support = filterscale
+    weights = np.zeros((out, size), np.float64)
+    for i in range(out):
+        center = start + (i + 0.5) * scale
+        lo = max(int(center - support + 0.5), 0)
+        hi = min(int(center + support + 0.5), size)
+        x = np.arange(lo, hi)
+        w = np.maximum(0.0, 1.0 - np.abs((x - center + 0.5) / filterscale))
+        total = w.sum()
+        weights[i, lo:hi] = w / total if total else w
+    return weights
+
+
+def resize_batch(pixels: Any, d: ImageDecode, xp: Any = np, cache: dict | None = None) -> Any:
+    """[B, H, W, C] uint8 images of one size -> [B, h, w, C] uint8 with `resize_weights`, in
+    `xp` (NumPy or CuPy): the GPU decoder's resize, two batched matrix products, within a
+    level or two of Pillow's (which rounds between its passes)."""
+    height, width = pixels.shape[1:3]
+    box, w, h = crop_box(width, height, d)
+    key = (height, width, d.height, d.width, d.resize)
+    got = cache.get(key) if cache is not None else None
+    if got is None:
+        wy = xp.asarray(resize_weights(height, box[1], box[3], h), dtype=xp.float32)
+        wx = xp.asarray(resize_weights(width, box[0], box[2], w), dtype=xp.float32)
+        got = (wy, wx.T.copy())
+        if cache is not None:
+            cache[key] = got
+    wy, wxt = got
+    b, c = pixels.shape[0], pixels.shape[3]
+    x = pixels.astype(xp.float32).reshape(b, height, width * c)
+    rows = xp.matmul(wy, x).reshape(b, h, width, c)  # [B, h, W, C]
+    cols = xp.matmul(rows.transpose(0, 1, 3, 2), wxt)  # [B, h, C, w]
+    both = cols.transpose(0, 1, 3, 2)
+    return xp.clip(xp.rint(both), 0, 255).astype(xp.uint8)
+
+
+class NvImageCodecDecoder:
+    """The GPU decoder: a shard's images decoded as one batch by nvImageCodec (hardware
+    JPEG decoder first, then CUDA), resized on the same GPU, and copied back already small.
+    Images it cannot decode (formats without a GPU codec, corrupt files) come back as
+    failures, and the caller retries them on the CPU. Its work goes on a stream of its own
+    that does not wait on the model's streams."""
+
+    name = "nvimgcodec"
+
+    def __init__(self, device: int) -> None:
+        import cupy
+        from nvidia import nvimgcodec
+
+        self.device = device
+        self.cupy, self.codec = cupy, nvimgcodec
+        kinds = nvimgcodec.BackendKind
+        with cupy.cuda.Device(device):
+            self.stream = cupy.cuda.Stream(non_blocking=True)
+            self.decoder = nvimgcodec.Decoder(
+                device_id=device,
+                backends=[
+                    nvimgcodec.Backend(kinds.HW_GPU_ONLY),
+                    nvimgcodec.Backend(kinds.GPU_ONLY),
+                    nvimgcodec.Backend(kinds.HYBRID_CPU_GPU),
+                ],
+            )
+        self.params = nvimgcodec.DecodeParams(
+            apply_exif_orientation=False,  # as Pillow: pixels as stored
+            color_spec=nvimgcodec.ColorSpec.SRGB,
+            allow_any_depth=False,
+            sample_format=nvimgcodec.SampleFormat.I_RGB,
+        )
+        self.lock = threading.Lock()  # one batch at a time: the decoder is not shared
+        self.weights: dict = {}
+        self.host: np.ndarray | None = None
+
+    def describe(self) -> str:
+        return f"nvImageCodec {getattr(self.codec, '__version__', '')} on GPU {self.device}"
+
+    def _pinned(self, shape: tuple[int, ...]) -> np.ndarray:
+        """A page-locked host buffer of `shape` (uint8), kept and grown as needed."""
+        import cupyx
+
+        size = int(np.prod(shape))
+        if self.host is None or self.host.size < size:
+            self.host = cupyx.empty_pinned((size,), np.uint8)
+        return self.host[:size].reshape(shape)
+
+    def decode(
+        self, data: Sequence[bytes | None], d: ImageDecode, out: np.ndarray
+    ) -> dict[int, str]:
+        """Decode what it can into `out`; {row: ''} for rows to retry on the CPU."""
+        cp = self.cupy
+        retry: dict[int, str] = {}
+        rows, streams = [], []
+        for i, blob in enumerate(data):
+            if blob is None:
+                continue
+            try:
+                streams.append(self.codec.CodeStream(blob))
+                rows.append(i)
+            except Exception:  # not a format it can parse: Pillow says why
+                retry[i] = ""
+        if not streams:
+            return retry
+        with self.lock, cp.cuda.Device(self.device), self.stream:
+            images = self.decoder.decode(streams, params=self.params, cuda_stream=self.stream.ptr)
+            shapes: dict[tuple[int, ...], list[tuple[int, Any]]] = {}
+            for i, image in zip(rows, images, strict=True):
+                if image is None:
+                    retry[i] = ""
+                else:
+                    pixels = cp.asarray(image)
+                    shapes.setdefault(pixels.shape, []).append((i, pixels))
+            for group in shapes.values():  # images of one size: resized as one batch
+                batch = cp.stack([pixels for _, pixels in group])
+                if d.channels == "L":  # ITU-R 601-2 luma, as Pillow's convert("L")
+                    weights = cp.asarray([0.299, 0.587, 0.114], cp.float32)
+                    batch = cp.rint(batch.astype(cp.float32) @ weights)[..., None]
+                small = resize_batch(batch, d, cp, self.weights)
+                host = self._pinned(small.shape)
+                small.get(stream=self.stream, out=host)  # page-locked: a full-speed copy
+                out[[i for i, _ in group]] = host[..., ::-1] if d.channels == "BGR" else host
+        return retry
+
+
+_decoders: dict[tuple[str, int | None], Any] = {}
+_decoders_lock = threading.Lock()
+
+
+def _gpu_here() -> int | None:
+    """The GPU this process decodes on: the last one it sees (the one a local run's own
+    process computes on), or None. A Ray task without GPUs sees none."""
+    if os.environ.get("CUDA_VISIBLE_DEVICES", None) == "":
+        return None
+    try:
+        import cupy
+
+        count = cupy.cuda.runtime.getDeviceCount()
+    except Exception:  # no CuPy, no driver, no device
+        return None
+    return count - 1 if count > 0 else None
+
+
+def decoder_for(device: str) -> tuple[Any, str]:
+    """(decoder, why) for this process: nvImageCodec when `device` allows it, a GPU is
+    visible and nvImageCodec and CuPy import; else Pillow. Chosen once per process."""
+    gpu = None if device == "cpu" else _gpu_here()
+    key = (device, gpu)
+    with _decoders_lock:
+        if key in _decoders:
+            return _decoders[key]
+        why = "device: cpu" if device == "cpu" else "no GPU visible to this process"
+        chosen: tuple[Any, str] | None = None
+        if gpu is not None:
+            try:
+                chosen = (NvImageCodecDecoder(gpu), f"GPU {gpu} visible, nvImageCodec imports")
+            except Exception as exc:  # not installed, or it cannot start on this GPU
+                why = f"nvImageCodec unusable here ({type(exc).__name__}: {exc})"
+        if chosen is None:
+            if device == "gpu":
+                from batch_infer.errors import BackendError
+
+                raise BackendError(f"image decode device: gpu, but {why}")
+            chosen = (PillowDecoder(), why)
+        log.info("image decoder: %s (%s)", chosen[0].describe(), chosen[1])
+        _decoders[key] = chosen
+        return chosen
+
+
+def decode_images(
+    column: pa.Array, d: ImageDecode, fs: pafs.FileSystem, base: str
+) -> tuple[np.ndarray, dict[int, str], str]:
+    """A column of images -> ([rows, ...model item shape] pixels, {row: reason}, decoder).
+
+    Rows with a reason hold zeros. `fs` and `base`: where relative paths are looked up."""
+    data, reasons = fetch(column, d.from_paths, fs, base)
+    c = 1 if d.channels == "L" else 3
+    out = np.zeros((len(data), d.height, d.width, c), np.uint8)
+    decoder, _ = decoder_for(d.device)
+    retry = decoder.decode(data, d, out)
+    used = decoder.describe()
+    if retry and decoder.name != "pillow":
+        used += f" ({len(retry)} retried on the CPU)"
+        again = [data[i] if i in retry else None for i in range(len(data))]
+        retry = PillowDecoder().decode(again, d, out)
+    reasons.update(retry)
+    if d.layout == "NCHW":
+        out = np.ascontiguousarray(out.transpose(0, 3, 1, 2))
+    return out, {i: f"{d.column}: {why}" for i, why in reasons.items()}, used
+
+
+def describe_size(d: ImageDecode) -> str:
+    c = 1 if d.channels == "L" else 3
+    dims = (d.height, d.width, c) if d.layout == "NHWC" else (c, d.height, d.width)
+    return "[N, " + ", ".join(map(str, dims)) + "]"
+
+
+def item_shape(d: ImageDecode) -> tuple[int, int, int]:
+    c = 1 if d.channels == "L" else 3
+    return (d.height, d.width, c) if d.layout == "NHWC" else (c, d.height, d.width)

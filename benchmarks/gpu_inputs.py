@@ -1,0 +1,322 @@
+"""GPU benchmark of real inputs (run by hand on the GPU machine): encoded JPEGs into
+ResNet-50 fp16 and raw text into BERT-base fp16, decoders' rates next to the model's.
+
+Images: >= 50,000 photo-like JPEGs of about 500x375 (q90, a quarter portrait), generated on
+every core into Parquet (a binary column, 1,024 images a file). Measured, side by side:
+  cpu_decode   Pillow's decode + resize to 224x224 on every core (processes), rows/s;
+  gpu_decode   nvImageCodec's batch decode + the GPU resize (the job's GPU decoder), rows/s;
+  compute      ResNet-50 fp16 on one batch resident on the GPU (gpu_bench.compute_rate);
+  job          `python3 -m batch_infer.cli run` as a whole process, timed from outside: with
+               the decoder batch-infer picks (`device: auto`), and with `device: cpu`.
+Text: sentences of 10-150 words (a random vocabulary), a BERT WordPiece tokenizer trained on
+them here with `tokenizers`; tokenization rate (the job's own `encode`, all cores), BERT-base
+fp16 compute at seq 128, and the whole job.
+
+fp16 models come from ONNX Runtime's converter (inputs and outputs kept fp32/int), as in
+gpu_bench.py. Writes gpu-inputs.json and gpu-inputs.md under --out ($OUT).
+
+    python3 benchmarks/gpu_inputs.py --images 50000 --texts 65536 --out $OUT
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from batch_infer.data.decode.images import ImageDecode, decode_pillow
+from jobs.make_examples import jpeg, photo
+
+BATCH = 256
+SEQ = 128
+D = ImageDecode("image", 224, 224, "shorter_side_crop", "NHWC", "RGB", "auto", False)
+CORES = os.cpu_count() or 2
+
+
+def _image_file(args: tuple[Path, int, int]) -> int:
+    path, start, n = args
+    rng = np.random.default_rng(start)
+    blobs = [jpeg(photo(rng, 500, 375) if i % 4 else photo(rng, 375, 500), 90) for i in range(n)]
+    table = pa.table({"id": np.arange(start, start + n), "image": pa.array(blobs, pa.binary())})
+    pq.write_table(table, path, row_group_size=256, compression="none")
+    return n
+
+
+def make_images(root: Path, images: int, per_file: int = 1024) -> None:
+    if root.exists():
+        return
+    tmp = root.with_suffix(".tmp")
+    tmp.mkdir(parents=True, exist_ok=True)
+    jobs = [
+        (tmp / f"part-{i:05d}.parquet", s, min(per_file, images - s))
+        for i, s in enumerate(range(0, images, per_file))
+    ]
+    with ProcessPoolExecutor(CORES) as pool:
+        list(pool.map(_image_file, jobs))
+    tmp.rename(root)
+
+
+def sample_images(root: Path, n: int) -> list[bytes]:
+    out: list[bytes] = []
+    for path in sorted(root.glob("*.parquet")):
+        out += pq.read_table(path, columns=["image"])["image"].to_pylist()
+        if len(out) >= n:
+            break
+    return out[:n]
+
+
+def _decode_chunk(blobs: list[bytes]) -> int:
+    for b in blobs:
+        decode_pillow(b, D)
+    return len(blobs)
+
+
+def cpu_decode_rate(blobs: list[bytes]) -> float:
+    """Pillow on every core (processes), rows/s wall clock."""
+    chunks = [blobs[i : i + 64] for i in range(0, len(blobs), 64)]
+    with ProcessPoolExecutor(CORES) as pool:
+        list(pool.map(_decode_chunk, chunks[:CORES]))  # warm up
+        start = time.perf_counter()
+        done = sum(pool.map(_decode_chunk, chunks))
+        return done / (time.perf_counter() - start)
+
+
+def gpu_decode_rate(blobs: list[bytes], batch: int = 2048) -> dict:
+    """The job's GPU decoder on batches of `batch`, rows/s wall clock; or why it cannot run.
+    Also its largest difference from Pillow's pixels on the first images."""
+    from batch_infer.data.decode.images import NvImageCodecDecoder
+
+    try:
+        decoder = NvImageCodecDecoder(0)
+    except Exception as exc:
+        return {"available": False, "why": f"{type(exc).__name__}: {exc}"}
+    out = np.zeros((batch, 224, 224, 3), np.uint8)
+    decoder.decode(blobs[:batch], D, out)  # warm up
+    start, done, retried = time.perf_counter(), 0, 0
+    for i in range(0, len(blobs) - batch + 1, batch):
+        retried += len(decoder.decode(blobs[i : i + batch], D, out))
+        done += batch
+    rate = done / (time.perf_counter() - start)
+    streams = [decoder.codec.CodeStream(b) for b in blobs[:batch]]
+    start = time.perf_counter()
+    for _ in range(3):
+        decoder.decoder.decode(streams, params=decoder.params, cuda_stream=decoder.stream.ptr)
+        decoder.stream.synchronize()
+    decode_only = 3 * batch / (time.perf_counter() - start)
+    first = np.zeros((64, 224, 224, 3), np.uint8)
+    decoder.decode(blobs[:64], D, first)
+    ref = np.stack([decode_pillow(b, D) for b in blobs[:64]])
+    diff = np.abs(first.astype(int) - ref)
+    return {"available": True, "rate": rate, "decode_only": decode_only,
+            "decoder": decoder.describe(), "retried": retried,
+            "max_abs_diff_vs_pillow": int(diff.max()),
+            "mean_abs_diff_vs_pillow": float(diff.mean())}  # fmt: skip
+
+
+WORDS = 20000
+
+
+def _syllables(rng: np.random.Generator, n: int) -> list[str]:
+    parts = ["ka", "lo", "mi", "tre", "su", "van", "do", "pe", "ri", "zo", "an", "el", "or", "qu"]
+    return ["".join(rng.choice(parts, rng.integers(1, 5))) for _ in range(n)]
+
+
+def make_texts(root: Path, rows: int, per_file: int = 8192) -> None:
+    if root.exists():
+        return
+    rng = np.random.default_rng(0)
+    vocab = np.array(_syllables(rng, WORDS))
+    tmp = root.with_suffix(".tmp")
+    tmp.mkdir(parents=True, exist_ok=True)
+    for f, start in enumerate(range(0, rows, per_file)):
+        n = min(per_file, rows - start)
+        lengths = rng.integers(10, 150, n)
+        words = vocab[rng.zipf(1.3, lengths.sum()) % WORDS]
+        cuts = np.cumsum(lengths)[:-1]
+        texts = [" ".join(w) + "." for w in np.split(words, cuts)]
+        table = pa.table({"id": np.arange(start, start + n), "text": texts})
+        pq.write_table(table, tmp / f"part-{f:05d}.parquet")
+    tmp.rename(root)
+
+
+def make_tokenizer(texts: Path, path: Path) -> None:
+    """A BERT WordPiece tokenizer (lowercase, [CLS] ... [SEP]) trained on the texts, offline."""
+    if path.exists():
+        return
+    from tokenizers import BertWordPieceTokenizer, processors
+
+    sample = pq.read_table(next(texts.glob("*.parquet")))["text"].to_pylist()
+    tok = BertWordPieceTokenizer(lowercase=True)
+    tok.train_from_iterator(sample, vocab_size=30522, min_frequency=1)
+    cls, sep = tok.token_to_id("[CLS]"), tok.token_to_id("[SEP]")
+    tok.post_processor = processors.BertProcessing(("[SEP]", sep), ("[CLS]", cls))
+    tok.save(str(path))
+
+
+def tokenize_rate(texts: Path, tokenizer: Path, rows: int) -> tuple[float, dict]:
+    """The job's own `encode` (tokenizers' batch encode, every core), rows/s; and a batch."""
+    from batch_infer.data.decode.text import TextEncode, encode, load_tokenizer, pad_token
+
+    text = tokenizer.read_text()
+    pad_id, pad = pad_token(load_tokenizer(text))
+    t = TextEncode("text", str(tokenizer), text, "bench", SEQ, "max_length", True,
+                   "input_ids", pad_id, pad)  # fmt: skip
+    column = pq.read_table(next(texts.glob("*.parquet")))["text"].combine_chunks()
+    encode(column.slice(0, 256), t)  # warm up
+    start, done = time.perf_counter(), 0
+    while done < rows:
+        fields, _ = encode(column, t)
+        done += len(column)
+    rate = done / (time.perf_counter() - start)
+    feeds = {"ids": fields["input_ids"][:BATCH], "mask": fields["attention_mask"][:BATCH]}
+    return rate, feeds
+
+
+def run_job(name: str, spec: dict, work: Path, out_dir: Path) -> dict:
+    """`python3 -m batch_infer.cli run` as a whole process, timed from outside."""
+    out = work / f"out-{name}"
+    spec = {"name": name, "batch_size": BATCH, **spec,
+            "output": {"path": str(out), "keep_columns": ["id"]}}  # fmt: skip
+    path = work / f"{name}.yaml"
+    path.write_text(json.dumps(spec))
+    argv = [sys.executable, "-m", "batch_infer.cli", "run", str(path), "--overwrite", "-q"]
+    start = time.perf_counter()
+    with (out_dir / f"{name}.log").open("w") as log:
+        proc = subprocess.run(argv, stdout=log, stderr=subprocess.STDOUT)
+    seconds = time.perf_counter() - start
+    runs = [json.loads(p.read_text()) for p in (out / "_runs").glob("*.json")]
+    run = max(runs, key=lambda r: r["started_at"]) if runs else {}
+    entries = [json.loads(p.read_text()) for p in (out / "_manifest" / "shards").glob("*.json")]
+    return {
+        "rc": proc.returncode,
+        "seconds": round(seconds, 2),
+        "rows": run.get("rows", 0),
+        "rate": run.get("rows", 0) / seconds,
+        "timeline": run.get("timeline"),
+        "backend": run.get("backend"),
+        "decoders": sorted({e.get("preprocess", "") for e in entries}),
+        "prepare_seconds_sum": round(sum(e["prepare_seconds"] for e in entries), 1),
+    }
+
+
+def images(args: argparse.Namespace, res: dict) -> None:
+    from benchmarks.gpu_bench import compute_rate, to_fp16
+    from tests.gpu_models import export_resnet50
+
+    t = time.perf_counter()
+    make_images(args.work / "images", args.images)
+    res["images_made_seconds"] = round(time.perf_counter() - t, 1)
+    fp32, fp16 = args.work / "resnet50-fp32.onnx", args.work / "resnet50-fp16.onnx"
+    if not fp16.exists():
+        export_resnet50(fp32)
+        to_fp16(fp32, fp16)
+    blobs = sample_images(args.work / "images", args.decode_sample)
+    res["mean_jpeg_kib"] = round(float(np.mean([len(b) for b in blobs])) / 1024, 1)
+    res["cpu_decode"] = cpu_decode_rate(blobs)
+    print(f"images: CPU decode (Pillow, {CORES} processes) {res['cpu_decode']:,.0f}/s", flush=True)
+    res["gpu_decode"] = gpu_decode_rate(blobs)
+    print(f"images: GPU decode {res['gpu_decode']}", flush=True)
+    pixels = np.stack([decode_pillow(b, D) for b in blobs[:BATCH]])
+    res["compute"] = compute_rate(fp16, {"pixels": pixels}, args.seconds)
+    print(f"images: ResNet-50 fp16 compute {res['compute']:,.0f}/s", flush=True)
+    inputs = {"pixels": {"column": "image", "decode": "image", "size": [224, 224]}}
+    for device in ("auto", "cpu"):
+        inputs["pixels"]["device"] = device
+        spec = {"input": {"path": str(args.work / "images")},
+                "model": {"onnx": str(fp16), "inputs": inputs}}  # fmt: skip
+        job = run_job(f"resnet50-decode-{device}", spec, args.work, args.out)
+        res[f"job_decode_{device}"] = job
+        print(f"images: job (decode {device}) {job}", flush=True)
+
+
+def text(args: argparse.Namespace, res: dict) -> None:
+    from benchmarks.gpu_bench import compute_rate, to_fp16
+    from tests.gpu_models import export_bert
+
+    make_texts(args.work / "texts", args.texts)
+    tokenizer = args.work / "bert-tokenizer.json"
+    make_tokenizer(args.work / "texts", tokenizer)
+    fp32, fp16 = args.work / "bert-fp32.onnx", args.work / "bert-fp16.onnx"
+    if not fp16.exists():
+        export_bert(fp32, seq=SEQ)
+        to_fp16(fp32, fp16)
+    res["tokenize"], feeds = tokenize_rate(args.work / "texts", tokenizer, 32768)
+    print(f"text: tokenization {res['tokenize']:,.0f}/s", flush=True)
+    res["compute"] = compute_rate(fp16, feeds, args.seconds)
+    print(f"text: BERT-base fp16 compute {res['compute']:,.0f}/s", flush=True)
+    form = {"column": "text", "tokenizer": str(tokenizer), "max_length": SEQ}
+    inputs = {"ids": form | {"field": "input_ids"}, "mask": form | {"field": "attention_mask"}}
+    spec = {
+        "input": {"path": str(args.work / "texts")},
+        "model": {"onnx": str(fp16), "inputs": inputs},
+    }
+    res["job"] = run_job("bert-text", spec, args.work, args.out)
+    print(f"text: job {res['job']}", flush=True)
+
+
+def markdown(results: dict) -> str:
+    lines = [
+        "| workload | rows | decode or tokenize (rows/s) | compute (rows/s) | job wall clock "
+        "| job rows/s | job / compute | decoder |",
+        "|---|---:|---:|---:|---:|---:|---:|---|",
+    ]
+    img = results.get("images")
+    if img:
+        gpu = img["gpu_decode"]
+        rates = f"CPU {img['cpu_decode']:,.0f}; GPU " + (
+            f"{gpu['rate']:,.0f}" if gpu["available"] else "not available"
+        )
+        for device in ("auto", "cpu"):
+            j = img[f"job_decode_{device}"]
+            lines.append(
+                f"| ResNet-50 fp16, JPEG (decode: {device}) | {j['rows']:,} | {rates} | "
+                f"{img['compute']:,.0f} | {j['seconds']:.1f} s | {j['rate']:,.0f} | "
+                f"{j['rate'] / img['compute']:.2f} | {'; '.join(j['decoders'])} |"
+            )
+    txt = results.get("text")
+    if txt:
+        j = txt["job"]
+        lines.append(
+            f"| BERT-base fp16, raw text | {j['rows']:,} | {txt['tokenize']:,.0f} | "
+            f"{txt['compute']:,.0f} | {j['seconds']:.1f} s | {j['rate']:,.0f} | "
+            f"{j['rate'] / txt['compute']:.2f} | {'; '.join(j['decoders'])} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--workloads", nargs="+", default=["images", "text"])
+    ap.add_argument("--images", type=int, default=50_000)
+    ap.add_argument("--texts", type=int, default=65_536)
+    ap.add_argument("--decode-sample", type=int, default=16_384)
+    ap.add_argument("--seconds", type=float, default=5.0)
+    ap.add_argument("--work", type=Path, default=Path("/tmp/gpu-inputs"))
+    ap.add_argument("--out", type=Path, default=Path(os.environ.get("OUT", "benchmarks/results")))
+    args = ap.parse_args()
+    args.work.mkdir(parents=True, exist_ok=True)
+    args.out.mkdir(parents=True, exist_ok=True)
+    results: dict = {"cores": CORES}
+    for name in args.workloads:
+        res: dict = {}
+        (images if name == "images" else text)(args, res)
+        results[name] = res
+        (args.out / "gpu-inputs.json").write_text(json.dumps(results, indent=1, default=str))
+    table = markdown(results)
+    (args.out / "gpu-inputs.md").write_text(table)
+    print(table, flush=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,595 @@
+"""Real inputs and outputs: encoded images, raw text, user hooks, labels instead of logits.
+
+Everything is real: JPEG and PNG files written with Pillow (one truncated), a Parquet of
+sentences (one null), a tokenizer trained here with `tokenizers`, small ONNX models run by
+ONNX Runtime, a real local Ray. Predictions are compared with decoding by Pillow (or
+tokenizing with `tokenizers`) and running the model directly. Spec errors come first and
+need no Ray; job runs use the module's local Ray, and one runs the CLI as a subprocess.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+import pyarrow as pa
+import pyarrow.dataset as ds
+import pyarrow.parquet as pq
+import pytest
+import yaml
+from PIL import Image
+from tokenizers import Tokenizer
+
+import batch_infer
+from batch_infer.data.decode.hooks import first_failing_row
+from batch_infer.data.decode.images import ImageDecode, crop_box, decoder_for, resize_batch
+from batch_infer.errors import BackendError, JobFailedError, SpecError
+from batch_infer.planning import build_plan
+from jobs.make_examples import (
+    SCENES,
+    image_model,
+    jpeg,
+    photo,
+    sentence,
+    text_model,
+    train_tokenizer,
+)
+from tests.conftest import ROOT, make_table, read_output
+
+ray_job = pytest.mark.usefixtures("ray_start_regular")
+SIZE = 64
+
+
+# --------------------------------------------------------------------------- data and models
+
+
+@pytest.fixture(scope="module")
+def image_files(tmp_path_factory) -> Path:
+    """24 photos as JPEG (varied sizes, portrait and landscape), 2 as PNG, one truncated
+    JPEG, one text file named .jpg; index.parquet names them relative to itself."""
+    root = tmp_path_factory.mktemp("images")
+    (root / "img").mkdir()
+    rng = np.random.default_rng(5)
+    rows = []
+    for i in range(28):
+        w, h = (int(rng.integers(70, 200)), int(rng.integers(70, 200)))
+        pixels = photo(rng, w, h)
+        if i in (3, 11):
+            name = f"img/{i:02d}.png"
+            Image.fromarray(pixels).save(root / name)
+        else:
+            name = f"img/{i:02d}.jpg"
+            blob = jpeg(pixels, quality=int(rng.integers(70, 96)))
+            if i == 9:
+                blob = blob[: len(blob) * 2 // 3]  # truncated
+            if i == 17:
+                blob = b"this is not an image\n"
+            (root / name).write_bytes(blob)
+        rows.append((i, name))
+    table = pa.table({"id": [r[0] for r in rows], "path": [r[1] for r in rows]})
+    pq.write_table(table, root / "index.parquet", row_group_size=10)
+    return root
+
+
+@pytest.fixture(scope="module")
+def cnn(tmp_path_factory) -> str:
+    """The example's CNN shape with random head weights: uint8 [N, 64, 64, 3] -> logits [N, 4]."""
+    rng = np.random.default_rng(3)
+    w = rng.standard_normal((11, len(SCENES))).astype(np.float32)
+    return image_model(tmp_path_factory.mktemp("cnn") / "cnn.onnx", w, np.zeros(4, np.float32))
+
+
+def pillow_pixels(blob: bytes, size: int = SIZE) -> np.ndarray:
+    """The reference, written out with Pillow: shorter side to `size`, centre crop."""
+    im = Image.open(io.BytesIO(blob)).convert("RGB")
+    w, h = im.size
+    rw, rh = (size, int(h * size / w)) if w <= h else (int(w * size / h), size)
+    left, top = (rw - size) // 2, (rh - size) // 2
+    box = (left * w / rw, top * h / rh, (left + size) * w / rw, (top + size) * h / rh)
+    return np.asarray(im.resize((size, size), Image.Resampling.BILINEAR, box=box))
+
+
+def run_direct(model: str, feeds: dict[str, np.ndarray]) -> np.ndarray:
+    sess = ort.InferenceSession(model, providers=["CPUExecutionProvider"])
+    return sess.run(None, feeds)[0]
+
+
+def image_spec(data: Path, out: Path, model: str, **image: object) -> dict:
+    return {
+        "name": "images",
+        "input": {"path": str(data / "index.parquet")},
+        "model": {
+            "onnx": model,
+            "inputs": {
+                "pixels": {"column": "path", "decode": "image", "size": [SIZE, SIZE], **image}
+            },
+        },
+        "shard_rows": 8,
+        "max_bad_rows": 2,
+        "output": {"path": str(out), "keep_columns": ["id", "path"]},
+    }
+
+
+@pytest.fixture(scope="module")
+def sentences(tmp_path_factory) -> tuple[Path, str]:
+    """A Parquet of 60 sentences (id 4 null, id 7 long), and a tokenizer trained on them."""
+    root = tmp_path_factory.mktemp("text")
+    rng = np.random.default_rng(9)
+    topics = ["sports", "weather", "food", "tech"]
+    texts = [sentence(rng, topics[i % 4]) for i in range(60)]
+    texts[7] = " ".join([texts[7]] * 4)  # 32 tokens: longer than max_length 16
+    tok_path = root / "tokenizer.json"
+    train_tokenizer([t for t in texts], tok_path)
+    texts[4] = None
+    (root / "data").mkdir()
+    pq.write_table(pa.table({"id": np.arange(60), "text": texts}), root / "data" / "p.parquet")
+    return root, str(tok_path)
+
+
+def bag_model(path: Path, vocab: int, length: int | str) -> str:
+    rng = np.random.default_rng(4)
+    table = rng.standard_normal((vocab, 3)).astype(np.float32)
+    return text_model(path, table, np.zeros(3, np.float32), length)  # type: ignore[arg-type]
+
+
+def text_spec(data: Path, out: Path, model: str, tokenizer: str, **text: object) -> dict:
+    form = {"column": "text", "tokenizer": tokenizer, "max_length": 16, **text}
+    return {
+        "name": "text",
+        "input": {"path": str(data)},
+        "model": {"onnx": model, "inputs": {"input_ids": form, "attention_mask": form}},
+        "shard_rows": 16,
+        "max_bad_rows": 2,
+        "output": {"path": str(out), "keep_columns": ["id", "text"]},
+    }
+
+
+def errors(out: Path) -> dict[int, str]:
+    table = ds.dataset(str(out / "_errors"), format="parquet").to_table()
+    return dict(zip(table["id"].to_pylist(), table["_reason"].to_pylist(), strict=True))
+
+
+def entries(out: Path) -> list[dict]:
+    return [json.loads(p.read_text()) for p in (out / "_manifest" / "shards").glob("*.json")]
+
+
+# --------------------------------------------------------------------------- spec errors
+
+
+def test_image_column_of_numbers_is_a_spec_error(tmp_path, image_files, cnn):
+    spec = image_spec(image_files, tmp_path / "out", cnn)
+    spec["model"]["inputs"]["pixels"]["column"] = "id"
+    with pytest.raises(SpecError) as err:
+        batch_infer.run(spec)
+    assert str(err.value) == (
+        "model.inputs.pixels: column 'id' is int64; an image column holds encoded bytes "
+        "(binary, large_binary) or file paths/URIs (string)"
+    )
+    assert not (tmp_path / "out").exists()
+
+
+def test_image_size_must_fit_the_model(tmp_path, image_files, cnn):
+    spec = image_spec(image_files, tmp_path / "out", cnn, size=[32, 64])
+    with pytest.raises(SpecError, match=r"size \[32, 64\], NHWC, RGB makes \[N, 32, 64, 3\], but "):
+        build_plan(batch_infer.spec.resolve_spec(spec))
+    spec = image_spec(image_files, tmp_path / "out", cnn, dtype="float32")
+    with pytest.raises(SpecError, match=r"dtype float32, but model input 'pixels' takes uint8"):
+        build_plan(batch_infer.spec.resolve_spec(spec))
+
+
+def test_tokenizer_file_missing_or_malformed(tmp_path, sentences):
+    root, _ = sentences
+    model = bag_model(tmp_path / "m.onnx", 200, 16)
+    spec = text_spec(root / "data", tmp_path / "out", model, str(tmp_path / "nope.json"))
+    with pytest.raises(SpecError) as err:
+        batch_infer.run(spec)
+    assert str(err.value) == (
+        f"model.inputs.input_ids.tokenizer: {tmp_path / 'nope.json'}: no such file"
+    )
+    (tmp_path / "bad.json").write_text('{"version": "1.0"}')
+    spec = text_spec(root / "data", tmp_path / "out", model, str(tmp_path / "bad.json"))
+    with pytest.raises(SpecError, match=r"bad\.json: not a tokenizer\.json \("):
+        batch_infer.run(spec)
+    assert not (tmp_path / "out").exists()
+
+
+def test_text_input_checks_against_the_model(tmp_path, sentences, image_files):
+    root, tokenizer = sentences
+    model = bag_model(tmp_path / "m.onnx", 200, 16)
+    spec = text_spec(root / "data", tmp_path / "out", model, tokenizer, max_length=32)
+    with pytest.raises(SpecError, match=r"set max_length: 16 and padding: max_length"):
+        batch_infer.run(spec)
+    spec = text_spec(image_files / "index.parquet", tmp_path / "out", model, tokenizer)
+    spec["model"]["inputs"]["input_ids"]["column"] = "id"
+    with pytest.raises(SpecError, match=r"column 'id' is int64; a text column holds strings"):
+        batch_infer.run(spec)
+
+
+def test_hooks_must_import(tmp_path, models):
+    data = tmp_path / "in"
+    data.mkdir()
+    pq.write_table(make_table(10), data / "f.parquet")
+    spec = {
+        "name": "hooks",
+        "input": {"path": str(data)},
+        "model": {"onnx": models["two_io"], "inputs": {}, "preprocess": "tests.nowhere:f"},
+        "output": {"path": str(tmp_path / "out")},
+    }
+    with pytest.raises(SpecError) as err:
+        batch_infer.run(spec)
+    assert str(err.value).startswith(
+        "model.preprocess: 'tests.nowhere:f': cannot import 'tests.nowhere' (ModuleNotFoundError"
+    )
+    spec["model"]["preprocess"] = "tests.input_hooks:no_such_function"
+    with pytest.raises(SpecError, match=r"module 'tests\.input_hooks' has no 'no_such_function'"):
+        batch_infer.run(spec)
+    spec["model"] |= {"preprocess": None, "inputs": {"seq": "seq", "feat": ["a", "b", "c"]}}
+    spec["model"]["postprocess"] = "json:nothing"
+    with pytest.raises(SpecError, match=r"^model\.postprocess: 'json:nothing': module 'json' has"):
+        batch_infer.run(spec)
+    assert not (tmp_path / "out").exists()
+
+
+def test_labels_must_match_the_classes(tmp_path, image_files, cnn):
+    (tmp_path / "labels.txt").write_text("a\nb\nc\n")
+    spec = image_spec(image_files, tmp_path / "out", cnn)
+    spec["model"]["postprocess"] = {"labels": str(tmp_path / "labels.txt")}
+    with pytest.raises(SpecError, match=r"has 3 labels; output 'logits' has 4 classes$"):
+        batch_infer.run(spec)
+    spec["model"]["postprocess"] = {"top_k": 5}
+    with pytest.raises(SpecError, match=r"top_k: 5, but 'logits' has 4 classes"):
+        batch_infer.run(spec)
+
+
+def test_cli_bad_spec_is_one_line_exit_2(tmp_path):
+    spec = yaml.safe_load((ROOT / "jobs" / "text.yaml").read_text())
+    spec["model"]["inputs"]["input_ids"]["tokenizer"] = "models/missing.tokenizer.json"
+    spec["output"]["path"] = str(tmp_path / "out")
+    path = tmp_path / "job.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    proc = subprocess.run(
+        [sys.executable, "-m", "batch_infer.cli", "run", str(path)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines() == [
+        f"error: model.inputs.input_ids.tokenizer: {ROOT}/models/missing.tokenizer.json: "
+        "no such file"
+    ]
+    assert not (tmp_path / "out").exists()
+
+
+# --------------------------------------------------------------------------- the decoders
+
+
+def test_resize_by_matrices_is_pillows_within_one_level():
+    """The GPU decoder's resize, run with NumPy: Pillow's coefficients as two products."""
+    rng = np.random.default_rng(1)
+    d = ImageDecode("c", 224, 224, "shorter_side_crop", "NHWC", "RGB", "cpu", False)
+    worst = 0
+    for w, h in ((500, 375), (375, 500), (640, 480), (300, 300), (200, 150)):
+        im = Image.fromarray(photo(rng, w, h))
+        box, ow, oh = crop_box(w, h, d)
+        ref = np.asarray(im.resize((ow, oh), Image.Resampling.BILINEAR, box=box))
+        got = resize_batch(np.asarray(im)[None], d)[0]
+        assert got.shape == ref.shape == (224, 224, 3)
+        worst = max(worst, int(np.abs(got.astype(int) - ref).max()))
+    assert worst <= 1
+
+
+def test_no_gpu_here_means_pillow_and_gpu_demanded_is_refused():
+    decoder, why = decoder_for("auto")
+    assert decoder.name == "pillow" and why == "no GPU visible to this process"
+    with pytest.raises(BackendError, match=r"image decode device: gpu, but no GPU visible"):
+        decoder_for("gpu")
+
+
+def test_first_failing_row_bisects():
+    for bad_from in (0, 1, 7, 99):
+        calls: list[int] = []
+
+        def hook(k: int, bad_from: int = bad_from, calls: list[int] = calls) -> None:
+            calls.append(k)
+            if k > bad_from:
+                raise ValueError
+
+        assert first_failing_row(hook, 100) == bad_from
+        assert len(calls) <= 8
+
+
+# --------------------------------------------------------------------------- job runs
+
+
+@ray_job
+def test_image_job_equals_pillow_and_direct_onnxruntime(tmp_path, image_files, cnn):
+    out = tmp_path / "out"
+    summary = batch_infer.run(image_spec(image_files, out, cnn))
+    assert summary.status == "succeeded" and summary.rows == 28 and summary.bad_rows == 2
+    bad = errors(out)
+    assert sorted(bad) == [9, 17]
+    assert bad[9].startswith("path: not a decodable image (image file is truncated")
+    assert bad[17].startswith("path: not a decodable image (cannot identify image file")
+    output = read_output(out).sort_by("id")
+    ids = output["id"].to_pylist()
+    assert ids == [i for i in range(28) if i not in bad]  # every row once, here or in _errors
+    pixels = np.stack(
+        [pillow_pixels((image_files / p).read_bytes()) for p in output["path"].to_pylist()]
+    )
+    ref = run_direct(cnn, {"pixels": pixels})
+    np.testing.assert_array_equal(np.stack(output["logits"].to_pylist()), ref)
+    assert {e["preprocess"] for e in entries(out)} == {
+        f"pixels: Pillow {Image.__version__} on the CPU"
+    }
+    # the same images as bytes in a column, and as absolute paths: same predictions
+    table = pq.read_table(image_files / "index.parquet")
+    blobs = [(image_files / p).read_bytes() for p in table["path"].to_pylist()]
+    (tmp_path / "bytes").mkdir()
+    absolute = pa.array([str(image_files / p) for p in table["path"].to_pylist()])
+    pq.write_table(
+        table.append_column("image", pa.array(blobs, pa.large_binary())).set_column(
+            1, "path", absolute
+        ),
+        tmp_path / "bytes" / "index.parquet",
+    )
+    for column in ("image", "path"):
+        spec = image_spec(tmp_path / "bytes", tmp_path / f"out-{column}", cnn, column=column)
+        batch_infer.run(spec)
+        again = read_output(tmp_path / f"out-{column}").sort_by("id")
+        assert again["logits"].to_pylist() == output["logits"].to_pylist()
+        assert sorted(errors(tmp_path / f"out-{column}")) == [9, 17]
+
+
+@ray_job
+def test_image_layouts_channels_and_stretch(tmp_path, image_files):
+    """NCHW, BGR, gray and stretch each give what Pillow gives, through an Identity model."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    blobs = [
+        (image_files / p).read_bytes()
+        for p in pq.read_table(image_files / "index.parquet")["path"].to_pylist()
+    ]
+    cases = {
+        "nchw": (
+            {"layout": "NCHW"},
+            [3, SIZE, SIZE],
+            lambda b: pillow_pixels(b).transpose(2, 0, 1),
+        ),
+        "bgr": ({"channels": "BGR"}, [SIZE, SIZE, 3], lambda b: pillow_pixels(b)[..., ::-1]),
+        "gray": (
+            {"channels": "L", "size": [SIZE, 48], "resize": "stretch"},
+            [SIZE, 48, 1],
+            lambda b: np.asarray(
+                Image.open(io.BytesIO(b)).convert("L").resize((48, SIZE), Image.Resampling.BILINEAR)
+            )[..., None],
+        ),
+    }
+    for name, (form, shape, reference) in cases.items():
+        graph = helper.make_graph(
+            [helper.make_node("Identity", ["pixels"], ["out"])],
+            "identity",
+            [helper.make_tensor_value_info("pixels", TensorProto.UINT8, ["N", *shape])],
+            [helper.make_tensor_value_info("out", TensorProto.UINT8, ["N", *shape])],
+        )
+        model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+        model.ir_version = 8
+        onnx.save(model, tmp_path / f"{name}.onnx")
+        spec = image_spec(image_files, tmp_path / name, str(tmp_path / f"{name}.onnx"), **form)
+        batch_infer.run(spec)
+        output = read_output(tmp_path / name).sort_by("id")
+        got = np.asarray(output["out"].to_pylist(), np.uint8)
+        want = np.stack([reference(blobs[i]) for i in output["id"].to_pylist()])
+        np.testing.assert_array_equal(got, want)
+
+
+@ray_job
+def test_text_job_equals_tokenizers_and_direct_onnxruntime(tmp_path, sentences):
+    root, tokenizer = sentences
+    tok = Tokenizer.from_file(tokenizer)
+    model = bag_model(tmp_path / "m.onnx", tok.get_vocab_size(), 16)
+    out = tmp_path / "out"
+    summary = batch_infer.run(text_spec(root / "data", out, model, tokenizer))
+    assert summary.rows == 60 and summary.bad_rows == 1
+    assert errors(out) == {4: "text: null"}
+    output = read_output(out).sort_by("id")
+    assert output["id"].to_pylist() == [i for i in range(60) if i != 4]
+    tok.enable_truncation(16)
+    tok.enable_padding(pad_id=tok.token_to_id("[PAD]"), length=16)
+    enc = tok.encode_batch(output["text"].to_pylist())
+    feeds = {
+        "input_ids": np.array([e.ids for e in enc], np.int64),
+        "attention_mask": np.array([e.attention_mask for e in enc], np.int64),
+    }
+    np.testing.assert_array_equal(np.stack(output["logits"].to_pylist()), run_direct(model, feeds))
+    assert {e["preprocess"] for e in entries(out)} == {
+        f"text: tokenizers {__import__('tokenizers').__version__}"
+    }
+
+
+@ray_job
+def test_text_without_truncation_and_padded_to_the_longest(tmp_path, sentences):
+    root, tokenizer = sentences
+    tok = Tokenizer.from_file(tokenizer)
+    model = bag_model(tmp_path / "m.onnx", tok.get_vocab_size(), "L")  # dynamic length
+    out = tmp_path / "out"
+    spec = text_spec(root / "data", out, model, tokenizer, truncation=False, padding="longest")
+    batch_infer.run(spec)
+    long = len(tok.encode(pq.read_table(root / "data")["text"][7].as_py()).ids)
+    assert long == 32  # 4 x (7 words and a full stop)
+    assert errors(out) == {4: "text: null", 7: "text: 32 tokens, more than max_length 16"}
+    output = read_output(out).sort_by("id")
+    assert len(output) == 58
+    for row in output.to_pylist()[:10]:  # one text at a time: padding must not matter
+        enc = tok.encode(row["text"])
+        feeds = {
+            "input_ids": np.array([enc.ids], np.int64),
+            "attention_mask": np.array([enc.attention_mask], np.int64),
+        }
+        np.testing.assert_allclose(row["logits"], run_direct(model, feeds)[0], rtol=1e-5)
+
+
+@ray_job
+def test_preprocess_and_postprocess_hooks(tmp_path, models):
+    data = tmp_path / "in"
+    data.mkdir()
+    table = make_table(60)
+    pq.write_table(table, data / "f.parquet", row_group_size=20)
+    out = tmp_path / "out"
+    spec = {
+        "name": "hooks",
+        "input": {"path": str(data)},
+        "model": {
+            "onnx": models["two_io"],
+            "inputs": {},
+            "preprocess": "tests.input_hooks:seq_feat",
+            "postprocess": "tests.input_hooks:emb_norm",
+        },
+        "shard_rows": 20,
+        "max_bad_rows": 60,
+        "output": {"path": str(out), "keep_columns": ["id"]},
+    }
+    batch_infer.run(spec)
+    b = table["b"].to_numpy()
+    assert errors(out) == {i: f"preprocess: b is {b[i]} (negative)" for i in range(60) if b[i] < 0}
+    output = read_output(out).sort_by("id")
+    assert output.column_names == ["id", "emb_norm", "positive"]
+    good = table.filter(pa.array(b >= 0))
+    assert output["id"].to_pylist() == good["id"].to_pylist()
+    sess = ort.InferenceSession(models["two_io"], providers=["CPUExecutionProvider"])
+    seq = np.stack(good["seq"].to_pylist()).astype(np.float32)
+    feat = np.column_stack([good[c].to_numpy().astype(np.float32) for c in "abc"])
+    emb, score = sess.run(["emb", "score"], {"seq": seq, "feat": feat})
+    np.testing.assert_allclose(output["emb_norm"].to_numpy(), np.linalg.norm(emb, axis=1), 1e-5)
+    assert output["positive"].to_pylist() == (score[:, 0] > 0).tolist()
+
+
+@ray_job
+def test_a_hook_that_raises_names_hook_shard_and_row(tmp_path, models):
+    data = tmp_path / "in"
+    data.mkdir()
+    pq.write_table(make_table(40), data / "f.parquet", row_group_size=10)
+    out = tmp_path / "out"
+    spec = {
+        "name": "hooks",
+        "input": {"path": str(data)},
+        "model": {
+            "onnx": models["two_io"],
+            "inputs": {},
+            "preprocess": "tests.input_hooks:fails_on_id_13",
+        },
+        "shard_rows": 10,
+        "max_retries": 0,
+        "output": {"path": str(out), "keep_columns": ["id"]},
+    }
+    with pytest.raises(JobFailedError) as err:
+        batch_infer.run(spec)
+    run = json.loads(next((out / "_runs").glob("*.json")).read_text())
+    (message,) = run["errors"]
+    assert "preprocess hook tests.input_hooks:fails_on_id_13 failed on shard " in message
+    assert "(f.parquet), first at row 13: ValueError: cannot handle id 13 (at index 3)" in message
+    assert str(err.value).startswith("1 shard(s) failed; the 3 committed shard(s) are kept")
+    assert message in str(err.value)
+    # the other shards were committed; nothing of the failing one
+    assert sorted(read_output(out)["id"].to_pylist()) == [i for i in range(40) if not 10 <= i < 20]
+    assert not (out / "_errors").exists() or errors(out) == {}
+
+    spec["model"] |= {
+        "inputs": {"seq": "seq", "feat": ["a", "b", "c"]},
+        "preprocess": None,
+        "postprocess": "tests.input_hooks:fails_on_large_score",
+    }
+    with pytest.raises(JobFailedError):
+        batch_infer.run(spec, overwrite=True)
+    table = make_table(40)
+    score = table_scores(models["two_io"], table)
+    failing = {i // 10 for i in np.flatnonzero(score > 5)}
+    assert 0 < len(failing) < 4  # some shards fail, some are committed
+    run = max(
+        (json.loads(p.read_text()) for p in (out / "_runs").glob("*.json")),
+        key=lambda r: r["started_at"],
+    )
+    first = int(np.flatnonzero(score > 5)[0])
+    assert any(
+        "postprocess hook tests.input_hooks:fails_on_large_score failed on shard " in m
+        and f"first at row {first}: RuntimeError: score above 5" in m
+        for m in run["errors"]
+    )
+    committed = {i // 10 for i in read_output(out)["id"].to_pylist()}
+    assert committed == set(range(4)) - failing
+
+
+def table_scores(model: str, table: pa.Table) -> np.ndarray:
+    sess = ort.InferenceSession(model, providers=["CPUExecutionProvider"])
+    seq = np.stack(table["seq"].to_pylist()).astype(np.float32)
+    feat = np.column_stack([table[c].to_numpy().astype(np.float32) for c in "abc"])
+    return sess.run(["score"], {"seq": seq, "feat": feat})[0][:, 0]
+
+
+@ray_job
+def test_builtin_postprocess_labels_scores_top_k(tmp_path, image_files, cnn):
+    (tmp_path / "labels.txt").write_text("\n".join(SCENES) + "\n")
+    out = tmp_path / "out"
+    spec = image_spec(image_files, out, cnn)
+    spec["model"]["postprocess"] = {
+        "softmax": True,
+        "top_k": 3,
+        "labels": str(tmp_path / "labels.txt"),
+        "keep_outputs": True,
+    }
+    batch_infer.run(spec)
+    output = read_output(out).sort_by("id")
+    assert output.column_names == [
+        "id",
+        "path",
+        "logits",
+        "label",
+        "score",
+        "top_labels",
+        "top_scores",
+    ]
+    logits = np.stack(output["logits"].to_pylist())
+    probs = np.exp(logits - logits.max(1, keepdims=True))
+    probs /= probs.sum(1, keepdims=True)
+    order = np.argsort(-probs, axis=1, kind="stable")[:, :3]
+    assert output["label"].to_pylist() == [SCENES[i] for i in order[:, 0]]
+    assert output["top_labels"].to_pylist() == [[SCENES[i] for i in row] for row in order]
+    np.testing.assert_allclose(output["score"].to_numpy(), probs.max(1), rtol=1e-5)
+    np.testing.assert_allclose(
+        np.stack(output["top_scores"].to_pylist()), np.take_along_axis(probs, order, 1), rtol=1e-5
+    )
+    # argmax without labels: the class index and the raw score
+    out2 = tmp_path / "argmax"
+    spec = image_spec(image_files, out2, cnn)
+    spec["model"]["postprocess"] = {}
+    batch_infer.run(spec)
+    output2 = read_output(out2).sort_by("id")
+    assert output2.column_names == ["id", "path", "label", "score"]
+    assert output2["label"].to_pylist() == logits.argmax(1).tolist()
+    np.testing.assert_allclose(output2["score"].to_numpy(), logits.max(1))
+
+
+def test_cli_runs_the_shipped_examples(tmp_path):
+    """`python -m batch_infer.cli run` on jobs/images.yaml and jobs/text.yaml (no Ray of the
+    test's: the run's own process does the work), exactly once, bad rows in _errors/."""
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    for job, bad, rows in (("images", {7}, 32), ("text", {5}, 48)):
+        out = tmp_path / job
+        proc = subprocess.run(
+            [sys.executable, "-m", "batch_infer.cli", "run", f"jobs/{job}.yaml", "-q",
+             "--set", f"output.path={out}"],
+            cwd=ROOT, capture_output=True, text=True, timeout=240, env=env,
+        )  # fmt: skip
+        assert proc.returncode == 0, proc.stderr
+        output = read_output(out)
+        assert set(errors(out)) == bad
+        assert sorted(output["id"].to_pylist() + sorted(bad)) == list(range(rows))
+        assert np.mean(np.array(output["label"].to_pylist()) == output["truth"].to_numpy()) > 0.9
