@@ -20,6 +20,7 @@ import numpy as np
 import onnxruntime as ort
 import pyarrow as pa
 import pyarrow.dataset as ds
+import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 import pytest
 import yaml
@@ -28,7 +29,13 @@ from tokenizers import Tokenizer
 
 import batch_infer
 from batch_infer.data.decode.hooks import first_failing_row
-from batch_infer.data.decode.images import ImageDecode, crop_box, decoder_for, resize_batch
+from batch_infer.data.decode.images import (
+    ImageDecode,
+    crop_box,
+    decode_images,
+    decoder_for,
+    resize_batch,
+)
 from batch_infer.errors import BackendError, JobFailedError, SpecError
 from batch_infer.planning import build_plan
 from jobs.make_examples import (
@@ -284,6 +291,31 @@ def test_resize_by_matrices_is_pillows_within_one_level():
         assert got.shape == ref.shape == (224, 224, 3)
         worst = max(worst, int(np.abs(got.astype(int) - ref).max()))
     assert worst <= 1
+
+
+def test_decoding_on_processes_equals_decoding_in_place(monkeypatch):
+    """The run's own process on a machine with cores to spare decodes on spawned processes,
+    in runs of 64 images: the same pixels and the same bad rows, in order."""
+    rng = np.random.default_rng(8)
+    blobs = [jpeg(photo(rng, 90 + i % 7, 70 + i % 5)) for i in range(150)]
+    blobs[100] = blobs[100][:300]
+    blobs[20] = None
+    column = pa.array(blobs, pa.binary())
+    d = ImageDecode("img", SIZE, SIZE, "shorter_side_crop", "NHWC", "RGB", "cpu", False)
+    fs = pafs.LocalFileSystem()
+    results = {}
+    for procs in ("0", "2"):
+        monkeypatch.setenv("BATCH_INFER_DECODE_PROCESSES", procs)
+        results[procs] = decode_images(column, d, fs, "/")
+    (here, bad_here, how_here), (there, bad_there, how_there) = results.values()
+    np.testing.assert_array_equal(here, there)
+    assert bad_here == bad_there and sorted(bad_here) == [20, 100]
+    assert bad_here[20] == "img: null"
+    assert bad_here[100] == "img: not a decodable image (Truncated File Read)"
+    assert how_there == how_here + " (2 processes)"
+    want = np.stack([pillow_pixels(b) if b and i != 100 else np.zeros_like(here[0])
+                     for i, b in enumerate(blobs)])  # fmt: skip
+    np.testing.assert_array_equal(here, want)
 
 
 def test_no_gpu_here_means_pillow_and_gpu_demanded_is_refused():

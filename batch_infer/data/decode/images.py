@@ -13,11 +13,14 @@ from __future__ import annotations
 
 import io
 import logging
+import multiprocessing
 import os
 import posixpath
+import queue
+import sys
 import threading
 from collections.abc import Sequence
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
 from dataclasses import dataclass
 from functools import lru_cache
 from typing import Any
@@ -160,28 +163,81 @@ def fetch(
     return data, reasons
 
 
+def _decode_some(blobs: Sequence[bytes | None], d: ImageDecode) -> tuple[np.ndarray, dict]:
+    """Pillow on a run of rows: (pixels, {index in the run: reason})."""
+    c = 1 if d.channels == "L" else 3
+    out = np.zeros((len(blobs), d.height, d.width, c), np.uint8)
+    reasons = {}
+    for i, blob in enumerate(blobs):
+        if blob is None:
+            continue
+        try:
+            out[i] = decode_pillow(blob, d)
+        except Exception as exc:  # Pillow raises OSError, SyntaxError, ValueError, ...
+            reasons[i] = _reason(exc)
+    return out, reasons
+
+
+def _in_ray_task() -> bool:
+    ray = sys.modules.get("ray")
+    return bool(ray and ray.is_initialized() and ray.get_runtime_context().get_task_id())
+
+
+def decode_processes() -> int:
+    """Processes the run's own process decodes with (0: on its own threads). Its reader
+    threads share one interpreter, and Pillow's per-image Python work does not run in
+    parallel there (docs/inputs.md: 1,400-1,900 images/s on 12 threads of 16 cores against
+    4,300-4,800 on 16 processes); a Ray task has its one core and decodes in place.
+    BATCH_INFER_DECODE_PROCESSES overrides the choice."""
+    env = os.environ.get("BATCH_INFER_DECODE_PROCESSES")
+    if env is not None:
+        return max(0, int(env))
+    cores = os.cpu_count() or 1
+    return cores - 2 if cores >= 8 and not _in_ray_task() else 0
+
+
+_processes: ProcessPoolExecutor | None = None
+
+
+def _process_pool(workers: int) -> ProcessPoolExecutor:
+    global _processes
+    with _pool_lock:
+        if _processes is None:  # spawned: this process has threads, CUDA and maybe Ray
+            context = multiprocessing.get_context("spawn")
+            _processes = ProcessPoolExecutor(workers, mp_context=context)
+        return _processes
+
+
 class PillowDecoder:
-    """The CPU decoder: one image at a time (a prepare task has one core; the run's own
-    process prepares several shards at once, and Pillow releases the GIL while it decodes)."""
+    """The CPU decoder: Pillow, in this process or, in the run's own process on a machine
+    with cores to spare, on a pool of processes in runs of `CHUNK` images."""
 
     name = "pillow"
+    CHUNK = 64
 
-    def describe(self) -> str:
+    def describe(self, rows: int | None = None) -> str:
+        """What decodes (`rows` images at once, when known)."""
         import PIL
 
-        return f"Pillow {PIL.__version__} on the CPU"
+        procs = decode_processes() if rows is None or rows > self.CHUNK else 0
+        return f"Pillow {PIL.__version__} on the CPU" + (f" ({procs} processes)" if procs else "")
 
     def decode(
         self, data: Sequence[bytes | None], d: ImageDecode, out: np.ndarray
     ) -> dict[int, str]:
+        procs = decode_processes()
+        if procs == 0 or len(data) <= self.CHUNK:
+            pixels, reasons = _decode_some(data, d)
+            out[:] = pixels
+            return reasons
+        pool = _process_pool(procs)
+        starts = range(0, len(data), self.CHUNK)
+        runs = [pool.submit(_decode_some, data[s : s + self.CHUNK], d) for s in starts]
         reasons = {}
-        for i, blob in enumerate(data):
-            if blob is None:
-                continue
-            try:
-                out[i] = decode_pillow(blob, d)
-            except Exception as exc:  # Pillow raises OSError, SyntaxError, ValueError, ...
-                reasons[i] = _reason(exc)
+        for s, run in zip(starts, runs, strict=True):
+            pixels, why = run.result()
+            out[s : s + len(pixels)] = pixels
+            reasons.update({s + i: r for i, r in why.items()})
         return reasons
 
 
@@ -258,7 +314,6 @@ class NvImageCodecDecoder:
             allow_any_depth=False,
             sample_format=nvimgcodec.SampleFormat.I_RGB,
         )
-        self.lock = threading.Lock()  # one batch at a time: the decoder is not shared
         self.weights: dict = {}
         self.host: np.ndarray | None = None
 
@@ -274,10 +329,22 @@ class NvImageCodecDecoder:
             self.host = cupyx.empty_pinned((size,), np.uint8)
         return self.host[:size].reshape(shape)
 
+    BATCH = 512  # images decoded and resized at once: bounds the GPU memory a batch takes
+
     def decode(
         self, data: Sequence[bytes | None], d: ImageDecode, out: np.ndarray
     ) -> dict[int, str]:
         """Decode what it can into `out`; {row: ''} for rows to retry on the CPU."""
+        retry: dict[int, str] = {}
+        for start in range(0, len(data), self.BATCH):
+            part = data[start : start + self.BATCH]
+            again = self._decode(part, d, out[start : start + len(part)])
+            retry.update({start + i: why for i, why in again.items()})
+        return retry
+
+    def _decode(
+        self, data: Sequence[bytes | None], d: ImageDecode, out: np.ndarray
+    ) -> dict[int, str]:
         cp = self.cupy
         retry: dict[int, str] = {}
         rows, streams = [], []
@@ -291,7 +358,7 @@ class NvImageCodecDecoder:
                 retry[i] = ""
         if not streams:
             return retry
-        with self.lock, cp.cuda.Device(self.device), self.stream:
+        with cp.cuda.Device(self.device), self.stream:
             images = self.decoder.decode(streams, params=self.params, cuda_stream=self.stream.ptr)
             shapes: dict[tuple[int, ...], list[tuple[int, Any]]] = {}
             for i, image in zip(rows, images, strict=True):
@@ -310,6 +377,33 @@ class NvImageCodecDecoder:
                 small.get(stream=self.stream, out=host)  # page-locked: a full-speed copy
                 out[[i for i, _ in group]] = host[..., ::-1] if d.channels == "BGR" else host
         return retry
+
+
+class GpuDecoders:
+    """A few `NvImageCodecDecoder`s, each with a stream of its own, handed to one thread at
+    a time: the run's own process prepares several shards at once, so one shard's resize
+    and copies overlap another's decode. BATCH_INFER_GPU_DECODERS sets how many (3)."""
+
+    name = "nvimgcodec"
+
+    def __init__(self, device: int) -> None:
+        count = max(1, int(os.environ.get("BATCH_INFER_GPU_DECODERS", "3")))
+        self.free: queue.Queue[NvImageCodecDecoder] = queue.Queue()
+        for _ in range(count):
+            self.free.put(NvImageCodecDecoder(device))
+        self.about = f"{self.free.queue[0].describe()} ({count} decoders)"
+
+    def describe(self, rows: int | None = None) -> str:
+        return self.about
+
+    def decode(
+        self, data: Sequence[bytes | None], d: ImageDecode, out: np.ndarray
+    ) -> dict[int, str]:
+        decoder = self.free.get()
+        try:
+            return decoder.decode(data, d, out)
+        finally:
+            self.free.put(decoder)
 
 
 _decoders: dict[tuple[str, int | None], Any] = {}
@@ -342,7 +436,7 @@ def decoder_for(device: str) -> tuple[Any, str]:
         chosen: tuple[Any, str] | None = None
         if gpu is not None:
             try:
-                chosen = (NvImageCodecDecoder(gpu), f"GPU {gpu} visible, nvImageCodec imports")
+                chosen = (GpuDecoders(gpu), f"GPU {gpu} visible, nvImageCodec imports")
             except Exception as exc:  # not installed, or it cannot start on this GPU
                 why = f"nvImageCodec unusable here ({type(exc).__name__}: {exc})"
         if chosen is None:
@@ -367,7 +461,7 @@ def decode_images(
     out = np.zeros((len(data), d.height, d.width, c), np.uint8)
     decoder, _ = decoder_for(d.device)
     retry = decoder.decode(data, d, out)
-    used = decoder.describe()
+    used = decoder.describe(len(data))
     if retry and decoder.name != "pillow":
         used += f" ({len(retry)} retried on the CPU)"
         again = [data[i] if i in retry else None for i in range(len(data))]
