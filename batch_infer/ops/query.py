@@ -1,21 +1,9 @@
-"""SQL over outputs (DuckDB): `batch-infer query`, `batch-infer inspect`, `batch_infer.query()`.
+"""SQL over job outputs with DuckDB: `batch-infer query|inspect` and `batch_infer.query()`.
 
-OUTPUT is one job output or any folder above several (`out/digits/` above the dated
-`out/digits/date=2026-11-01/`, ...): each folder at or below it holding `_manifest/`, `_runs/`
-or `_errors/` is one; folders starting with `_` or `.` are never searched. Views: `predictions`
-(`part-*.parquet`), `errors` (`_errors/part-*.parquet`), `runs` (`_runs/*.json`: one column per
-`RunRecord` field, `started_at`/`finished_at` as UTC TIMESTAMPTZ, `date` the run's own else its
-path's, `output` where it was found). `key=value` folders are columns of all three, typed by
-DuckDB's hive partitioning on local paths; URIs (file:// too) are read through pyarrow.dataset
-(DuckDB's httpfs cannot be relied on), their keys typed DATE, BIGINT or VARCHAR alike.
-
-Results are written by DuckDB's COPY, never row by row in Python: csv (a header; lists,
-structs, maps as JSON), json (one array), ndjson, parquet. Floats round-trip exactly; JSON
-spells NaN and infinities `NaN`/`Infinity`, as DuckDB does. Stdout is fed through a pipe, so
-`>>` appends; a reader that stops early (`| head`) ends the command quietly with exit 141, as
-SIGPIPE would. `query` only reads: `enable_external_access`/`allowed_directories` cannot let
-DuckDB read the output yet not write into it, so statements that could write files or change
-settings (COPY, EXPORT, ATTACH, SET, PRAGMA, INSTALL ...) are refused, and `--out` inside it.
+Views and formats: docs/operations.md (Query). Local paths are read by DuckDB itself; URIs
+(file:// too) through pyarrow.fs, as Arrow datasets DuckDB scans (its httpfs cannot be relied
+on). `query` only reads: DuckDB's `enable_external_access` cannot let it read the output yet
+not write into it, so statements that could write files or change settings are refused.
 """
 
 from __future__ import annotations
@@ -33,7 +21,7 @@ import sys
 import threading
 import types
 import typing
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -42,14 +30,14 @@ import pyarrow.fs as pafs
 
 from batch_infer.errors import OutputError, UserError
 from batch_infer.location import Location, is_uri, open_location
+from batch_infer.ops import console
+from batch_infer.ops import quiet_pipe as _quiet_pipe  # the name `register` uses
 from batch_infer.sink.manifest import RunRecord, committed_entries, timeline_text
 
 if TYPE_CHECKING:  # DuckDB and Rich load on first use: `batch-infer --help` stays fast
     import duckdb
-    from rich.console import Console
     from rich.text import Text
 
-EXIT_PIPE = 141  # 128 + SIGPIPE: what a shell reports for `cmd | head` when cmd is cut off
 MARKERS = ("_manifest", "_runs", "_errors")  # a folder holding one of these is a job output
 COPY = dict(csv="FORMAT csv, HEADER", json="FORMAT json, ARRAY", ndjson="FORMAT json")
 COPY |= dict(parquet="FORMAT parquet")  # DuckDB's COPY options per --format
@@ -57,8 +45,6 @@ ERROR_COLUMNS = {"_shard": "VARCHAR", "_file": "VARCHAR", "_row": "BIGINT", "_re
 _READS = {"SELECT", "EXPLAIN", "CREATE", "INSERT", "UPDATE", "DELETE", "DROP", "MULTI"}  # PIVOT
 _EXPLAIN = re.compile(r"\s*EXPLAIN\s+(ANALY[SZ]E\s+|\([^)]*\)\s*)?", re.IGNORECASE)
 _TYPES = {str: "VARCHAR", int: "BIGINT", float: "DOUBLE", bool: "BOOLEAN", list[str]: "VARCHAR[]"}
-_Command = Callable[[argparse.Namespace], int]
-_TIMES = ("started_at", "finished_at")  # epoch seconds in a record, TIMESTAMPTZ in the view
 _STYLES = dict(succeeded="green", yes="green", failed="red", interrupted="yellow", no="yellow")
 _RUN_KEYS = ("date", "started_at", "run_id", "status", "rows", "bad_rows", "seconds", "errors")
 _OUTPUT_KEYS = ("output", "success", "shards", "rows", "bad_rows", "retried", "committed_at")
@@ -152,58 +138,21 @@ def _lit(text: str) -> str:
     return "'" + text.replace("'", "''") + "'"
 
 
-def _list(paths: list[str]) -> str:
-    return "[" + ", ".join(map(_lit, paths)) + "]"
-
-
-def _groups(layout: _Layout, which: str) -> dict[tuple[str, ...], list[str]]:
-    """Files by their set of hive keys: DuckDB refuses a read whose paths name other keys."""
-    groups: dict[tuple[str, ...], list[str]] = {}
+def _key_types(layout: _Layout) -> pa.Schema:
+    """The outputs' `key=value` folders, typed as DuckDB types them on local paths: DATE,
+    else BIGINT, else VARCHAR ("007" stays text)."""
+    values: dict[str, list[str]] = {}
     for out in layout.outputs:
-        groups.setdefault(tuple(_hive(out.path)), []).extend(getattr(out, which))
-    return {keys: files for keys, files in groups.items() if files}
-
-
-def _runs_select(r: str, p: str | None, keys: tuple[str, ...]) -> str:
-    """The runs view from `r` (the record's fields and `filename`) joined by `filename` with
-    `p` (the hive keys of its path)."""
-    date = "TRY_CAST(r.date AS DATE)"
-    date = f"coalesce({date}, TRY_CAST(p.date AS DATE))" if "date" in keys else date
-    special = {
-        "started_at": "to_timestamp(r.started_at)",
-        "finished_at": "to_timestamp(coalesce(r.finished_at, r.started_at + r.seconds))",
-        "output": "parse_dirpath(parse_dirpath(r.filename))",
-    }
-    cols = [f"{date} AS date"] + [f"p.{_q(k)}" for k in keys if k != "date"]
-    cols += [f"{special.get(n, f'r.{_q(n)}')} AS {_q(n)}" for n in _run_fields() if n != "date"]
-    return f"SELECT {', '.join(cols)} FROM {r} r" + (f" JOIN {p} p USING (filename)" if p else "")
-
-
-def _duckdb_views(con: duckdb.DuckDBPyConnection, layout: _Layout) -> None:
-    """Local outputs: DuckDB reads the files, with its own hive partitioning."""
-    for view, which in (("predictions", "parts"), ("errors", "errors")):
-        if groups := _groups(layout, which):
-            opts = "hive_partitioning = true, union_by_name = true"
-            reads = [f"SELECT * FROM read_parquet({_list(f)}, {opts})" for f in groups.values()]
-            con.execute(f"CREATE VIEW {view} AS " + " UNION ALL BY NAME ".join(reads))
-    record = "{" + ", ".join(f"{_lit(n)}: {_lit(t)}" for n, t in _run_fields().items()) + "}"
-    selects = []
-    for keys, files in _groups(layout, "runs").items():
-        read = f"read_json({_list(files)}, filename = true, hive_partitioning = "
-        # the path's keys would replace the record's own `date`: read them apart
-        path_keys = f"{read}true, columns = {{'run_id': 'VARCHAR'}})" if keys else None
-        selects.append(_runs_select(f"{read}false, columns = {record})", path_keys, keys))
-    if selects:
-        union = " UNION ALL BY NAME ".join(selects)
-        con.execute(f"CREATE VIEW runs AS SELECT * FROM ({union}) ORDER BY started_at")
+        for k, v in _hive(out.path).items():
+            values.setdefault(k, []).append(v)
+    return pa.schema([(k, _key_type(v)) for k, v in values.items()])
 
 
 def _key_type(values: list[str]) -> pa.DataType:
-    """A hive key's type on a URI, as DuckDB types them on local paths (DATE, BIGINT, VARCHAR)."""
     text = pa.array(values, pa.string())
     for typ in (pa.date32(), pa.int64()):
         with contextlib.suppress(pa.ArrowInvalid):
-            if text.cast(typ).cast(pa.string()).equals(text):  # "007" stays text, as in DuckDB
+            if text.cast(typ).cast(pa.string()).equals(text):
                 return typ
     return pa.string()
 
@@ -215,60 +164,74 @@ def _as_list(f: pa.Field) -> pa.Field:
     return f
 
 
-def _arrow_views(con: duckdb.DuckDBPyConnection, layout: _Layout) -> None:
-    """URIs: Arrow datasets on the location's pyarrow filesystem, registered in DuckDB."""
+def _create_views(con: duckdb.DuckDBPyConnection, layout: _Layout) -> None:
+    """`predictions` and `errors` over the part files; `runs` over the run summaries, read
+    through the location's filesystem (small files) and parsed by DuckDB."""
     import pyarrow.dataset as ds
     import pyarrow.parquet as pq
 
-    fs, outputs, values = layout.root.filesystem, layout.outputs, {}
-    for out in outputs:
-        for k, v in _hive(out.path).items():
-            values.setdefault(k, []).append(v)
-    keys = pa.schema([(k, _key_type(v)) for k, v in values.items()])
-    hive = ds.HivePartitioning(keys, segment_encoding="none") if values else None
+    keys, fs = _key_types(layout), layout.root.filesystem
     for view, which in (("predictions", "parts"), ("errors", "errors")):
-        if files := [getattr(o, which) for o in outputs if getattr(o, which)]:
+        if layout.direct:  # one read per set of keys: DuckDB refuses paths naming other keys
+            groups: dict[tuple[str, ...], list[str]] = {}
+            for out in layout.outputs:
+                groups.setdefault(tuple(_hive(out.path)), []).extend(getattr(out, which))
+            opts = "hive_partitioning = true, union_by_name = true"
+            lists = ["[" + ", ".join(map(_lit, f)) + "]" for f in groups.values() if f]
+            reads = [f"SELECT * FROM read_parquet({f}, {opts})" for f in lists]
+            if reads:
+                con.execute(f"CREATE VIEW {view} AS " + " UNION ALL BY NAME ".join(reads))
+        elif files := [getattr(o, which) for o in layout.outputs if getattr(o, which)]:
             schemas = [pq.read_schema(f[0], filesystem=fs) for f in files]
             schema = pa.unify_schemas(schemas, promote_options="permissive")
-            schema = pa.schema([_as_list(f) for f in schema if f.name not in values] + list(keys))
+            schema = pa.schema([_as_list(f) for f in schema if f.name not in keys.names] + [*keys])
+            hive = ds.HivePartitioning(keys, segment_encoding="none") if keys else None
             paths = [p for f in files for p in f]
             con.register(view, ds.dataset(paths, schema, "parquet", fs, partitioning=hive))
-    if runs := [(path, out) for out in outputs for path in out.runs]:
-        docs = []
-        for path, _ in runs:
-            with fs.open_input_stream(path) as f:
-                docs.append(f.read().decode())
-        table = {"filename": [layout.uri(path) for path, _ in runs], "doc": docs}
-        for k in keys:  # each summary's path keys, typed as the datasets' partitions
-            keyed = pa.array([_hive(out.path).get(k.name) for _, out in runs], pa.string())
-            table[k.name] = keyed.cast(k.type)
-        con.register("_runs_docs", pa.table(table))
-        record = _lit(json.dumps(_run_fields()))  # DuckDB parses the JSON, as read_json does
-        raw = f"(SELECT filename, unnest(json_transform(doc, {record})) FROM _runs_docs)"
-        select = _runs_select(raw, "_runs_docs" if values else None, tuple(values))
-        con.execute(f"CREATE VIEW runs AS {select} ORDER BY started_at")
+    runs = [(out, path) for out in layout.outputs for path in out.runs]
+    docs = []
+    for _, path in runs:
+        with fs.open_input_stream(path) as f:
+            docs.append(f.read().decode())
+    table = {"doc": pa.array(docs, pa.string())}
+    table["output"] = pa.array([layout.uri(out.path) for out, _ in runs], pa.string())
+    for k in keys:  # each summary's path keys, typed as the part files' keys
+        keyed = pa.array([_hive(out.path).get(k.name) for out, _ in runs], pa.string())
+        table[k.name] = keyed.cast(k.type)
+    con.register("_runs_docs", pa.table(table))
+    date = "TRY_CAST(r.date AS DATE)"  # the run's own date, else its path's
+    date = f"coalesce({date}, TRY_CAST(d.date AS DATE))" if "date" in keys.names else date
+    special = {
+        "started_at": "to_timestamp(r.started_at)",
+        "finished_at": "to_timestamp(coalesce(r.finished_at, r.started_at + r.seconds))",
+        "output": "d.output",  # where it was found
+    }
+    cols = [f"{date} AS date"] + [f"d.{_q(k)}" for k in keys.names if k != "date"]
+    cols += [f"{special.get(n, f'r.{_q(n)}')} AS {_q(n)}" for n in _run_fields() if n != "date"]
+    record = _lit(json.dumps(_run_fields()))  # parsed by DuckDB, as read_json would
+    parsed = f"(SELECT *, json_transform(doc, {record}) AS r FROM _runs_docs) d"
+    con.execute(f"CREATE VIEW runs AS SELECT {', '.join(cols)} FROM {parsed} ORDER BY started_at")
 
 
 def _empty_views(con: duckdb.DuckDBPyConnection, layout: _Layout) -> None:
-    """Views with no files yet still exist, with the columns they will have."""
+    """`predictions` and `errors` with no files yet still exist, with the columns they will
+    have: the newest job.json's, typed as in the other views where these have them."""
     have: dict[str, dict[str, str]] = {}
     sql = "SELECT table_name, column_name, data_type FROM information_schema.columns"
     for view, column, typ in con.execute(sql).fetchall():
         have.setdefault(view, {})[column] = typ
-    known = {**have.get("runs", {}), **have.get("errors", {}), **have.get("predictions", {})}
+    known = {**have["runs"], **have.get("errors", {}), **have.get("predictions", {})}
     job: dict[str, Any] = {}
-    for out in reversed(layout.outputs):  # the newest job.json says what the columns will be
+    for out in reversed(layout.outputs):
         with contextlib.suppress(OSError, ValueError):
             with layout.root.filesystem.open_input_stream(f"{out.path}/_manifest/job.json") as f:
                 job = json.loads(f.read())
             break
     keep = list(job.get("keep_columns", []))
     keys = dict.fromkeys((k for o in layout.outputs for k in _hive(o.path)), "VARCHAR")
-    record = {n: "TIMESTAMPTZ" if n in _TIMES else t for n, t in _run_fields().items()}
     wanted = {
         "predictions": dict.fromkeys([*keep, *job.get("outputs", {}).values()], "VARCHAR") | keys,
         "errors": dict.fromkeys(keep, "VARCHAR") | ERROR_COLUMNS | keys,
-        "runs": dict.fromkeys(["date", *keys], "VARCHAR") | record | {"date": "DATE"},
     }
     for view, columns in wanted.items():
         if view not in have:
@@ -288,7 +251,7 @@ def _connect(layout: _Layout) -> duckdb.DuckDBPyConnection:
     con = duckdb.connect()
     try:
         con.execute("SET TimeZone = 'UTC'; SET enable_progress_bar = false")
-        (_duckdb_views if layout.direct else _arrow_views)(con, layout)
+        _create_views(con, layout)
         _empty_views(con, layout)
     except (duckdb.Error, pa.ArrowException, OSError, ValueError) as exc:
         con.close()
@@ -333,22 +296,14 @@ def _reads_only(sql: str) -> None:
 
 
 def query(output: str | os.PathLike[str], sql: str) -> pa.Table:
-    """Run DuckDB SQL over a job output (or a folder of dated outputs); return the result.
-
-    The SQL sees three views: `predictions` (every `part-*.parquet`), `errors` (every
-    `_errors/part-*.parquet`) and `runs` (one row per `_runs/<run>.json`); `key=value`
-    folders in the paths (e.g. `date=2026-11-01`) are columns of each. Raises `UserError`
-    for a missing output, for statements that could write, and for SQL DuckDB rejects (its
-    message, on one line).
-    """
-    con = connect(output)
-    try:
-        with _sql_errors("query"):
-            _reads_only(sql)
-            result = con.sql(sql)  # None where an older DuckDB has no result to give
-            return pa.table({}) if result is None else result.to_arrow_table()
-    finally:
-        con.close()
+    """Run DuckDB SQL over a job output (or a folder of dated outputs) and return the result.
+    The SQL sees the views `predictions`, `errors` and `runs` (docs/operations.md). Raises
+    `UserError` for a missing output, for statements that could write, and for SQL DuckDB
+    rejects (its message, on one line)."""
+    with contextlib.closing(connect(output)) as con, _sql_errors("query"):
+        _reads_only(sql)
+        result = con.sql(sql)  # None for a statement with no result (CREATE ...)
+        return pa.table({}) if result is None else result.to_arrow_table()
 
 
 # --------------------------------------------------------------------------- printing
@@ -424,29 +379,17 @@ def _status(value: str | bool | None) -> Text:
     return Text(text, style=_STYLES.get(text, ""))
 
 
-def _console() -> Console:
-    """Stdout, reading nothing as markup or emoji; at its natural width when piped."""
-    from rich.console import Console
-
-    class Stdout(Console):
-        def on_broken_pipe(self) -> None:  # Rich would exit 1: end as the other formats do
-            raise BrokenPipeError
-
-    width = None if sys.stdout.isatty() else 10_000
-    return Stdout(markup=False, emoji=False, highlight=False, width=width)
-
-
 def _table(title: str, names: list[str], rows: list[list[Any]], caption: str = "") -> None:
     """Rows as a Rich table on stdout, one line each: the last column gets the width the
     others leave. Cells are `Text`, so data is never read as markup or emoji."""
     from rich.table import Table
     from rich.text import Text
 
-    console = _console()
+    out = console()
     cells = [[v if isinstance(v, Text) else Text(_cell(v)) for v in row] for row in rows]
     widths = [max([len(n)] + [r[i].cell_len for r in cells]) for i, n in enumerate(names)]
     if names:
-        room = console.width - sum(w + 3 for w in widths[:-1]) - 4  # padding and rules
+        room = out.width - sum(w + 3 for w in widths[:-1]) - 4  # padding and rules
         widths[-1] = max(len(names[-1]), min(widths[-1], room))
     table = Table(title=Text(title) if title else None, title_justify="left", header_style="bold")
     for i, (name, width) in enumerate(zip(names, widths, strict=True)):
@@ -455,9 +398,9 @@ def _table(title: str, names: list[str], rows: list[list[Any]], caption: str = "
         table.add_column(Text(name), justify=right, no_wrap=True, overflow="ellipsis", width=width)
     for row in cells:
         table.add_row(*row)
-    console.print(table)
+    out.print(table)
     if caption:
-        console.print(Text(caption), soft_wrap=True)
+        out.print(caption)
 
 
 def _print_result(result: duckdb.DuckDBPyRelation, max_rows: int) -> None:
@@ -481,21 +424,16 @@ def _print_result(result: duckdb.DuckDBPyRelation, max_rows: int) -> None:
 
 def _report(layout: _Layout, runs: int, outputs: int) -> dict[str, Any]:
     """What `inspect` shows: the last `runs` runs, the last `outputs` outputs, their workers."""
-    con = _connect(layout)
-    try:
-        with _sql_errors("inspect"):
-            all_runs = con.sql("SELECT * FROM runs").to_arrow_table().to_pylist()
-    finally:
-        con.close()
+    with contextlib.closing(_connect(layout)) as con, _sql_errors("inspect"):
+        all_runs = con.sql("SELECT * FROM runs").to_arrow_table().to_pylist()
     nested = [n for n, t in _run_fields().items() if t == "JSON"]  # nested in the JSON report
     for run in all_runs:
         run |= {n: json.loads(run[n]) for n in nested if run[n] is not None}
     shown, workers = [], {}
     for out in layout.outputs[-outputs:] if outputs else []:
         try:
-            done = list(
-                committed_entries(Location(layout.root.filesystem, out.path, out.path)).values()
-            )
+            where = Location(layout.root.filesystem, out.path, out.path)
+            done = list(committed_entries(where).values())
         except (OSError, ValueError, TypeError, pa.ArrowException) as exc:
             raise OutputError(f"{layout.uri(out.path)}: unreadable manifest: {exc}") from None
         last = max((e.committed_at for e in done), default=0.0)
@@ -512,10 +450,10 @@ def _report(layout: _Layout, runs: int, outputs: int) -> dict[str, Any]:
         shown.append(dict(zip(_OUTPUT_KEYS, values, strict=True)))
         for e in done:
             key = (e.node, e.gpu or "", e.backend)
-            w = workers.setdefault(key, dict(zip(("node", "gpu", "backend"), key, strict=True)))
-            w["shards"] = w.get("shards", 0) + 1
-            w["rows"] = w.get("rows", 0) + e.rows
-            w["infer_seconds"] = round(w.get("infer_seconds", 0.0) + e.infer_seconds, 3)
+            w = workers.setdefault(key, dict(zip(_WORKER_KEYS, (*key, 0, 0, 0.0), strict=True)))
+            w["shards"] += 1
+            w["rows"] += e.rows
+            w["infer_seconds"] = round(w["infer_seconds"] + e.infer_seconds, 3)
     return {
         "output": layout.root.given,
         "outputs_total": len(layout.outputs),
@@ -531,15 +469,13 @@ def inspect(
 ) -> None:
     """Print one screen about an output (its latest runs, its outputs' shards, the workers
     that computed them), or the same as one JSON document for scripts."""
-    from rich.text import Text
-
     report = _report(_discover(output), runs, outputs)
     if as_json:
         print(json.dumps(report, indent=1, default=lambda v: v.isoformat()))  # dates, times
         return
     runs, outs = report["runs"], report["outputs"]
     head = f"{report['output']}: {report['outputs_total']} output(s), {report['runs_total']} run(s)"
-    _console().print(Text(head, style="bold"), soft_wrap=True)
+    console().print(head, style="bold")
     show = {"status": _status, "success": _status, "errors": lambda e: "; ".join(e or ["-"])}
     show |= {"node": lambda n: n[:12], "gpu": lambda g: g or "-"}
     show |= {"model_sha256": lambda s: ", ".join(h[:12] for h in s)}
@@ -553,24 +489,11 @@ def inspect(
         cells = [[show.get(k, lambda v: v)(r[k]) for k in keys] for r in rows]
         _table(title, list(keys), cells)
     if runs and runs[-1].get("timeline"):
-        line = f"last run's timeline (s after its start): {timeline_text(runs[-1]['timeline'])}"
-        _console().print(Text(line), soft_wrap=True)
+        timeline = timeline_text(runs[-1]["timeline"])
+        console().print(f"last run's timeline (s after its start): {timeline}")
 
 
 # --------------------------------------------------------------------------- command line
-
-
-def _quiet_pipe(command: _Command) -> _Command:
-    """A command whose stdout reader went away (`| head`) ends with EXIT_PIPE, no traceback."""
-
-    def run(args: argparse.Namespace) -> int:
-        try:
-            return command(args)
-        except BrokenPipeError:
-            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # nothing at exit
-            return EXIT_PIPE
-
-    return run
 
 
 def _cmd_query(args: argparse.Namespace) -> int:
@@ -582,17 +505,13 @@ def _cmd_query(args: argparse.Namespace) -> int:
     layout = _discover(args.output)
     if args.out and layout.root.contains(open_location(args.out, "--out")):
         raise UserError(f"--out {args.out}: is inside the output {args.output}; write elsewhere")
-    con = _connect(layout)
-    try:
-        with _sql_errors("query"):
-            _reads_only(sql)
-            result = con.sql(sql)
-            if result is not None and args.format == "table":
-                _print_result(result, args.max_rows)
-            elif result is not None:
-                _write(con, result, args.format, args.out)
-    finally:
-        con.close()
+    with contextlib.closing(_connect(layout)) as con, _sql_errors("query"):
+        _reads_only(sql)
+        result = con.sql(sql)
+        if result is not None and args.format == "table":
+            _print_result(result, args.max_rows)
+        elif result is not None:
+            _write(con, result, args.format, args.out)
     return 0
 
 
