@@ -1,23 +1,19 @@
 """Operating jobs: submitting them to clusters, scheduling them, querying their outputs.
 
 What the commands share: one way to print text for people (Rich, never reading it as markup),
-one JSON array layout for scripts, and one way to end when stdout's reader leaves (`| head`).
+one JSON array layout for scripts, and what to do with stdout once its reader leaves (`| head`).
 """
 
 from __future__ import annotations
 
-import argparse
+import importlib.resources
 import json
 import os
 import sys
-from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:  # Rich loads on first use
     from rich.console import Console
-
-Command = Callable[[argparse.Namespace], int]
-EXIT_PIPE = 141  # 128 + SIGPIPE: what a shell reports for `cmd | head` when cmd is cut off
 
 
 def console(stderr: bool = False) -> Console:
@@ -46,19 +42,11 @@ def json_rows(rows: list[dict[str, Any]]) -> str:
     return "[" + ",\n ".join(json.dumps(r) for r in rows) + "]\n"
 
 
+def template(name: str) -> str:
+    """A text shipped as package data (batch_infer/ops/templates/), for `string.Template`."""
+    return importlib.resources.files(__package__).joinpath("templates", name).read_text()
+
+
 def drop_stdout() -> None:
     """Point stdout at /dev/null once its reader has gone, so the final flush cannot fail."""
     os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-
-
-def quiet_pipe(command: Command, code: int = EXIT_PIPE) -> Command:
-    """`command`, ending with `code` and no traceback when stdout's reader goes away."""
-
-    def run(args: argparse.Namespace) -> int:
-        try:
-            return command(args)
-        except BrokenPipeError:
-            drop_stdout()
-            return code
-
-    return run

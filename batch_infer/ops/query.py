@@ -21,7 +21,7 @@ import sys
 import threading
 import types
 import typing
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -30,14 +30,14 @@ import pyarrow.fs as pafs
 
 from batch_infer.errors import OutputError, UserError
 from batch_infer.location import Location, is_uri, open_location
-from batch_infer.ops import console
-from batch_infer.ops import quiet_pipe as _quiet_pipe  # the name `register` uses
+from batch_infer.ops import console, drop_stdout
 from batch_infer.sink.manifest import RunRecord, committed_entries, timeline_text
 
 if TYPE_CHECKING:  # DuckDB and Rich load on first use: `batch-infer --help` stays fast
     import duckdb
     from rich.text import Text
 
+EXIT_PIPE = 141  # 128 + SIGPIPE: what a shell reports for `cmd | head` when cmd is cut off
 MARKERS = ("_manifest", "_runs", "_errors")  # a folder holding one of these is a job output
 COPY = dict(csv="FORMAT csv, HEADER", json="FORMAT json, ARRAY", ndjson="FORMAT json")
 COPY |= dict(parquet="FORMAT parquet")  # DuckDB's COPY options per --format
@@ -45,6 +45,7 @@ ERROR_COLUMNS = {"_shard": "VARCHAR", "_file": "VARCHAR", "_row": "BIGINT", "_re
 _READS = {"SELECT", "EXPLAIN", "CREATE", "INSERT", "UPDATE", "DELETE", "DROP", "MULTI"}  # PIVOT
 _EXPLAIN = re.compile(r"\s*EXPLAIN\s+(ANALY[SZ]E\s+|\([^)]*\)\s*)?", re.IGNORECASE)
 _TYPES = {str: "VARCHAR", int: "BIGINT", float: "DOUBLE", bool: "BOOLEAN", list[str]: "VARCHAR[]"}
+_Command = Callable[[argparse.Namespace], int]
 _STYLES = dict(succeeded="green", yes="green", failed="red", interrupted="yellow", no="yellow")
 _RUN_KEYS = ("date", "started_at", "run_id", "status", "rows", "bad_rows", "seconds", "errors")
 _OUTPUT_KEYS = ("output", "success", "shards", "rows", "bad_rows", "retried", "committed_at")
@@ -494,6 +495,19 @@ def inspect(
 
 
 # --------------------------------------------------------------------------- command line
+
+
+def _quiet_pipe(command: _Command) -> _Command:
+    """A command whose stdout reader went away (`| head`) ends with EXIT_PIPE, no traceback."""
+
+    def run(args: argparse.Namespace) -> int:
+        try:
+            return command(args)
+        except BrokenPipeError:
+            drop_stdout()
+            return EXIT_PIPE
+
+    return run
 
 
 def _cmd_query(args: argparse.Namespace) -> int:

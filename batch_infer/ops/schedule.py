@@ -1,12 +1,6 @@
-"""Scheduled runs: next run times, backfill, and ready-to-install timer definitions.
-
-A spec with `schedule: {cron: "0 2 * * *", timezone: "Europe/Berlin"}` runs once per
-schedule; each run fills `{date}` in its paths with the date in the schedule's time zone
-when it starts. `batch-infer schedule --emit` writes a crontab block (CRON_TZ=), systemd
-units (OnCalendar= converted from the cron expression), a Kubernetes CronJob whose pod runs
-one KubeRay RayJob per run and exits with its exit code, or KubeRay's RayCronJob. The texts
-are package data (`templates/`), filled with `string.Template`. `batch-infer backfill` runs
-every scheduled date in a range, oldest first, skipping dates whose output is complete.
+"""Scheduled runs: next run times, backfill, and timer definitions to install (cron, systemd,
+a Kubernetes CronJob of KubeRay RayJobs, KubeRay's RayCronJob); docs/operations.md, Schedule.
+The timers' texts are package data (templates/), filled in with `string.Template`.
 """
 
 from __future__ import annotations
@@ -14,7 +8,6 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import importlib.metadata
-import importlib.resources
 import itertools
 import json
 import os
@@ -30,10 +23,10 @@ from typing import Any
 
 import yaml
 from croniter import croniter
-from rich.console import Console
 
 from batch_infer.errors import OutputError, SpecError, UserError
 from batch_infer.location import is_uri, open_location
+from batch_infer.ops import json_rows, note, template
 from batch_infer.sink.manifest import SUCCESS, RunRecord
 from batch_infer.spec import (
     JobSpec,
@@ -52,6 +45,7 @@ TTL_SECONDS = 600  # KubeRay deletes a finished RayJob's RayCluster after this l
 WIND_DOWN_SECONDS = 600  # the CronJob's pod outlives its RayJob's deadline by this much
 # The CronJob's pod only runs kubectl: a small image, pinned, instead of the TensorRT one.
 KUBECTL_IMAGE = "bitnami/kubectl:1.33.4"
+_WEEKDAYS = ("Mon", "Tue", "Wed", "Thu", "Fri", "Sat", "Sun")
 
 # --------------------------------------------------------------------------- times
 
@@ -59,22 +53,17 @@ KUBECTL_IMAGE = "bitnami/kubectl:1.33.4"
 def next_runs(
     schedule: ScheduleSpec, count: int, after: dt.datetime | None = None
 ) -> list[dt.datetime]:
-    """The next `count` run times strictly after `after` (default: now), in the schedule's
-    time zone. A naive `after` is read in that time zone.
-
-    A wall-clock time that happens twice (the hour repeated when summer time ends) runs once,
-    at its first occurrence, as cron and systemd do; croniter alone would give both.
-    """
+    """The next `count` run times strictly after `after` (default: now; naive: read in the
+    schedule's time zone), in that zone. A wall-clock time that happens twice (summer time
+    ends) runs once, at its first pass, as cron and systemd do; croniter alone gives both."""
     tz = schedule.tz
     base = after or dt.datetime.now(tz)
-    base = base.replace(tzinfo=tz) if base.tzinfo is None else base.astimezone(tz)
-    it = croniter(schedule.cron, base)
+    it = croniter(schedule.cron, base.replace(tzinfo=tz) if base.tzinfo is None else base)
     out: list[dt.datetime] = []
     while len(out) < count:
         when = it.get_next(dt.datetime).astimezone(tz)
-        if when.fold == 1 and when.replace(fold=0).utcoffset() != when.utcoffset():
-            continue  # the second pass through a repeated hour
-        out.append(when)
+        if when.fold == 0 or when.replace(fold=0).utcoffset() == when.utcoffset():
+            out.append(when)
     return out
 
 
@@ -94,95 +83,49 @@ def dst_caveat(schedule: ScheduleSpec) -> str | None:
 
 
 def scheduled_dates(schedule: ScheduleSpec | None, start: dt.date, end: dt.date) -> list[dt.date]:
-    """The logical dates from `start` to `end` (inclusive) on which the schedule runs at
-    least once; every date without a schedule."""
-    out: list[dt.date] = []
-    day = start
+    """The dates from `start` to `end` (inclusive) on which the schedule runs at least once;
+    every date without a schedule."""
+    out, day = [], start
     while day <= end:
-        if schedule is None:
-            out.append(day)
-        else:
-            midnight = dt.datetime.combine(day, dt.time(0), schedule.tz)
-            fire = croniter(schedule.cron, midnight - dt.timedelta(seconds=1)).get_next(dt.datetime)
-            day = fire.astimezone(schedule.tz).date()
-            if day > end:
-                break
+        if schedule:  # the date of its first run from this day's midnight on
+            before = dt.datetime.combine(day, dt.time(0)) - dt.timedelta(seconds=1)
+            day = next_runs(schedule, 1, before)[0].date()
+        if day <= end:
             out.append(day)
         day += dt.timedelta(days=1)
     return out
 
 
-# --------------------------------------------------------------------------- systemd
-
-_WEEKDAYS = ("Sun", "Mon", "Tue", "Wed", "Thu", "Fri", "Sat")
-
-
-def _runs_of(values: list[int]) -> list[tuple[int, int]]:
-    runs: list[tuple[int, int]] = []
-    for v in values:
-        if runs and v == runs[-1][1] + 1:
-            runs[-1] = (runs[-1][0], v)
-        else:
-            runs.append((v, v))
-    return runs
-
-
-def _calendar_field(values: list[Any], high: int) -> str:
-    """One croniter-expanded field as a systemd calendar component."""
+def _calendar_field(values: list[Any], high: int, names: tuple[str, ...] = ()) -> str:
+    """One croniter-expanded field as a systemd calendar component: `*`; `a/step` where cron's
+    step repeats up to the field's maximum (systemd's does too); else values and a..b ranges."""
     if values == ["*"]:
         return "*"
-    vals = sorted({int(v) for v in values})
-    step = vals[1] - vals[0] if len(vals) >= 3 else 0
-    if (
-        step > 1
-        and all(b - a == step for a, b in itertools.pairwise(vals))
-        and vals[-1] + step > high
-    ):
-        return f"{vals[0]:02d}/{step}"  # systemd repeats up to the field's maximum, as cron does
-    return ",".join(f"{a:02d}" if a == b else f"{a:02d}..{b:02d}" for a, b in _runs_of(vals))
-
-
-def _weekdays(values: list[Any]) -> str:
-    monday_first = sorted({(int(v) - 1) % 7 for v in values})  # Mon=0 .. Sun=6
-    parts = []
-    for a, b in _runs_of(monday_first):
-        names = [_WEEKDAYS[(i + 1) % 7] for i in (a, b)]
-        if b - a >= 2:
-            parts.append(f"{names[0]}..{names[1]}")
-        else:
-            parts.extend(_WEEKDAYS[(i + 1) % 7] for i in range(a, b + 1))
-    return ",".join(parts)
+    nums = sorted({int(v) for v in values})
+    step = nums[1] - nums[0] if len(nums) > 2 else 0
+    if step > 1 and not names and nums == list(range(nums[0], high + 1, step)):
+        return f"{nums[0]:02d}/{step}"
+    name = names.__getitem__ if names else "{:02d}".format
+    runs = [[v for _, v in g] for _, g in itertools.groupby(enumerate(nums), lambda p: p[1] - p[0])]
+    return ",".join(name(r[0]) + (f"..{name(r[-1])}" if len(r) > 1 else "") for r in runs)
 
 
 def oncalendar(schedule: ScheduleSpec) -> list[str]:
-    """systemd OnCalendar= expressions that fire exactly when the cron expression does.
-
-    cron runs a job when the day of month *or* the day of week matches if both are
-    restricted; systemd requires both, so that case becomes two expressions (a timer fires
-    on the union of its OnCalendar= lines).
-    """
+    """systemd OnCalendar= expressions that fire exactly when the cron expression does. cron
+    runs when the day of month *or* the day of week matches if both are restricted; systemd
+    wants both, so that case becomes two expressions (a timer fires on their union)."""
     (minute, hour, dom, month, dow), _ = croniter.expand(schedule.cron)
-    time = f"{_calendar_field(hour, 23)}:{_calendar_field(minute, 59)}:00"
+    time = f"{_calendar_field(hour, 23)}:{_calendar_field(minute, 59)}:00 {schedule.timezone}"
     months = _calendar_field(month, 12)
-    days = _calendar_field(dom, 31)
-    tz = schedule.timezone
+    days = f"*-{months}-{_calendar_field(dom, 31)} {time}"
     if dow == ["*"]:
-        return [f"*-{months}-{days} {time} {tz}"]
-    weekdays = _weekdays(dow)
-    if dom == ["*"]:
-        return [f"{weekdays} *-{months}-* {time} {tz}"]
-    return [f"*-{months}-{days} {time} {tz}", f"{weekdays} *-{months}-* {time} {tz}"]
+        return [days]
+    weekdays = _calendar_field([(int(d) - 1) % 7 for d in dow], 6, _WEEKDAYS)  # Mon=0 .. Sun=6
+    weeks = f"{weekdays} *-{months}-* {time}"
+    return [weeks] if dom == ["*"] else [days, weeks]
 
 
 # --------------------------------------------------------------------------- emitters
-
-
-Emitted = dict[str, str]  # what `batch-infer schedule --emit` writes: file name -> text
-
-
-def template(name: str) -> str:
-    """A template shipped as package data (batch_infer/ops/templates/)."""
-    return importlib.resources.files(__package__).joinpath("templates", name).read_text()
 
 
 def _fill(name: str, /, **values: Any) -> str:
@@ -222,67 +165,11 @@ def _manifests(name: str, /, **values: Any) -> tuple[str, list[dict[str, Any]]]:
     return header, list(yaml.safe_load_all(body))
 
 
-def _program() -> list[str]:
-    exe = shutil.which("batch-infer")
-    return [exe] if exe else [sys.executable, "-m", "batch_infer.cli"]
-
-
-def _run_argv(spec_path: str, sets: list[str], program: list[str]) -> list[str]:
-    return [*program, "run", "-q", spec_path, *(a for pair in sets for a in ("--set", pair))]
-
-
-def _describe(spec: JobSpec, schedule: ScheduleSpec) -> str:
-    return f"batch-infer job {spec.name}: {schedule.cron!r} in {schedule.timezone}"
-
-
-def emit_cron(
-    spec: JobSpec, spec_path: str, sets: list[str], address: str | None, workdir: str
-) -> Emitted:
-    schedule = _schedule_of(spec)
-    command = f"cd {shlex.quote(workdir)} && "
-    if address:
-        command += f"RAY_ADDRESS={shlex.quote(address)} "
-    command += shlex.join(_run_argv(spec_path, sets, _program()))
-    text = _fill(
-        "crontab",
-        describe=_describe(spec, schedule),
-        timezone=schedule.timezone,
-        cron=schedule.cron,
-        command=command.replace("%", "\\%"),  # cron turns an unescaped % into a newline
-    )
-    return {f"batch-infer-{spec.name}.crontab": text}
-
-
 def _systemd_quote(arg: str) -> str:
     arg = arg.replace("%", "%%").replace("$", "$$")  # specifiers and variable expansion
     if arg and not re.search(r"[\s\"'\\;]", arg):
         return arg
     return '"' + arg.replace("\\", "\\\\").replace('"', '\\"') + '"'
-
-
-def emit_systemd(
-    spec: JobSpec, spec_path: str, sets: list[str], address: str | None, workdir: str
-) -> Emitted:
-    schedule = _schedule_of(spec)
-    unit = f"batch-infer-{spec.name}"
-    calendars = oncalendar(schedule)
-    common = {"describe": _describe(spec, schedule), "unit": unit, "name": spec.name}
-    service = _fill(
-        "systemd.service",
-        **common,
-        workdir=_systemd_quote(workdir),
-        environment=f"Environment={_systemd_quote('RAY_ADDRESS=' + address)}\n" if address else "",
-        exec_start=" ".join(_systemd_quote(a) for a in _run_argv(spec_path, sets, _program())),
-    )
-    timer = _fill(
-        "systemd.timer",
-        **common,
-        cron=schedule.cron,
-        timezone=schedule.timezone,
-        first_calendar=calendars[0],
-        calendars="".join(f"OnCalendar={c}\n" for c in calendars),
-    )
-    return {f"{unit}.service": service, f"{unit}.timer": timer}
 
 
 def k8s_name(name: str) -> str:
@@ -291,37 +178,71 @@ def k8s_name(name: str) -> str:
     return out or "batch-infer"
 
 
-@dataclass(frozen=True)
-class KubeOptions:
-    image: str
-    workers: int = 1
-    gpus_per_worker: int = 1
-    ray_version: str = ""  # default: the Ray installed here
-    kubectl_image: str = KUBECTL_IMAGE
-    deadline_hours: float = 24.0
-
-
-def emit_kubernetes(
-    spec: JobSpec, spec_text: str, sets: list[str], opts: KubeOptions, kind: str = "kubernetes"
-) -> Emitted:
-    """The CronJob (`kind` kubernetes) or the RayCronJob (raycronjob) of a scheduled spec,
-    with the ConfigMap that holds `spec_text` and, for the CronJob, the RayJob, the pod's
-    script and its RBAC. Every template gets every value and uses those it names."""
-    schedule, name = _schedule_of(spec), k8s_name(spec.name)
-    deadline = max(1, round(opts.deadline_hours * 3600))
+def _emit(args: argparse.Namespace, spec: JobSpec, schedule: ScheduleSpec) -> dict[str, str]:
+    """What `schedule --emit` writes: file name -> text. Every template gets every value and
+    uses those it names."""
     values: dict[str, Any] = {
-        "describe": _describe(spec, schedule),
-        "name": name,
+        "describe": f"batch-infer job {spec.name}: {schedule.cron!r} in {schedule.timezone}",
+        "name": spec.name,
+        "cron": schedule.cron,
+        "timezone": schedule.timezone,
+    }
+    sets = [a for pair in args.set for a in ("--set", pair)]  # passed on to every run
+    if args.emit in ("cron", "systemd"):
+        exe = shutil.which("batch-infer")
+        program = [exe] if exe else [sys.executable, "-m", "batch_infer.cli"]
+        argv = [*program, "run", "-q", str(Path(args.spec).absolute()), *sets]
+        unit = f"batch-infer-{spec.name}"
+        if args.emit == "cron":
+            address = f"RAY_ADDRESS={shlex.quote(args.address)} " if args.address else ""
+            command = f"cd {shlex.quote(os.getcwd())} && {address}{shlex.join(argv)}"
+            command = command.replace("%", "\\%")  # cron turns an unescaped % into a newline
+            return {f"{unit}.crontab": _fill("crontab", **values, command=command)}
+        address = _systemd_quote(f"RAY_ADDRESS={args.address}") if args.address else ""
+        calendars = oncalendar(schedule)
+        service = _fill(
+            "systemd.service",
+            **values,
+            unit=unit,
+            workdir=_systemd_quote(os.getcwd()),
+            environment=f"Environment={address}\n" if address else "",
+            exec_start=" ".join(map(_systemd_quote, argv)),
+        )
+        timer = _fill(
+            "systemd.timer",
+            **values,
+            unit=unit,
+            first_calendar=calendars[0],
+            calendars="".join(f"OnCalendar={c}\n" for c in calendars),
+        )
+        return {f"{unit}.service": service, f"{unit}.timer": timer}
+    if args.address:
+        raise UserError(
+            f"--address does not apply to --emit {args.emit}: each run's RayJob brings its own "
+            "Ray cluster"
+        )
+    if not args.image:
+        raise UserError(f"--emit {args.emit} needs --image (built from cluster/Dockerfile)")
+    if min(args.workers, args.gpus_per_worker) < 1 or args.deadline <= 0:
+        raise UserError("--workers and --gpus-per-worker must be 1 or more, --deadline > 0")
+    local = [k for k, v in (("input.path", spec.input.path), ("output.path", spec.output.path),
+                            ("model.onnx", spec.model.onnx)) if not is_uri(v)]  # fmt: skip
+    if local:
+        note(
+            f"warning: local path(s) in {', '.join(local)}: the Ray pods must see them at the "
+            "same place (a shared volume), or use s3://, gs://, ..."
+        )
+    name = values["name"] = k8s_name(spec.name)
+    deadline = max(1, round(args.deadline * 3600))
+    values |= {
         "configmap": f"{name}-spec",
         "account": f"{name}-submitter",
         "mount": SPEC_MOUNT,
         "spec_file": SPEC_FILE,
-        "spec_text": spec_text,
-        "cron": schedule.cron,
-        "timezone": schedule.timezone,
-        "deadline_hours": f"{opts.deadline_hours:g}",
+        "spec_text": Path(args.spec).read_text(),
+        "deadline_hours": f"{args.deadline:g}",
         "pod_deadline": deadline + WIND_DOWN_SECONDS,
-        "kubectl_image": opts.kubectl_image,
+        "kubectl_image": args.kubectl_image,
         "script": template("submit.sh"),
         "script_path": f"{SPEC_MOUNT}/submit.sh",
     }
@@ -329,26 +250,17 @@ def emit_kubernetes(
         "rayjob.yaml",
         **values,
         generate_name=f"{name}-",  # each run creates its own RayJob
-        entrypoint=shlex.join(_run_argv(f"{SPEC_MOUNT}/{SPEC_FILE}", sets, ["batch-infer"])),
+        entrypoint=shlex.join(["batch-infer", "run", "-q", f"{SPEC_MOUNT}/{SPEC_FILE}", *sets]),
         ttl=TTL_SECONDS,
         deadline=deadline,
-        ray_version=opts.ray_version or importlib.metadata.version("ray"),
-        image=opts.image,
-        workers=opts.workers,
-        gpus=str(opts.gpus_per_worker),
+        ray_version=args.ray_version or importlib.metadata.version("ray"),
+        image=args.image,
+        workers=args.workers,
+        gpus=str(args.gpus_per_worker),
     )
-    file = "cronjob.yaml" if kind == "kubernetes" else "raycronjob.yaml"
+    file = "cronjob.yaml" if args.emit == "kubernetes" else "raycronjob.yaml"
     header, docs = _manifests(file, **values, rayjob=_dump(rayjob), rayjob_spec=rayjob["spec"])
     return {f"{name}-{file}": header + _dump(*docs)}
-
-
-def _schedule_of(spec: JobSpec) -> ScheduleSpec:
-    if spec.schedule is None:
-        raise SpecError(
-            f"spec {spec.name!r} has no schedule; add e.g. "
-            "schedule: {cron: '0 2 * * *', timezone: UTC}"
-        )
-    return spec.schedule
 
 
 # --------------------------------------------------------------------------- backfill
@@ -372,17 +284,14 @@ def backfill_plan(
     first, last = parse_date(start, "--from"), parse_date(end, "--to")
     if first > last:
         raise UserError(f"--from {first} is after --to {last}")
-    schedule = resolve_spec(source, overrides, first).schedule
-    plan = []
-    seen: dict[str, dt.date] = {}
-    for day in scheduled_dates(schedule, first, last):
+    plan, seen = [], {}
+    for day in scheduled_dates(resolve_spec(source, overrides, first).schedule, first, last):
         spec = resolve_spec(source, overrides, day)
-        if spec.output.path in seen:
+        if (other := seen.setdefault(spec.output.path, day)) != day:
             raise SpecError(
-                f"output.path: {seen[spec.output.path]} and {day} both write to "
-                f"{spec.output.path}; put {{date}} in output.path so each date has its own output"
+                f"output.path: {other} and {day} both write to {spec.output.path}; put "
+                "{date} in output.path so each date has its own output"
             )
-        seen[spec.output.path] = day
         done = open_location(spec.output.path, "output.path", OutputError).exists(SUCCESS)
         plan.append((day, spec, done))
     return plan
@@ -399,12 +308,9 @@ def backfill(
     on_date: Callable[[dt.date, str, RunRecord | UserError | None], None] | None = None,
 ) -> BackfillResult:
     """Run every scheduled date from `start` to `end` (inclusive), oldest first, in this
-    process; a date whose output holds `_SUCCESS` is skipped, an incomplete one resumed.
-
-    A date that fails stops the backfill (its exception propagates) unless
-    `continue_on_error`: then it is recorded in `failed` and the next date runs.
-    `on_date(date, "skipped" | "ran" | "failed", summary or error)` reports progress.
-    """
+    process: a date whose output holds `_SUCCESS` is skipped, an incomplete one resumed. A
+    date that fails stops the backfill (its error propagates) unless `continue_on_error`.
+    `on_date(date, "skipped" | "ran" | "failed", summary or error)` reports progress."""
     result, tell = BackfillResult(), on_date or (lambda *_: None)
     for day, spec, done in backfill_plan(source, start, end, overrides):
         if done:
@@ -420,76 +326,43 @@ def backfill(
                 raise
             result.failed.append((day, exc))
             tell(day, "failed", exc)
-            continue
-        result.ran.append((day, summary))
-        tell(day, "ran", summary)
+        else:
+            result.ran.append((day, summary))
+            tell(day, "ran", summary)
     return result
 
 
 # --------------------------------------------------------------------------- command line
 
 
-def _parse_after(text: str, schedule: ScheduleSpec) -> dt.datetime:
-    try:
-        when = dt.datetime.fromisoformat(text)
-    except ValueError:
-        raise UserError(f"--after {text!r}: expected YYYY-MM-DD or YYYY-MM-DDTHH:MM") from None
-    return when.replace(tzinfo=schedule.tz) if when.tzinfo is None else when
-
-
-def _cmd_next(args: argparse.Namespace, spec: JobSpec, err: Console) -> int:
-    schedule = _schedule_of(spec)
-    if args.next < 1:
-        raise UserError(f"--next {args.next}: expected a count of 1 or more")
-    after = _parse_after(args.after, schedule) if args.after else None
-    times = next_runs(schedule, args.next, after)
-    if args.json:  # each run's time and the logical date it fills into {date}
-        rows = [json.dumps({"time": t.isoformat(), "date": t.date().isoformat()}) for t in times]
-        print("[" + ",\n ".join(rows) + "]")
-        return 0
-    err.print(f"next {args.next} run(s) of {spec.name}: {schedule.cron} in {schedule.timezone}")
-    for when in times:
-        print(when.isoformat())
-    return 0
-
-
-def _kube_options(args: argparse.Namespace, spec: JobSpec, err: Console) -> KubeOptions:
-    if args.address:
-        raise UserError(
-            f"--address does not apply to --emit {args.emit}: each run's RayJob brings its own "
-            "Ray cluster"
-        )
-    if not args.image:
-        raise UserError(f"--emit {args.emit} needs --image (built from cluster/Dockerfile)")
-    if min(args.workers, args.gpus_per_worker) < 1 or args.deadline <= 0:
-        raise UserError("--workers and --gpus-per-worker must be 1 or more, --deadline > 0")
-    paths = {"input.path": spec.input, "output.path": spec.output}
-    local = [k for k, v in paths.items() if not is_uri(v.path)]
-    local += [] if is_uri(spec.model.onnx) else ["model.onnx"]
-    if local:
-        err.print(
-            f"warning: local path(s) in {', '.join(local)}: the Ray pods must see them at the "
-            "same place (a shared volume), or use s3://, gs://, ..."
-        )
-    opts = (args.workers, args.gpus_per_worker, args.ray_version or "", args.kubectl_image)
-    return KubeOptions(args.image, *opts, deadline_hours=args.deadline)
-
-
 def _cmd_schedule(args: argparse.Namespace) -> int:
-    err = Console(stderr=True, highlight=False, soft_wrap=True)
     spec = resolve_spec(args.spec, parse_overrides(args.set))
+    if (schedule := spec.schedule) is None:
+        raise SpecError(
+            f"spec {spec.name!r} has no schedule; add e.g. "
+            "schedule: {cron: '0 2 * * *', timezone: UTC}"
+        )
     if args.next is not None:
-        return _cmd_next(args, spec, err)
-    caveat = dst_caveat(_schedule_of(spec))
-    if caveat:
-        err.print(f"warning: {caveat}")
-    if args.emit in ("cron", "systemd"):
-        emit = emit_cron if args.emit == "cron" else emit_systemd
-        spec_path = str(Path(args.spec).absolute())
-        emitted = emit(spec, spec_path, args.set, args.address, os.getcwd())
-    else:
-        opts = _kube_options(args, spec, err)
-        emitted = emit_kubernetes(spec, Path(args.spec).read_text(), args.set, opts, args.emit)
+        if args.next < 1:
+            raise UserError(f"--next {args.next}: expected a count of 1 or more")
+        try:
+            after = dt.datetime.fromisoformat(args.after) if args.after else None
+        except ValueError:
+            raise UserError(
+                f"--after {args.after!r}: expected YYYY-MM-DD or YYYY-MM-DDTHH:MM"
+            ) from None
+        times = next_runs(schedule, args.next, after)
+        if args.json:  # each run's time and the logical date it fills into {date}
+            print(
+                json_rows([{"time": t.isoformat(), "date": str(t.date())} for t in times]), end=""
+            )
+            return 0
+        note(f"next {args.next} run(s) of {spec.name}: {schedule.cron} in {schedule.timezone}")
+        print("\n".join(t.isoformat() for t in times))
+        return 0
+    if caveat := dst_caveat(schedule):
+        note(f"warning: {caveat}")
+    emitted = _emit(args, spec, schedule)
     if not args.out:
         texts = [f"# ---- {name} ----\n{body}" for name, body in emitted.items()]
         sys.stdout.write("\n".join(texts) if len(texts) > 1 else next(iter(emitted.values())))
@@ -497,25 +370,24 @@ def _cmd_schedule(args: argparse.Namespace) -> int:
     Path(args.out).mkdir(parents=True, exist_ok=True)
     for name, body in emitted.items():
         (Path(args.out) / name).write_text(body)
-        err.print(f"wrote {Path(args.out) / name}")
+        note(f"wrote {Path(args.out) / name}")
     return 0
 
 
 def _cmd_backfill(args: argparse.Namespace) -> int:
-    err = Console(stderr=True, highlight=False, soft_wrap=True)
     overrides = parse_overrides(args.set)
     if args.dry_run:
         plan = backfill_plan(args.spec, args.start, args.end, overrides)
         for day, spec, done in plan:
             print(f"{day}  {'skip (complete)' if done else 'run'}  {spec.output.path}")
         todo = sum(not done for _, _, done in plan)
-        err.print(f"backfill --dry-run: {todo} to run, {len(plan) - todo} to skip")
+        note(f"backfill --dry-run: {todo} to run, {len(plan) - todo} to skip")
         return 0
 
     def report(day: dt.date, what: str, s: RunRecord | UserError | None) -> None:
         if isinstance(s, RunRecord):
             what = f"{s.status}, {s.rows_this_run:,} rows in {s.seconds:.1f} s -> {s.output}"
-        err.print(f"{day}: {what}" + (f": {s}" if isinstance(s, UserError) else ""))
+        note(f"{day}: {what}" + (f": {s}" if isinstance(s, UserError) else ""))
 
     result = backfill(
         args.spec,
@@ -526,10 +398,8 @@ def _cmd_backfill(args: argparse.Namespace) -> int:
         continue_on_error=args.continue_on_error,
         on_date=report,
     )
-    err.print(
-        f"backfill: {len(result.ran)} succeeded, {len(result.failed)} failed, "
-        f"{len(result.skipped)} skipped"
-    )
+    counts = f"{len(result.ran)} succeeded, {len(result.failed)} failed"
+    note(f"backfill: {counts}, {len(result.skipped)} skipped")
     return result.failed[0][1].exit_code if result.failed else 0
 
 

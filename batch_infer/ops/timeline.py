@@ -9,10 +9,12 @@ a file, and attaches to a ticket.
 from __future__ import annotations
 
 import html
+import string
 from typing import Any
 
 from batch_infer.errors import OutputError
 from batch_infer.location import Location
+from batch_infer.ops import template
 from batch_infer.sink.manifest import PHASES, RUNS, RunRecord, committed_entries
 
 LANE_HEIGHT = 28
@@ -36,14 +38,6 @@ def load_run(out: Location, run_id: str | None) -> RunRecord:
     raise OutputError(f"{out.given}: no run {run_id!r}; its runs are {known}")
 
 
-def _lane_name(actor: int | None, stats: dict[int, dict[str, Any]]) -> str:
-    if actor is None:
-        return "?"
-    lane = stats.get(actor, {})
-    where = f" GPU {lane['gpu']}" if lane.get("gpu") else ""
-    return ("this process" if actor < 0 else f"actor {actor}") + where
-
-
 def render(record: RunRecord, entries: list[dict[str, Any]]) -> str:
     """The HTML page for one run and its shards' manifest entries (times in epoch seconds)."""
     t0 = record.started_at
@@ -51,7 +45,6 @@ def render(record: RunRecord, entries: list[dict[str, Any]]) -> str:
     scale = (WIDTH - LEFT - 20) / end
     stats = {int(a["actor"]): a for a in record.actor_stats}
     lanes = sorted({e.get("actor") for e in entries} | set(stats), key=lambda a: (a is None, a))
-    row = {lane: i for i, lane in enumerate(lanes)}
     height = TOP + LANE_HEIGHT * max(1, len(lanes)) + 40
 
     def x(seconds: float) -> float:
@@ -61,39 +54,33 @@ def render(record: RunRecord, entries: list[dict[str, Any]]) -> str:
         f'<svg xmlns="http://www.w3.org/2000/svg" width="{WIDTH}" height="{height}" '
         f'font-family="sans-serif" font-size="12">'
     ]
-    for step in range(int(end) + 1):  # a grid line a second (every 10 s past a minute)
-        if end > 60 and step % 10:
-            continue
+    for step in range(0, int(end) + 1, 10 if end > 60 else 1):  # every 10 s past a minute
         parts.append(
             f'<line x1="{x(step):.1f}" y1="{TOP - 8}" x2="{x(step):.1f}" y2="{height - 30}" '
             f'class="grid"/><text x="{x(step):.1f}" y="{height - 16}" '
             f'text-anchor="middle" class="axis">{step} s</text>'
         )
     for i, lane in enumerate(lanes):
-        y = TOP + i * LANE_HEIGHT
-        busy = stats.get(lane, {}).get("busy_while_running") if lane is not None else None
-        label = _lane_name(lane, stats) + (f" · busy {busy:.0%}" if busy is not None else "")
-        parts.append(f'<text x="8" y="{y + 17}">{html.escape(label)}</text>')
-    def bar(start: float, seconds: float, top: int, tall: int, kind: str, tip: str) -> str:
-        width = max(1.0, seconds * scale)
-        return (
-            f'<rect x="{x(start):.1f}" y="{top}" width="{width:.1f}" height="{tall}" '
-            f'class="{kind}"><title>{tip}</title></rect>'
-        )
-
+        stat = stats.get(lane, {})
+        label = "?" if lane is None else "this process" if lane < 0 else f"actor {lane}"
+        label += f" GPU {stat['gpu']}" if stat.get("gpu") else ""
+        busy = stat.get("busy_while_running")
+        label += f" · busy {busy:.0%}" if busy is not None else ""
+        parts.append(f'<text x="8" y="{TOP + i * LANE_HEIGHT + 17}">{html.escape(label)}</text>')
     for e in entries:
-        y = TOP + row[e.get("actor")] * LANE_HEIGHT
-        prep = e.get("prepare_started", 0) - t0
-        infer = e.get("infer_started", 0) - t0
+        y = TOP + lanes.index(e.get("actor")) * LANE_HEIGHT
         tip = html.escape(
             f"shard {e['shard']} ({e['file']}, rows {e['row_start']}-{e['row_stop']}): "
             f"{e['rows']} rows, read {e.get('prepare_seconds', 0):.2f} s, "
             f"inference {e.get('infer_seconds', 0):.2f} s"
         )
-        if e.get("prepare_started"):
-            parts.append(bar(prep, e["prepare_seconds"], y + 4, 8, "read", tip))
-        if e.get("infer_started"):
-            parts.append(bar(infer, e["infer_seconds"], y + 12, 12, "infer", tip))
+        for kind, phase, top, tall in (("read", "prepare", 4, 8), ("infer", "infer", 12, 12)):
+            if e.get(f"{phase}_started"):  # reading and converting light, inference dark
+                left, width = x(e[f"{phase}_started"] - t0), max(1.0, e[f"{phase}_seconds"] * scale)
+                parts.append(
+                    f'<rect x="{left:.1f}" y="{y + top}" width="{width:.1f}" height="{tall}" '
+                    f'class="{kind}"><title>{tip}</title></rect>'
+                )
         if e.get("committed_at"):
             c = x(e["committed_at"] - t0)
             parts.append(
@@ -114,20 +101,9 @@ def render(record: RunRecord, entries: list[dict[str, Any]]) -> str:
         f"{record.rows_this_run:,} rows in {record.seconds:.1f} s from the process's start; "
         f"{len(entries)} shard(s) of this run; backend {record.backend or '-'}"
     )
-    return f"""<!doctype html>
-<html><head><meta charset="utf-8"><title>{html.escape(title)}</title>
-<style>
-body {{ font-family: sans-serif; margin: 1.5em; color: #222 }}
-.grid {{ stroke: #eee }} .axis {{ fill: #888 }}
-.read {{ fill: #9ecae1 }} .infer {{ fill: #08519c }} .commit {{ stroke: #31a354; stroke-width: 2 }}
-line.phase {{ stroke: #e6550d; stroke-dasharray: 4 3 }} text.phase {{ fill: #e6550d }}
-</style></head><body>
-<h2>{html.escape(title)}</h2>
-<p>{html.escape(summary)}. Light: reading and converting a shard; dark: inference;
-green: committed. Dashed: the run's phases.</p>
-{"".join(parts)}
-</body></html>
-"""
+    return string.Template(template("timeline.html")).substitute(
+        title=html.escape(title), summary=html.escape(summary), svg="".join(parts)
+    )
 
 
 def write_timeline(out: Location, path: str, run_id: str | None = None) -> RunRecord:
