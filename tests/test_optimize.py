@@ -286,7 +286,9 @@ def test_tensorrt_rtx_engine_builds_from_the_optimized_model(
 ):
     doc = spec_of(CNN, images, {"pixels": "pixels"}, tmp_path / "out", tmp_path / "cache",
                   precision=precision, target="tensorrt-rtx")  # fmt: skip
+    before = sorted(p.name for p in CNN.parent.iterdir())
     plan = build_plan(resolve_spec(doc))
+    assert sorted(p.name for p in CNN.parent.iterdir()) == before  # nothing written beside it
     report = plan.optimized.report
     layers = report["tensorrt"]
     assert layers["compute_capability"] == "8.9" and layers["source"] == "DETAILED build log"
@@ -309,6 +311,22 @@ def test_tensorrt_rtx_engine_builds_from_the_optimized_model(
         assert zero_points and {z.data_type for z in zero_points} == {TensorProto.INT8}
         assert all(not onnx.numpy_helper.to_array(z).any() for z in zero_points)
         assert report["recipe"]["quantize_bias"] is False
+
+
+def test_fp8_for_tensorrt_rtx_from_model_optimizer(tmp_path, images):
+    """FP8 Q/DQ from NVIDIA Model Optimizer, calibrated on the job's rows; the engine builds
+    for 8.9 (Ada has FP8). Runs where the optimize extra is installed (not in CI's test
+    install: Model Optimizer needs torch)."""
+    pytest.importorskip("modelopt.onnx.quantization", reason="pip install -e '.[optimize]'")
+    doc = spec_of(CNN, images, {"pixels": "pixels"}, tmp_path / "out", tmp_path / "cache",
+                  precision="fp8", target="tensorrt-rtx")  # fmt: skip
+    before = CNN.read_bytes()
+    report = build_plan(resolve_spec(doc)).optimized.report
+    assert CNN.read_bytes() == before  # the tools got a copy (Model Optimizer writes into it)
+    assert report["recipe"]["tool"] == "modelopt" and report["after"]["qdq"]["QuantizeLinear"]
+    assert report["after"]["compute_precisions"].get("fp8", 0) >= 4
+    assert report["tensorrt"]["precisions"].get("FP8", 0) >= 4
+    assert report["gate"]["passed"]
 
 
 def test_sparsity_reports_2_4_weights_and_sets_the_flag(tmp_path, capsys):

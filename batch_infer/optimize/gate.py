@@ -104,7 +104,7 @@ def failures(figures: dict[str, dict[str, float]], gate: GateSpec) -> list[str]:
 class _Emulated(Backend):
     """ONNX Runtime on the CPU with graph optimizations off: Q/DQ nodes run as written."""
 
-    name = "onnxruntime-cpu (graph optimizations off: Q/DQ emulated)"
+    name = "onnxruntime-cpu, graph optimizations off (the model's Q/DQ and fp16 as written)"
 
     def __init__(self, signature: ModelSignature) -> None:
         import onnxruntime as ort
@@ -188,12 +188,15 @@ def run_rows(backend: Backend, feeds: Feeds, size: int) -> dict[str, np.ndarray]
 
 
 def rows_per_second(backend: Backend, feeds: Feeds, size: int) -> float:
-    """Rows per second through `backend` on `feeds`, repeated for at least SPEED_SECONDS."""
-    run_rows(backend, feeds, size)  # warm up: first runs allocate and tune
-    rows, start = 0, time.perf_counter()
+    """Rows per second through `backend` on one batch of `size` rows of `feeds` (the
+    calibration batch), run again and again for at least SPEED_SECONDS after a warm-up."""
+    batch = {k: v[:size] for k, v in feeds.items()}
+    rows = len(next(iter(batch.values())))
+    run_rows(backend, batch, size)  # warm up: first runs allocate and tune
+    runs, start = 0, time.perf_counter()
     while True:
-        run_rows(backend, feeds, size)
-        rows += len(next(iter(feeds.values())))
+        run_rows(backend, batch, size)
+        runs += 1
         elapsed = time.perf_counter() - start
         if elapsed >= SPEED_SECONDS:
-            return rows / elapsed
+            return runs * rows / elapsed

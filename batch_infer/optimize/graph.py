@@ -44,17 +44,17 @@ def weight_bytes(model: onnx.ModelProto) -> int:
 
 
 def _inferred(model: onnx.ModelProto) -> onnx.ModelProto:
-    """The model with value types filled in: ONNX Runtime's symbolic shape inference knows
-    its contrib ops (Attention, SkipLayerNormalization, ...); ONNX's own is the fallback."""
-    from onnxruntime.tools.symbolic_shape_infer import SymbolicShapeInference
-
+    """The model with value types filled in: ONNX's shape inference, or for a model with
+    ONNX Runtime's contrib ops (Attention, SkipLayerNormalization, ...) its symbolic shape
+    inference, which knows them (and is slower)."""
     try:
-        return SymbolicShapeInference.infer_shapes(model, auto_merge=True, guess_output_rank=True)
-    except Exception:  # it refuses some graphs: ONNX's inference, else what the model says
-        try:
-            return onnx.shape_inference.infer_shapes(model, strict_mode=False)
-        except Exception:
-            return model
+        if any(n.domain == "com.microsoft" for n in model.graph.node):
+            from onnxruntime.tools.symbolic_shape_infer import SymbolicShapeInference
+
+            return SymbolicShapeInference.infer_shapes(model, auto_merge=True)
+        return onnx.shape_inference.infer_shapes(model, strict_mode=False)
+    except Exception:  # a graph inference refuses: what the model itself declares
+        return model
 
 
 def _elem_types(model: onnx.ModelProto) -> dict[str, int]:

@@ -200,7 +200,6 @@ def optimize_plan(plan: JobPlan) -> JobPlan:
             {
                 "ran_on": run.where,
                 "batch": batch,
-                "rows": sample.calibration_rows,
                 "original_rows_per_s": round(speed["original"], 1),
                 "optimized_rows_per_s": round(speed["optimized"], 1),
                 "speedup": round(speed["optimized"] / speed["original"], 3),

@@ -215,6 +215,7 @@ def _fp8(src: Path, dst: Path, calibration: Feeds) -> list[str]:
             calibration_method="max",
             calibration_eps=["cpu"],
             output_path=str(dst),
+            log_level="WARNING",
         )
     return list(dict.fromkeys(warnings))
 
@@ -224,8 +225,12 @@ def apply_recipe(src: str, recipe: Recipe, calibration: Feeds, work: Path) -> tu
     report: fusions and the tools' warnings)."""
     notes: dict = {}
     out = work / "model.onnx"
-    stage = Path(src)
-    if recipe.fuse:
+    # The tools get a copy: some write beside their input (ONNX Runtime's quantizer its
+    # shape-inferred model) or into it (Model Optimizer adds value_info to the file it reads).
+    stage = work / "source.onnx"
+    if not recipe.fuse:
+        save_model(onnx.load(src), stage)
+    else:
         fused, notes["fusion"] = _fuse(src, recipe, use_gpu="cuda" in recipe.target)
         if recipe.precision == "fp16":
             with captured_warnings() as warnings:
@@ -248,7 +253,7 @@ def apply_recipe(src: str, recipe: Recipe, calibration: Feeds, work: Path) -> tu
         notes["warnings"] = _fp8(stage, out, calibration)
     else:
         save_model(onnx.load(str(stage)), out)
-    for leftover in ("fused.onnx", "fused.onnx.data"):
+    for leftover in ("fused.onnx", "fused.onnx.data", "source.onnx", "source.onnx.data"):
         (work / leftover).unlink(missing_ok=True)
     if not out.exists():
         raise BackendError(f"model.optimize: {recipe.tool} wrote no model for {src}")

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
 
-from batch_infer.backends import local_devices, resolve
+from batch_infer.backends import resolve
 from batch_infer.backends.base import BackendOptions
 from batch_infer.errors import SpecError
 from batch_infer.spec import JobSpec
@@ -69,8 +69,6 @@ def int8_dot_flag() -> str | None:
 
 def gpu_here() -> bool:
     """Whether this machine has an NVIDIA GPU that cuda-python can see."""
-    if importlib.util.find_spec("cuda") is None:
-        return False
     try:
         from batch_infer.backends.cuda_streams import device_count
 
@@ -110,11 +108,11 @@ def resolve_target(spec: JobSpec, options: BackendOptions) -> Target:
         name, why = spec.backend, f"backend {spec.backend}"
     elif spec.device == "cpu":
         name, why = "onnxruntime-cpu", "device cpu"
-    elif local_devices(spec.backend, spec.device) == ("cpu", 0):
-        name, why = "onnxruntime-cpu", "no GPU here"
-    elif local_devices(spec.backend, spec.device) is not None:
+    elif gpu_here():
         backend, why = resolve(options, "gpu")
         name = {"onnxruntime": "onnxruntime-cuda"}.get(backend, backend)
+    elif spec.device != "gpu":
+        name, why = "onnxruntime-cpu", "no GPU here"
     elif spec.backend == "onnxruntime":
         name, why = "onnxruntime-cuda", "backend onnxruntime, device gpu"
     else:
