@@ -164,9 +164,9 @@ def _postprocess(spec: JobSpec, signature: ModelSignature) -> Builtin | Hook | N
             f"model.postprocess: output {name!r} is {tensor.dtype} {list(tensor.shape)}; "
             "label and score need float class scores [N, classes]"
         )
-    labels, path = None, None
+    labels = None
     if post.labels is not None:
-        path, labels = read_labels(post.labels)
+        labels = read_labels(post.labels)
         if classes > 0 and len(labels) != classes:
             raise SpecError(
                 f"model.postprocess.labels: {post.labels} has {len(labels)} labels; output "
@@ -176,7 +176,7 @@ def _postprocess(spec: JobSpec, signature: ModelSignature) -> Builtin | Hook | N
         raise SpecError(
             f"model.postprocess.top_k: {post.top_k}, but {name!r} has {classes} classes"
         )
-    return Builtin(name, post.softmax, post.top_k, labels, path)
+    return Builtin(name, post.softmax, post.top_k, labels)
 
 
 def _outputs(spec: JobSpec, signature: ModelSignature) -> list[tuple[TensorInfo, str]]:

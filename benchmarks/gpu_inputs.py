@@ -170,8 +170,7 @@ def tokenize_rate(texts: Path, tokenizer: Path, rows: int) -> tuple[float, dict]
 
     text = tokenizer.read_text()
     pad_id, pad = pad_token(load_tokenizer(text))
-    t = TextEncode("text", str(tokenizer), text, "bench", SEQ, "max_length", True,
-                   "input_ids", pad_id, pad)  # fmt: skip
+    t = TextEncode("text", text, "bench", SEQ, "max_length", True, "input_ids", pad_id, pad)
     column = pq.read_table(next(texts.glob("*.parquet")))["text"].combine_chunks()
     encode(column.slice(0, 256), t)  # warm up
     start, done = time.perf_counter(), 0

@@ -361,28 +361,40 @@ def test_image_job_equals_pillow_and_direct_onnxruntime(tmp_path, image_files, c
     assert {e["preprocess"] for e in entries(out)} == {
         f"pixels: Pillow {Image.__version__} on the CPU"
     }
-    # the same images as bytes in a column, and as absolute paths: same predictions
+    # the same images as bytes in a column, as absolute paths and as file:// URIs: the same
+    # predictions; one more row names a file that is not there (its bytes: a null)
     table = pq.read_table(image_files / "index.parquet")
-    blobs = [(image_files / p).read_bytes() for p in table["path"].to_pylist()]
+    paths = [str(image_files / p) for p in table["path"].to_pylist()] + [str(tmp_path / "gone.jpg")]
+    blobs = [Path(p).read_bytes() for p in paths[:-1]] + [None]
     (tmp_path / "bytes").mkdir()
-    absolute = pa.array([str(image_files / p) for p in table["path"].to_pylist()])
-    pq.write_table(
-        table.append_column("image", pa.array(blobs, pa.large_binary())).set_column(
-            1, "path", absolute
-        ),
-        tmp_path / "bytes" / "index.parquet",
+    variants = pa.table(
+        {
+            "id": list(range(29)),
+            "path": paths,
+            "uri": [Path(p).as_uri() for p in paths],
+            "image": pa.array(blobs, pa.large_binary()),
+        }
     )
-    for column in ("image", "path"):
+    pq.write_table(variants, tmp_path / "bytes" / "index.parquet")
+    missing = {
+        "image": "image: null",
+        "path": f"path: no such file {paths[-1]!r}",
+        "uri": f"uri: no such file {Path(paths[-1]).as_uri()!r}",
+    }
+    for column, reason in missing.items():
         spec = image_spec(tmp_path / "bytes", tmp_path / f"out-{column}", cnn, column=column)
+        spec["max_bad_rows"] = 3
         batch_infer.run(spec)
         again = read_output(tmp_path / f"out-{column}").sort_by("id")
         assert again["logits"].to_pylist() == output["logits"].to_pylist()
-        assert sorted(errors(tmp_path / f"out-{column}")) == [9, 17]
+        bad = errors(tmp_path / f"out-{column}")
+        assert sorted(bad) == [9, 17, 28] and bad[28] == reason
 
 
 @ray_job
 def test_image_layouts_channels_and_stretch(tmp_path, image_files):
-    """NCHW, BGR, gray and stretch each give what Pillow gives, through an Identity model."""
+    """NCHW, BGR, gray, stretch and float32 each give what Pillow gives, through an
+    Identity model."""
     import onnx
     from onnx import TensorProto, helper
 
@@ -404,13 +416,19 @@ def test_image_layouts_channels_and_stretch(tmp_path, image_files):
                 Image.open(io.BytesIO(b)).convert("L").resize((48, SIZE), Image.Resampling.BILINEAR)
             )[..., None],
         ),
+        "float": (
+            {"dtype": "float32"},
+            [SIZE, SIZE, 3],
+            lambda b: pillow_pixels(b).astype(np.float32),
+        ),
     }
     for name, (form, shape, reference) in cases.items():
+        elem = TensorProto.FLOAT if name == "float" else TensorProto.UINT8
         graph = helper.make_graph(
             [helper.make_node("Identity", ["pixels"], ["out"])],
             "identity",
-            [helper.make_tensor_value_info("pixels", TensorProto.UINT8, ["N", *shape])],
-            [helper.make_tensor_value_info("out", TensorProto.UINT8, ["N", *shape])],
+            [helper.make_tensor_value_info("pixels", elem, ["N", *shape])],
+            [helper.make_tensor_value_info("out", elem, ["N", *shape])],
         )
         model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
         model.ir_version = 8
@@ -418,8 +436,12 @@ def test_image_layouts_channels_and_stretch(tmp_path, image_files):
         spec = image_spec(image_files, tmp_path / name, str(tmp_path / f"{name}.onnx"), **form)
         batch_infer.run(spec)
         output = read_output(tmp_path / name).sort_by("id")
-        got = np.asarray(output["out"].to_pylist(), np.uint8)
+        got = np.asarray(output["out"].to_pylist())
         want = np.stack([reference(blobs[i]) for i in output["id"].to_pylist()])
+        leaf = output.schema.field("out").type
+        while pa.types.is_fixed_size_list(leaf):
+            leaf = leaf.value_type
+        assert leaf == pa.from_numpy_dtype(want.dtype)
         np.testing.assert_array_equal(got, want)
 
 

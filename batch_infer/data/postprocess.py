@@ -27,7 +27,6 @@ class Builtin:
     softmax: bool
     top_k: int
     labels: tuple[str, ...] | None
-    labels_path: str | None
 
     @property
     def columns(self) -> tuple[str, ...]:

@@ -163,7 +163,6 @@ def plan_text(tensor: TensorInfo, form: Any, schema: pa.Schema, where: str) -> D
         )
     source = TextEncode(
         column=form.column,
-        tokenizer=path,
         tokenizer_json=text,
         sha256=hashlib.sha256(text.encode()).hexdigest(),
         max_length=form.max_length,
@@ -182,16 +181,16 @@ def plan_hook(name: str, tensors: list[TensorInfo]) -> list[DecodedInput]:
     return [DecodedInput(t, FromHook(name)) for t in tensors]
 
 
-def read_labels(path: str) -> tuple[str, tuple[str, ...]]:
-    """(resolved path, labels) from a text file, one label per line (blank lines dropped
-    at the end only: a class's index is its line's)."""
-    resolved, text = _read_text(path, "model.postprocess.labels")
+def read_labels(path: str) -> tuple[str, ...]:
+    """Labels from a text file, one per line (blank lines dropped at the end only: a
+    class's index is its line's)."""
+    _, text = _read_text(path, "model.postprocess.labels")
     labels = text.splitlines()
     while labels and not labels[-1].strip():
         labels.pop()
     if not labels:
         raise SpecError(f"model.postprocess.labels: {path}: holds no labels")
-    return resolved, tuple(labels)
+    return tuple(labels)
 
 
 def decode_shard(

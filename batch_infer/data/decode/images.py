@@ -412,8 +412,10 @@ _decoders_lock = threading.Lock()
 
 def _gpu_here() -> int | None:
     """The GPU this process decodes on: the last one it sees (the one a local run's own
-    process computes on), or None. A Ray task without GPUs sees none."""
+    process computes on), or None. A Ray task given no GPU (a prepare task) has none."""
     if os.environ.get("CUDA_VISIBLE_DEVICES", None) == "":
+        return None
+    if _in_ray_task() and not sys.modules["ray"].get_gpu_ids():
         return None
     try:
         import cupy

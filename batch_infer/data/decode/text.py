@@ -23,7 +23,6 @@ class TextEncode:
     """How one model input is made from a text column (planned once, sent to workers)."""
 
     column: str
-    tokenizer: str  # the path, as the spec named it (resolved)
     tokenizer_json: str
     sha256: str
     max_length: int
