@@ -1,16 +1,10 @@
 """`batch-infer submit` and `batch-infer jobs`: runs on a Ray cluster through Ray Jobs.
 
-`submit` validates the spec here, then hands the run to the cluster's dashboard through
-`ray.job_submission.JobSubmissionClient`, with a runtime environment that carries the spec
-(`--set` overrides applied), the `batch_infer` package (`py_modules`) and, unless
-`--shared-model`, the model and its external-data files. The driver runs
-`python -m batch_infer.cli run spec.yaml` in the uploaded working_dir, with
-`BATCH_INFER_MODEL_ORIGIN` naming the model it was carried from. Resubmitting resumes.
-
-Token auth: the token is read where Ray documents it and sent only to a dashboard whose
-public `/api/authentication_mode` says "token" (Ray's client itself sends one only when this
-machine's RAY_AUTH_MODE is "token"); it is never printed. Exit codes: a missing or refused
-token, an unknown job, a refused request: 2; no dashboard, HTTP 5xx, a broken log stream: 5.
+The spec is validated here and carried to the cluster with the `batch_infer` package and the
+model (docs/operations.md, Submit). The token goes only to a dashboard that asks for one, and
+is never printed. Exit codes: 2 for what retrying does not cure (a missing or refused token, an
+unknown job, a refused request), 5 for the cluster or the network (no dashboard, HTTP 5xx, a
+broken log stream).
 """
 
 from __future__ import annotations
@@ -37,13 +31,12 @@ from typing import Any
 from urllib.parse import urlsplit
 
 import yaml
-from rich.console import Console
-from rich.text import Text
 
 import batch_infer
 from batch_infer.errors import ClusterError, SpecError, UserError
 from batch_infer.location import is_uri
 from batch_infer.model import external_data_files, load_graph
+from batch_infer.ops import drop_stdout, json_rows, note
 from batch_infer.spec import (
     add_spec_arguments,
     load_document,
@@ -67,15 +60,6 @@ URI_SCHEMES = ("file", "s3", "gs", "gcs", "hdfs", "viewfs", "abfs", "abfss")  # 
 _STATUS = re.compile(r"status code (\d{3}): (.*)", re.S)
 
 
-class ClusterAuthError(UserError):
-    """The cluster wants a token and none was found, or it refused the one sent: a setup
-    problem on this side (exit 2) that retrying does not cure."""
-
-
-class CarryError(UserError):
-    """Something the job needs is too large to carry with the submission."""
-
-
 class NoSuchJob(UserError):
     """The cluster has no job with this ID (a typo, or a job deleted since)."""
 
@@ -87,17 +71,12 @@ def _mib(n: int) -> str:
     return f"{n / 1024**2:,.1f} MiB"
 
 
-def _too_large(what: str, size: int) -> CarryError:
-    return CarryError(
+def _too_large(what: str, size: int) -> UserError:
+    return UserError(
         f"{what} is {_mib(size)}; a submitted job carries at most {_mib(CARRY_LIMIT)} per "
         "package (Ray's limit for a local working_dir): put it on storage every node of the "
         "cluster mounts at the same path and pass --shared-model with that path in model.onnx"
     )
-
-
-def package_dir() -> Path:
-    """The `batch_infer` package this command runs, carried to the cluster as a py_module."""
-    return Path(batch_infer.__file__).resolve().parent
 
 
 def model_files(model: Path) -> list[tuple[Path, str]]:
@@ -179,14 +158,15 @@ class Submission:
             set_dotted(given, key, value)
         carried = not shared_model and not is_uri(self.spec.model.onnx)
         self.model_files = model_files(Path(self.spec.model.onnx)) if carried else []
+        # where the model lives, which the run records rather than the path of Ray's upload
+        self.origin = str(self.model_files[0][0]) if carried else self.spec.model.onnx
         checks = [("input", "path"), ("output", "path")] + ([] if carried else [("model", "onnx")])
         doc = self.spec.model_dump(mode="json")
         self.warnings = [
-            warning
-            for section, key in checks
-            if (warning := path_warning(f"{section}.{key}", str(given[section][key]),
-                                        doc[section][key], cluster_is_local))
-        ]  # fmt: skip
+            w
+            for s, k in checks
+            if (w := path_warning(f"{s}.{k}", str(given[s][k]), doc[s][k], cluster_is_local))
+        ]
         doc.pop("date", None)  # never written in a spec: the entrypoint passes --date
         if carried:  # relative: resolved in the job's working_dir
             doc["model"]["onnx"] = self.model_files[0][1]
@@ -200,26 +180,24 @@ class Submission:
         argv += ["--date", self.spec.date] if self.spec.date else []
         return shlex.join(argv + (["--overwrite"] if self.overwrite else []))
 
-    def env_vars(self) -> dict[str, str]:
-        """Logs promptly, a summary table wide enough for long paths, and the model's origin
-        (the run records it rather than the path of Ray's upload)."""
-        env = {"PYTHONUNBUFFERED": "1", "COLUMNS": "200"}
-        return env | ({MODEL_ORIGIN_ENV: str(self.model_files[0][0])} if self.model_files else {})
-
     def metadata(self) -> dict[str, str]:
         meta = {
             "batch_infer_job": self.spec.name,
             "batch_infer_output": self.spec.output.path,
-            "batch_infer_model": self.env_vars().get(MODEL_ORIGIN_ENV, self.spec.model.onnx),
+            "batch_infer_model": self.origin,
         }
         return meta | ({"batch_infer_date": self.spec.date} if self.spec.date else {})
 
     def runtime_env(self, working_dir: str) -> dict[str, Any]:
+        """Logs promptly, a summary table wide enough for long paths, the model's origin."""
+        env = {"PYTHONUNBUFFERED": "1", "COLUMNS": "200"}
+        env |= {MODEL_ORIGIN_ENV: self.origin} if self.model_files else {}
+        package = str(Path(batch_infer.__file__).resolve().parent)  # the one running here
         return {
             "working_dir": working_dir,
-            "py_modules": [str(package_dir())],
+            "py_modules": [package],
             "excludes": ["__pycache__"],
-            "env_vars": self.env_vars(),
+            "env_vars": env,
         }
 
     def describe(self) -> dict[str, Any]:
@@ -254,10 +232,8 @@ def resolve_address(address: str | None) -> str | None:
     """The dashboard's HTTP address: --address, else RAY_API_SERVER_ADDRESS, else an http
     RAY_ADDRESS; None when there is none."""
     ray_address = os.environ.get("RAY_ADDRESS", "")
-    address = address or os.environ.get("RAY_API_SERVER_ADDRESS") or ""
-    if not address and ray_address.startswith(("http://", "https://")):
-        address = ray_address
-    if not address:
+    http = ray_address if ray_address.startswith(("http://", "https://")) else ""
+    if not (address := address or os.environ.get("RAY_API_SERVER_ADDRESS") or http):
         return None
     address = address if "://" in address else "http://" + address
     if address.split("://", 1)[0] not in ("http", "https"):
@@ -277,9 +253,9 @@ def read_token() -> tuple[str | None, str]:
         try:
             token = path.read_text().strip()
         except OSError as exc:
-            raise ClusterAuthError(f"cannot read the Ray token from {source}: {exc}") from None
+            raise UserError(f"cannot read the Ray token from {source}: {exc}") from None
         if not token:
-            raise ClusterAuthError(f"{source} is empty; it should hold the cluster's token")
+            raise UserError(f"{source} is empty; it should hold the cluster's token")
         return token, source
     default = Path.home() / ".ray" / "auth_token"
     with contextlib.suppress(OSError):
@@ -308,7 +284,7 @@ class Cluster:
         if mode == "token":
             token, source = read_token()
             if token is None:
-                raise ClusterAuthError(self._no_token())
+                raise UserError(self._no_token())
             headers, self.token_source = {"Authorization": f"Bearer {token}"}, source
         for name in ("ray.dashboard.modules.dashboard_sdk", "ray.dashboard.modules.job.sdk"):
             logging.getLogger(name).setLevel(logging.WARNING)  # "Uploading package ..."
@@ -334,9 +310,9 @@ class Cluster:
         lines = [ln.strip() for ln in body.strip().rstrip(".").splitlines() if ln.strip()]
         why = lines[-1] if lines else f"HTTP {status}"  # a traceback's last line says what
         if status == 401 or (status == 403 and not self.token_source):
-            return ClusterAuthError(self._no_token())
+            return UserError(self._no_token())
         if status == 403:
-            return ClusterAuthError(
+            return UserError(
                 f"the Ray cluster at {self.address} refused the token from {self.token_source}:"
                 " it is not the cluster's token (`ray get-auth-token` on the head prints it)"
             )
@@ -374,9 +350,9 @@ class Cluster:
         with self.errors(job_id):
             return self.client.get_job_info(job_id)
 
-    def wait(self, job_id: str, poll: float = 1.0) -> Any:
+    def wait(self, job_id: str) -> Any:
         while str((info := self.info(job_id)).status) not in TERMINAL:
-            time.sleep(poll)
+            time.sleep(1.0)
         return info
 
     def follow(self, job_id: str) -> None:
@@ -398,19 +374,15 @@ class Cluster:
 
 
 def emit(text: str) -> bool:
-    """Write to stdout; False once its reader has gone (`| head`): later writes go nowhere,
-    and the interpreter's last flush does not fail with a BrokenPipeError either."""
+    """Write to stdout; False once its reader has gone (`| head`), and later writes go nowhere:
+    a command piped into `head` exits 0, and `submit --wait` still waits for its job."""
     try:
         sys.stdout.write(text)
         sys.stdout.flush()
         return True
     except BrokenPipeError:
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        drop_stdout()
         return False
-
-
-def _note(message: str, style: str = "") -> None:
-    Console(stderr=True, soft_wrap=True, highlight=False).print(Text(message, style=style))
 
 
 def _outcome(info: Any) -> int:
@@ -418,7 +390,7 @@ def _outcome(info: Any) -> int:
     message = f"job {info.submission_id}: {status}"
     if info.message and status != "SUCCEEDED":  # Ray appends the logs' tail: shown above
         message += f" ({info.message.strip().split(', last available logs')[0].splitlines()[0]})"
-    _note(message, "green" if status == "SUCCEEDED" else "red")
+    note(message, "green" if status == "SUCCEEDED" else "red")
     if status == "SUCCEEDED":
         return 0
     if status == "FAILED" and info.driver_exit_code:
@@ -437,7 +409,7 @@ def cmd_submit(args: argparse.Namespace) -> int:
         date=parse_date(args.date) if args.date else None,
     )
     for warning in submission.warnings:
-        _note("warning: " + warning, "yellow")
+        note("warning: " + warning, "yellow")
     if args.dry_run:  # nothing is sent, not even to check the address or the token
         emit(yaml.safe_dump(submission.describe(), sort_keys=False, width=100))
         return 0
@@ -457,23 +429,24 @@ def cmd_submit(args: argparse.Namespace) -> int:
             submission_id=args.submission_id,
         )
     emit(job_id + "\n")
-    carried = f", model {submission.model_files[0][0]}" if submission.model_files else ""
-    dated = f" for {submission.spec.date}" if submission.spec.date else ""
-    _note(
-        f"submitted {submission.spec.name}{dated} as {job_id} to {cluster.address} (carried: the "
-        f"spec, batch_infer{carried}); output: {submission.spec.output.path}"
+    spec = submission.spec
+    carried = f", model {submission.origin}" if submission.model_files else ""
+    dated = f" for {spec.date}" if spec.date else ""
+    note(
+        f"submitted {spec.name}{dated} as {job_id} to {cluster.address} (carried: the spec, "
+        f"batch_infer{carried}); output: {spec.output.path}"
     )
     if not args.wait:
-        _note(f"follow it: batch-infer jobs logs {job_id} --follow --address {cluster.address}")
+        note(f"follow it: batch-infer jobs logs {job_id} --follow --address {cluster.address}")
         return 0
     try:
         try:
             cluster.follow(job_id)
         except ClusterError as exc:  # the outcome may still be known: ask for it
-            _note(f"{exc}; waiting for the job to end")
+            note(f"{exc}; waiting for the job to end")
         return _outcome(cluster.wait(job_id))
     except KeyboardInterrupt:
-        _note(
+        note(
             f"stopped following; the job keeps running. Follow: batch-infer jobs logs {job_id} "
             f"--follow; stop: batch-infer jobs stop {job_id} (add --address {cluster.address})"
         )
@@ -511,15 +484,13 @@ def cmd_jobs_list(args: argparse.Namespace) -> int:
         jobs = [j for j in jobs if (j.metadata or {}).get("batch_infer_job")]
     records = [job_record(j) for j in sorted(jobs, key=lambda j: j.start_time or 0)]
     if args.json:
-        emit("[" + ",\n ".join(json.dumps(r) for r in records) + "]\n")
+        emit(json_rows(records))
         return 0
     keys = ("id", "status", "name", "started_at", "ended_at", "output")
     rows = [("ID", "STATUS", "SPEC", "STARTED", "ENDED", "OUTPUT")]
     rows += [tuple(r[k] or "-" for k in keys) for r in records]
     widths = [max(len(r[i]) for r in rows) for i in range(len(keys) - 1)]
-    for r in rows:
-        if not emit("  ".join([*map(str.ljust, r, widths), r[-1]]) + "\n"):
-            break
+    emit("".join("  ".join([*map(str.ljust, r, widths), r[-1]]) + "\n" for r in rows))
     return 0
 
 
@@ -554,11 +525,11 @@ def cmd_jobs_stop(args: argparse.Namespace) -> int:
     with cluster.errors(args.id):
         stopping = cluster.client.stop_job(args.id)
     if not stopping:
-        _note(f"job {args.id} is not running ({cluster.info(args.id).status})")
+        note(f"job {args.id} is not running ({cluster.info(args.id).status})")
         return 0
-    _note(f"stop requested for {args.id}; committed shards are kept, resubmit to resume")
+    note(f"stop requested for {args.id}; committed shards are kept, resubmit to resume")
     if args.wait:
-        _note(f"job {args.id}: {cluster.wait(args.id).status}")
+        note(f"job {args.id}: {cluster.wait(args.id).status}")
     return 0
 
 
@@ -569,7 +540,7 @@ def cmd_jobs_delete(args: argparse.Namespace) -> int:
         raise UserError(f"job {args.id} is {status}: stop it first (batch-infer jobs stop --wait)")
     with cluster.errors(args.id):
         cluster.client.delete_job(args.id)
-    _note(f"deleted job {args.id} ({status}) from {cluster.address}; its output is kept")
+    note(f"deleted job {args.id} ({status}) from {cluster.address}; its output is kept")
     return 0
 
 
@@ -590,6 +561,7 @@ def register(subparsers: Any) -> None:
     s.set_defaults(func=cmd_submit)
     j = subparsers.add_parser("jobs", help="list, inspect, follow, stop, delete submitted jobs")
     jobs = j.add_subparsers(dest="jobs_command", required=True, metavar="COMMAND")
+    parsers = {}
     for name, func, text in (
         ("list", cmd_jobs_list, "the cluster's batch-infer jobs"),
         ("status", cmd_jobs_status, "a job's status"),
@@ -597,15 +569,14 @@ def register(subparsers: Any) -> None:
         ("stop", cmd_jobs_stop, "stop a job (resubmit to resume it)"),
         ("delete", cmd_jobs_delete, "delete a finished job's record and logs (not its output)"),
     ):
-        p = jobs.add_parser(name, parents=[common], help=text)
+        p = parsers[name] = jobs.add_parser(name, parents=[common], help=text)
         p.set_defaults(func=func)
-        if name == "list":
-            p.add_argument("--all", action="store_true", help="every job, not only batch-infer's")
-        else:
+        if name != "list":
             p.add_argument("id", help="the submission ID")
-        if name in ("list", "status"):
-            p.add_argument("--json", action="store_true", help="JSON, one job per line")
-        if name == "logs":
-            p.add_argument("-f", "--follow", action="store_true", help="until the job ends")
-        if name == "stop":
-            p.add_argument("--wait", action="store_true", help="wait until it has stopped")
+    parsers["list"].add_argument(
+        "--all", action="store_true", help="every job, not only batch-infer's"
+    )
+    parsers["list"].add_argument("--json", action="store_true", help="JSON, one job per line")
+    parsers["status"].add_argument("--json", action="store_true", help="JSON")
+    parsers["logs"].add_argument("-f", "--follow", action="store_true", help="until the job ends")
+    parsers["stop"].add_argument("--wait", action="store_true", help="wait until it has stopped")
