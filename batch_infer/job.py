@@ -30,7 +30,7 @@ from typing import TYPE_CHECKING, Any
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from batch_infer.actor import InferenceActor, ShardRunner, prepare_shard, threads_for
-from batch_infer.backends import actor_concurrency, check_request, local_devices
+from batch_infer.backends import actor_concurrency, check_request, local_device
 from batch_infer.data.sharding import Shard, plan_shards
 from batch_infer.errors import JobFailedError, OutputFailedError, UserError
 from batch_infer.planning import JobPlan, build_plan
@@ -61,12 +61,11 @@ def starts_local_ray(address: str | None) -> bool:
     return "ray" not in sys.modules or not sys.modules["ray"].is_initialized()
 
 
-def connect(address: str | None = None, num_gpus: int | None = None) -> None:
+def connect(address: str | None = None) -> None:
     """Join the Ray cluster the caller names: `address`, else `RAY_ADDRESS` (set by Ray Jobs
     for a submitted run), else the one this process already joined with `ray.init`.
     Otherwise start a local Ray of the run's own: never one that happens to be running on
-    this machine, which may be another user's. `num_gpus` limits a local Ray to the GPUs
-    the run's own process does not drive (it drives the last ones).
+    this machine, which may be another user's.
 
     A local Ray of the run's own listens on loopback only and uses Ray's token
     authentication on purpose (so Ray does not warn about it): no other machine can reach
@@ -79,15 +78,13 @@ def connect(address: str | None = None, num_gpus: int | None = None) -> None:
         os.environ.setdefault("RAY_AUTH_MODE", "token")
     import ray
 
-    local = {"num_gpus": num_gpus} if address == "local" and num_gpus is not None else {}
     # Every failed task's result is looked at by the driver, which reports it in one line:
     # Ray's "unhandled error" tracebacks for the results nobody fetched only add noise.
     os.environ.setdefault("RAY_IGNORE_UNHANDLED_ERRORS", "1")
     context = ray.init(
         address=address,
-        **local,
         include_dashboard=False,
-        logging_level=logging.WARNING,
+        logging_level=logging.ERROR,  # batch-infer reports what goes wrong, in one line
         log_to_driver=False,
     )
     session = context.address_info.get("session_dir")
@@ -99,14 +96,14 @@ class _RayStart:
     lives as long as the process: Ray's processes are bound to the thread that started them
     (Linux's parent-death signal), and end with the process instead."""
 
-    def __init__(self, address: str | None, num_gpus: int | None = None) -> None:
-        self.address, self.num_gpus, self.error = address, num_gpus, None
+    def __init__(self, address: str | None) -> None:
+        self.address, self.error = address, None
         self.done = threading.Event()
         threading.Thread(target=self._main, name="batch-infer-ray", daemon=True).start()
 
     def _main(self) -> None:
         try:
-            connect(self.address, self.num_gpus)
+            connect(self.address)
         except BaseException as exc:  # raised by ready(), on the run's own thread
             self.error = exc
         finally:
@@ -206,9 +203,9 @@ class _Work:
 class _Lane:
     """The run's own process driving this machine's device: the same stages as the Ray path
     (prepare, run, commit) in threads of this process, through the same sink. It needs no
-    Ray, so a local run computes from its first second; with more GPUs than one, Ray's
-    actors drive the others. Readers and writers release the GIL (pyarrow, zstd, numpy),
-    so a few threads keep one device busy.
+    Ray, so a local run computes from its first second. On the CPU it is the whole run (a
+    hand-written loop is no faster); on a GPU it runs while Ray starts, and stops once an
+    actor has loaded the model (processes keep a fast GPU busier than threads of one).
 
     It stops when the queue is empty or `stop()` is called (the shards it has taken but not
     run go back to the queue), or on an error that is not the data's: the shard goes back,
@@ -559,6 +556,8 @@ def _execute(
                     continue
                 if task.kind == "ready":
                     loaded[task.slot] = True
+                    if lane is not None:
+                        lane.stop()  # an actor took over: the lane's shards finish and commit
                     if not record.backend:
                         record.backend, record.backend_reason = result
                         log.info("backend: %s", record.backend_reason)
@@ -659,12 +658,14 @@ def run(
     sink = OutputSink(spec.output.path, spec.output.row_group_rows)
     # A local run drives this machine's device in its own process (`_Lane`); Ray starts
     # only for more: the other GPUs of a multi-GPU machine, or a cluster it was told to join.
-    here = None
+    here = None  # what the lane drives: this machine's device, unless Ray's actors are asked for
     if starts_local_ray(address) and spec.num_actors is None:
-        here = local_devices(spec.backend, spec.device)
-    device, gpus = here or ("", 0)
-    lane_gpu = gpus - 1 if device == "gpu" else None  # the last GPU; Ray gets the others
-    ray_gpus = lane_gpu  # a local Ray beside the lane sees the GPUs before it
+        here = local_device(spec.backend, spec.device)
+    device = here or ""
+    # On the CPU the lane is the whole run, like a hand-written loop. On GPUs, Ray's actors
+    # take over once loaded: a process per GPU keeps a fast device busier than threads of
+    # one process can (the GIL), and Ray brings the other GPUs.
+    wants_ray = here != "cpu"
 
     def prepare_output() -> tuple[list[Shard], dict[str, ShardEntry], _Work, _Lane | None]:
         """Plan the shards, take the output, and start this process's lane on them."""
@@ -674,12 +675,13 @@ def run(
         record.mark("planned")
         todo = [s for s in shards if s.id not in done]
         work = _Work(todo, record, _Progress(spec.name, len(todo), progress))
-        lane = _Lane(plan, sink, work, device, lane_gpu) if todo and here else None
+        gpu = 0 if device == "gpu" else None
+        lane = _Lane(plan, sink, work, device, gpu) if todo and here else None
         return shards, done, work, lane
 
     ray_start = None
-    if (here is None or gpus > 1) and _likely_work(sink, plan.config(), overwrite):
-        ray_start = _RayStart(address, ray_gpus)  # starts meanwhile
+    if wants_ray and _likely_work(sink, plan.config(), overwrite):
+        ray_start = _RayStart(address)  # starts meanwhile
     shards, done, work, lane = prepare_output()
     try:
         with work.bar.bar:
@@ -687,8 +689,8 @@ def run(
                 record.shards_total = len(shards)
                 record.shards_skipped = len(done)
                 if work.pending or lane is not None:
-                    if ray_start is None and lane is None:
-                        ray_start = _RayStart(address, ray_gpus)
+                    if ray_start is None and (lane is None or wants_ray):
+                        ray_start = _RayStart(address)
                     _execute(plan, sink, work, lane, ray_start, address)
             finally:
                 if lane is not None:  # an error above: let the lane's shards commit first

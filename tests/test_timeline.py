@@ -148,7 +148,7 @@ def test_summary_shows_the_timeline(tmp_path):
     console = Console(record=True, width=200)
     _print_summary(console, record)
     text = console.export_text()
-    assert "planned 0.5 s, Ray 1.0 s, model loaded 2.0 s, first batch 2.1 s" in text
+    assert "planned 0.5 s, ray ready 1.0 s, backend ready 2.0 s, first batch 2.1 s" in text
     assert "1,000 rows/s from first to last batch" in text and "90% from first" in text
     assert str(ROOT)  # the repository root is importable (tests.conftest)
 
@@ -194,3 +194,42 @@ def test_cli_run_starts_in_the_drivers_lane_while_its_ray_starts(tmp_path):
                            timeout=60, env=env)  # fmt: skip
     assert drawn.returncode == 0 and saved["run_id"] in drawn.stderr, drawn.stderr
     assert page.read_text().count('class="infer"') == len(entries)
+
+
+@pytest.mark.usefixtures("ray_start_regular")
+def test_the_lane_hands_over_to_rays_actors_once_one_has_loaded(tmp_path):
+    """What a GPU run does: its own lane starts at once; when an actor has loaded the model,
+    the lane finishes the shards it holds and stops; the actors run the rest. Shown on the
+    CPU with the driver's internals, since the handover is the same."""
+    from batch_infer.job import _execute, _Lane, _Progress, _RayStart, _Work
+    from batch_infer.planning import build_plan
+    from batch_infer.sink.manifest import OutputSink, RunRecord
+    from batch_infer.spec import resolve_spec
+
+    data = _images(tmp_path / "in", files=6)
+    spec = resolve_spec({
+        "name": "handover",
+        "input": {"path": str(data)},
+        "model": {"onnx": _model(tmp_path / "sum.onnx"), "inputs": {"px": "px"}},
+        "batch_size": 32,
+        "shard_rows": 50,
+        "output": {"path": str(tmp_path / "out"), "keep_columns": ["id"]},
+    })  # fmt: skip
+    plan = build_plan(spec)
+    from batch_infer.data.sharding import plan_shards
+
+    shards = plan_shards(plan.dataset, spec.shard_rows)
+    sink = OutputSink(spec.output.path)
+    record = RunRecord(run_id="handover", name="handover")
+    sink.on_write_start(record.run_id, plan.config(), {s.id: s.fingerprint for s in shards})
+    work = _Work(shards, record, _Progress("handover", len(shards), False))
+    lane = _Lane(plan, sink, work, "cpu", None)
+    _execute(plan, sink, work, lane, _RayStart(None), None)
+    sink.on_write_complete(record, [s.id for s in shards], 0)
+    sink.record_run(record)
+    entries = [json.loads(p.read_text()) for p in (tmp_path / "out/_manifest/shards").glob("*")]
+    by = {e["actor"] for e in entries}
+    assert -1 in by and by - {-1}, by  # the lane, then the actors
+    handed = min(e["committed_at"] for e in entries if e["actor"] >= 0)
+    assert max(e["infer_started"] for e in entries if e["actor"] == -1) < handed
+    assert read_output(tmp_path / "out").sort_by("id")["id"].to_pylist() == list(range(3600))

@@ -35,18 +35,17 @@ def actor_concurrency(device: str) -> int:
     return GPU_CONCURRENCY if device == "gpu" else Backend.concurrency
 
 
-def local_devices(requested: str, device: str) -> tuple[str, int] | None:
-    """What this machine can run the job's backend on: ('gpu', GPU count) or ('cpu', 0), or
-    None. It is what a local run's own process drives (`job._Lane`)."""
+def local_device(requested: str, device: str) -> str | None:
+    """What this machine can run the job's backend on ('gpu' or 'cpu'), or None: what a
+    local run's own process drives (`job._Lane`)."""
     if device != "cpu" and _has("cuda.bindings"):
         from batch_infer.backends.cuda_streams import device_count
 
-        gpus = device_count()
-        if gpus > 0:
-            return "gpu", gpus
+        if device_count() > 0:
+            return "gpu"
     if device == "gpu" or requested in ("tensorrt", "tensorrt-rtx"):
         return None
-    return "cpu", 0
+    return "cpu"
 
 
 def _has(module: str) -> bool:
