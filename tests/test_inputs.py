@@ -31,6 +31,9 @@ import batch_infer
 from batch_infer.data.decode.hooks import first_failing_row
 from batch_infer.data.decode.images import (
     ImageDecode,
+    NvImageCodecDecoder,
+    PillowDecoder,
+    _gpu_here,
     crop_box,
     decode_images,
     decoder_for,
@@ -313,16 +316,46 @@ def test_decoding_on_processes_equals_decoding_in_place(monkeypatch):
     assert bad_here[20] == "img: null"
     assert bad_here[100] == "img: not a decodable image (Truncated File Read)"
     assert how_there == how_here + " (2 processes)"
+    # a retry (after the GPU decoder) fills only the rows it is given, here or there
+    for procs in ("0", "2"):
+        monkeypatch.setenv("BATCH_INFER_DECODE_PROCESSES", procs)
+        out = np.full_like(here, 7)
+        again = [b if i % 3 == 1 else None for i, b in enumerate(blobs)]  # 100 among them
+        assert PillowDecoder().decode(again, d, out) == {100: bad_here[100][5:]}
+        done = [i for i in range(150) if i % 3 == 1 and i != 100]
+        assert (np.delete(out, done, axis=0) == 7).all()
+        np.testing.assert_array_equal(out[done], here[done])
     want = np.stack([pillow_pixels(b) if b and i != 100 else np.zeros_like(here[0])
                      for i, b in enumerate(blobs)])  # fmt: skip
     np.testing.assert_array_equal(here, want)
 
 
+@pytest.mark.skipif(_gpu_here() is not None, reason="this machine has a GPU decoder")
 def test_no_gpu_here_means_pillow_and_gpu_demanded_is_refused():
     decoder, why = decoder_for("auto")
     assert decoder.name == "pillow" and why == "no GPU visible to this process"
     with pytest.raises(BackendError, match=r"image decode device: gpu, but no GPU visible"):
         decoder_for("gpu")
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(_gpu_here() is None, reason="needs a GPU, nvImageCodec and CuPy")
+def test_gpu_decoder_is_within_two_levels_of_pillow(image_files):
+    """On the GPU machine (python -m pytest -m gpu tests/test_inputs.py): nvImageCodec and
+    the GPU resize against Pillow; what it cannot decode (PNG, corrupt files) it hands back
+    to be retried on the CPU, and decode_images says so."""
+    paths = pq.read_table(image_files / "index.parquet")["path"].to_pylist()
+    blobs = [(image_files / p).read_bytes() for p in paths]
+    d = ImageDecode("img", SIZE, SIZE, "shorter_side_crop", "NHWC", "RGB", "gpu", False)
+    out = np.zeros((len(blobs), SIZE, SIZE, 3), np.uint8)
+    retry = NvImageCodecDecoder(0).decode(blobs, d, out)
+    assert {9, 17} <= set(retry) <= {3, 9, 11, 17}  # corrupt always; PNG where no GPU codec
+    done = [i for i in range(len(blobs)) if i not in retry]
+    want = np.stack([pillow_pixels(blobs[i]) for i in done])
+    assert np.abs(out[done].astype(int) - want).max() <= 2
+    pixels, bad, how = decode_images(pa.array(blobs, pa.binary()), d, pafs.LocalFileSystem(), "/")
+    assert sorted(bad) == [9, 17] and how.startswith("nvImageCodec")
+    np.testing.assert_array_equal(pixels[done], out[done])
 
 
 def test_first_failing_row_bisects():

@@ -225,18 +225,22 @@ class PillowDecoder:
     def decode(
         self, data: Sequence[bytes | None], d: ImageDecode, out: np.ndarray
     ) -> dict[int, str]:
+        """Decode the rows that hold bytes into `out` (other rows are left as they are: a
+        retry after the GPU decoder fills only the rows it could not); {row: reason}."""
         procs = decode_processes()
-        if procs == 0 or len(data) <= self.CHUNK:
-            pixels, reasons = _decode_some(data, d)
-            out[:] = pixels
-            return reasons
-        pool = _process_pool(procs)
-        starts = range(0, len(data), self.CHUNK)
-        runs = [pool.submit(_decode_some, data[s : s + self.CHUNK], d) for s in starts]
+        small = procs == 0 or len(data) <= self.CHUNK
+        size = max(1, len(data) if small else self.CHUNK)
+        starts = range(0, len(data), size)
+        chunks = [data[s : s + size] for s in starts]
+        if small:
+            runs = [_decode_some(chunk, d) for chunk in chunks]
+        else:
+            pool = _process_pool(procs)
+            runs = [f.result() for f in [pool.submit(_decode_some, c, d) for c in chunks]]
         reasons = {}
-        for s, run in zip(starts, runs, strict=True):
-            pixels, why = run.result()
-            out[s : s + len(pixels)] = pixels
+        for s, chunk, (pixels, why) in zip(starts, chunks, runs, strict=True):
+            done = [i for i, blob in enumerate(chunk) if blob is not None and i not in why]
+            out[[s + i for i in done]] = pixels[done]
             reasons.update({s + i: r for i, r in why.items()})
         return reasons
 
@@ -351,6 +355,9 @@ class NvImageCodecDecoder:
         for i, blob in enumerate(data):
             if blob is None:
                 continue
+            if blob[:2] == b"\xff\xd8" and not blob.rstrip(b"\x00").endswith(b"\xff\xd9"):
+                retry[i] = ""  # a JPEG without its end: nvJPEG decodes what is there; Pillow
+                continue  # says it is truncated (or decodes one with bytes after its end)
             try:
                 streams.append(self.codec.CodeStream(blob))
                 rows.append(i)
