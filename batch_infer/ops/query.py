@@ -65,9 +65,6 @@ def _run_fields() -> dict[str, str]:
     return fields
 
 
-# --------------------------------------------------------------------------- discovery
-
-
 @dataclass
 class _Output:
     """One job output at or below OUTPUT; paths on its filesystem."""
@@ -126,9 +123,6 @@ def _discover(output: str | os.PathLike[str]) -> _Layout:
     if not outputs:
         raise OutputError(f"{given}: holds no batch-infer output (no _manifest/ at or below it)")
     return _Layout(root, sorted(outputs, key=lambda o: o.path), not is_uri(given))
-
-
-# --------------------------------------------------------------------------- views
 
 
 def _q(name: str) -> str:
@@ -262,9 +256,6 @@ def _connect(layout: _Layout) -> duckdb.DuckDBPyConnection:
     return con
 
 
-# --------------------------------------------------------------------------- running SQL
-
-
 def _one_line(exc: BaseException) -> str:
     """DuckDB's message on one line, without the LINE/caret excerpt of the SQL."""
     lines = [ln.strip() for ln in str(exc).splitlines() if not ln.startswith("LINE ")]
@@ -305,9 +296,6 @@ def query(output: str | os.PathLike[str], sql: str) -> pa.Table:
         _reads_only(sql)
         result = con.sql(sql)  # None for a statement with no result (CREATE ...)
         return pa.table({}) if result is None else result.to_arrow_table()
-
-
-# --------------------------------------------------------------------------- printing
 
 
 def _write(
@@ -420,9 +408,6 @@ def _print_result(result: duckdb.DuckDBPyRelation, max_rows: int) -> None:
     _table("", shown.column_names, rows, caption)
 
 
-# --------------------------------------------------------------------------- inspect
-
-
 def _report(layout: _Layout, runs: int, outputs: int) -> dict[str, Any]:
     """What `inspect` shows: the last `runs` runs, the last `outputs` outputs, their workers."""
     with contextlib.closing(_connect(layout)) as con, _sql_errors("inspect"):
@@ -492,9 +477,6 @@ def inspect(
     if runs and runs[-1].get("timeline"):
         timeline = timeline_text(runs[-1]["timeline"])
         console().print(f"last run's timeline (s after its start): {timeline}")
-
-
-# --------------------------------------------------------------------------- command line
 
 
 def _quiet_pipe(command: _Command) -> _Command:

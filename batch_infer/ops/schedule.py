@@ -10,6 +10,7 @@ import datetime as dt
 import importlib.metadata
 import itertools
 import json
+import operator
 import os
 import re
 import shlex
@@ -46,8 +47,6 @@ WIND_DOWN_SECONDS = 600  # the CronJob's pod outlives its RayJob's deadline by t
 # The CronJob's pod only runs kubectl: a small image, pinned, instead of the TensorRT one.
 KUBECTL_IMAGE = "bitnami/kubectl:1.33.4"
 _WEEKDAYS = ("Mon", "Tue", "Wed", "Thu", "Fri", "Sat", "Sun")
-
-# --------------------------------------------------------------------------- times
 
 
 def next_runs(
@@ -125,9 +124,6 @@ def oncalendar(schedule: ScheduleSpec) -> list[str]:
     return [weeks] if dom == ["*"] else [days, weeks]
 
 
-# --------------------------------------------------------------------------- emitters
-
-
 def _fill(name: str, /, **values: Any) -> str:
     return string.Template(template(name)).substitute(values)
 
@@ -178,44 +174,46 @@ def k8s_name(name: str) -> str:
     return out or "batch-infer"
 
 
-def _emit(args: argparse.Namespace, spec: JobSpec, schedule: ScheduleSpec) -> dict[str, str]:
-    """What `schedule --emit` writes: file name -> text. Every template gets every value and
-    uses those it names."""
-    values: dict[str, Any] = {
-        "describe": f"batch-infer job {spec.name}: {schedule.cron!r} in {schedule.timezone}",
-        "name": spec.name,
-        "cron": schedule.cron,
-        "timezone": schedule.timezone,
-    }
-    sets = [a for pair in args.set for a in ("--set", pair)]  # passed on to every run
-    if args.emit in ("cron", "systemd"):
-        exe = shutil.which("batch-infer")
-        program = [exe] if exe else [sys.executable, "-m", "batch_infer.cli"]
-        argv = [*program, "run", "-q", str(Path(args.spec).absolute()), *sets]
-        unit = f"batch-infer-{spec.name}"
-        if args.emit == "cron":
-            address = f"RAY_ADDRESS={shlex.quote(args.address)} " if args.address else ""
-            command = f"cd {shlex.quote(os.getcwd())} && {address}{shlex.join(argv)}"
-            command = command.replace("%", "\\%")  # cron turns an unescaped % into a newline
-            return {f"{unit}.crontab": _fill("crontab", **values, command=command)}
-        address = _systemd_quote(f"RAY_ADDRESS={args.address}") if args.address else ""
-        calendars = oncalendar(schedule)
-        service = _fill(
-            "systemd.service",
-            **values,
-            unit=unit,
-            workdir=_systemd_quote(os.getcwd()),
-            environment=f"Environment={address}\n" if address else "",
-            exec_start=" ".join(map(_systemd_quote, argv)),
-        )
-        timer = _fill(
-            "systemd.timer",
-            **values,
-            unit=unit,
-            first_calendar=calendars[0],
-            calendars="".join(f"OnCalendar={c}\n" for c in calendars),
-        )
-        return {f"{unit}.service": service, f"{unit}.timer": timer}
+def _run_args(args: argparse.Namespace, spec_path: str, program: list[str]) -> list[str]:
+    """The command line of each run: the overrides given here are passed on to every run."""
+    return [*program, "run", "-q", spec_path, *(a for pair in args.set for a in ("--set", pair))]
+
+
+def _emit_timer(args: argparse.Namespace, spec: JobSpec, values: dict[str, Any]) -> dict[str, str]:
+    """A crontab block, or a systemd service and timer, that run the spec here."""
+    exe = shutil.which("batch-infer")
+    program = [exe] if exe else [sys.executable, "-m", "batch_infer.cli"]
+    argv = _run_args(args, str(Path(args.spec).absolute()), program)
+    unit = f"batch-infer-{spec.name}"
+    if args.emit == "cron":
+        address = f"RAY_ADDRESS={shlex.quote(args.address)} " if args.address else ""
+        command = f"cd {shlex.quote(os.getcwd())} && {address}{shlex.join(argv)}"
+        command = command.replace("%", "\\%")  # cron turns an unescaped % into a newline
+        return {f"{unit}.crontab": _fill("crontab", **values, command=command)}
+    address = _systemd_quote(f"RAY_ADDRESS={args.address}") if args.address else ""
+    calendars = oncalendar(spec.schedule)
+    service = _fill(
+        "systemd.service",
+        **values,
+        unit=unit,
+        workdir=_systemd_quote(os.getcwd()),
+        environment=f"Environment={address}\n" if address else "",
+        exec_start=" ".join(map(_systemd_quote, argv)),
+    )
+    timer = _fill(
+        "systemd.timer",
+        **values,
+        unit=unit,
+        first_calendar=calendars[0],
+        calendars="".join(f"OnCalendar={c}\n" for c in calendars),
+    )
+    return {f"{unit}.service": service, f"{unit}.timer": timer}
+
+
+def _emit_kubernetes(
+    args: argparse.Namespace, spec: JobSpec, values: dict[str, Any]
+) -> dict[str, str]:
+    """A Kubernetes CronJob whose pod runs one KubeRay RayJob per run, or a RayCronJob."""
     if args.address:
         raise UserError(
             f"--address does not apply to --emit {args.emit}: each run's RayJob brings its own "
@@ -225,9 +223,8 @@ def _emit(args: argparse.Namespace, spec: JobSpec, schedule: ScheduleSpec) -> di
         raise UserError(f"--emit {args.emit} needs --image (built from cluster/Dockerfile)")
     if min(args.workers, args.gpus_per_worker) < 1 or args.deadline <= 0:
         raise UserError("--workers and --gpus-per-worker must be 1 or more, --deadline > 0")
-    local = [k for k, v in (("input.path", spec.input.path), ("output.path", spec.output.path),
-                            ("model.onnx", spec.model.onnx)) if not is_uri(v)]  # fmt: skip
-    if local:
+    keys = ("input.path", "output.path", "model.onnx")
+    if local := [k for k in keys if not is_uri(operator.attrgetter(k)(spec))]:
         note(
             f"warning: local path(s) in {', '.join(local)}: the Ray pods must see them at the "
             "same place (a shared volume), or use s3://, gs://, ..."
@@ -250,7 +247,7 @@ def _emit(args: argparse.Namespace, spec: JobSpec, schedule: ScheduleSpec) -> di
         "rayjob.yaml",
         **values,
         generate_name=f"{name}-",  # each run creates its own RayJob
-        entrypoint=shlex.join(["batch-infer", "run", "-q", f"{SPEC_MOUNT}/{SPEC_FILE}", *sets]),
+        entrypoint=shlex.join(_run_args(args, f"{SPEC_MOUNT}/{SPEC_FILE}", ["batch-infer"])),
         ttl=TTL_SECONDS,
         deadline=deadline,
         ray_version=args.ray_version or importlib.metadata.version("ray"),
@@ -261,9 +258,6 @@ def _emit(args: argparse.Namespace, spec: JobSpec, schedule: ScheduleSpec) -> di
     file = "cronjob.yaml" if args.emit == "kubernetes" else "raycronjob.yaml"
     header, docs = _manifests(file, **values, rayjob=_dump(rayjob), rayjob_spec=rayjob["spec"])
     return {f"{name}-{file}": header + _dump(*docs)}
-
-
-# --------------------------------------------------------------------------- backfill
 
 
 @dataclass
@@ -332,9 +326,6 @@ def backfill(
     return result
 
 
-# --------------------------------------------------------------------------- command line
-
-
 def _cmd_schedule(args: argparse.Namespace) -> int:
     spec = resolve_spec(args.spec, parse_overrides(args.set))
     if (schedule := spec.schedule) is None:
@@ -362,7 +353,14 @@ def _cmd_schedule(args: argparse.Namespace) -> int:
         return 0
     if caveat := dst_caveat(schedule):
         note(f"warning: {caveat}")
-    emitted = _emit(args, spec, schedule)
+    values = {  # every template gets every value and uses those it names
+        "describe": f"batch-infer job {spec.name}: {schedule.cron!r} in {schedule.timezone}",
+        "name": spec.name,
+        "cron": schedule.cron,
+        "timezone": schedule.timezone,
+    }
+    emit = _emit_timer if args.emit in ("cron", "systemd") else _emit_kubernetes
+    emitted = emit(args, spec, values)
     if not args.out:
         texts = [f"# ---- {name} ----\n{body}" for name, body in emitted.items()]
         sys.stdout.write("\n".join(texts) if len(texts) > 1 else next(iter(emitted.values())))
