@@ -18,7 +18,13 @@ import pyarrow as pa
 
 from batch_infer.data.decode.hooks import check_array, load_hook, run_hook, split_result
 from batch_infer.data.decode.images import ImageDecode, decode_images, describe_size, item_shape
-from batch_infer.data.decode.text import TextEncode, encode, load_tokenizer, pad_token
+from batch_infer.data.decode.text import (
+    TextEncode,
+    encode,
+    load_tokenizer,
+    pad_token,
+    tokenizers_version,
+)
 from batch_infer.errors import HookError, SpecError
 from batch_infer.location import absolute, open_location
 from batch_infer.model import TensorInfo
@@ -224,9 +230,7 @@ def decode_shard(
             if src.key not in encodings:
                 column = table.column(src.column).combine_chunks()
                 encodings[src.key], bad = encode(column, src)
-                import tokenizers
-
-                used.append(f"{src.column}: tokenizers {tokenizers.__version__}")
+                used.append(f"{src.column}: tokenizers {tokenizers_version()}")
             else:
                 bad = {}
             feeds[d.tensor.name] = encodings[src.key][src.field].astype(d.tensor.dtype)

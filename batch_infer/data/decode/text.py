@@ -55,6 +55,12 @@ def load_tokenizer(text: str) -> Any:
     return Tokenizer.from_str(text)
 
 
+def tokenizers_version() -> str:
+    import tokenizers
+
+    return tokenizers.__version__
+
+
 def pad_token(tokenizer: Any) -> tuple[int, str] | None:
     """(id, token) the tokenizer pads with: its own padding settings, else a usual name."""
     if tokenizer.padding:
