@@ -418,8 +418,9 @@ _decoders_lock = threading.Lock()
 
 
 def _gpu_here() -> int | None:
-    """The GPU this process decodes on: the last one it sees (the one a local run's own
-    process computes on), or None. A Ray task given no GPU (a prepare task) has none."""
+    """The GPU this process decodes on: the first it sees (the one a local run's own
+    process computes on, an actor's own), or None. A Ray task given no GPU (a prepare
+    task) has none."""
     if os.environ.get("CUDA_VISIBLE_DEVICES", None) == "":
         return None
     if _in_ray_task() and not sys.modules["ray"].get_gpu_ids():
@@ -430,7 +431,7 @@ def _gpu_here() -> int | None:
         count = cupy.cuda.runtime.getDeviceCount()
     except Exception:  # no CuPy, no driver, no device
         return None
-    return count - 1 if count > 0 else None
+    return 0 if count > 0 else None
 
 
 def decoder_for(device: str) -> tuple[Any, str]:
