@@ -64,9 +64,6 @@ class NoSuchJob(UserError):
     """The cluster has no job with this ID (a typo, or a job deleted since)."""
 
 
-# --------------------------------------------------------------------------- what is carried
-
-
 def _mib(n: int) -> str:
     return f"{n / 1024**2:,.1f} MiB"
 
@@ -225,9 +222,6 @@ class Submission:
             yield self.runtime_env(tmp)
 
 
-# --------------------------------------------------------------------------- the cluster
-
-
 def resolve_address(address: str | None) -> str | None:
     """The dashboard's HTTP address: --address, else RAY_API_SERVER_ADDRESS, else an http
     RAY_ADDRESS; None when there is none."""
@@ -245,8 +239,8 @@ def read_token() -> tuple[str | None, str]:
     """(the token or None, where it was looked for), in the order Ray documents
     (https://docs.ray.io/en/latest/ray-security/token-auth.html): RAY_AUTH_TOKEN, the file
     RAY_AUTH_TOKEN_PATH names (unreadable or empty is an error, as in Ray), ~/.ray/auth_token."""
-    if os.environ.get("RAY_AUTH_TOKEN", "").strip():
-        return os.environ["RAY_AUTH_TOKEN"].strip(), "RAY_AUTH_TOKEN"
+    if token := os.environ.get("RAY_AUTH_TOKEN", "").strip():
+        return token, "RAY_AUTH_TOKEN"
     if os.environ.get("RAY_AUTH_TOKEN_PATH"):
         path = Path(os.environ["RAY_AUTH_TOKEN_PATH"]).expanduser()
         source = f"the file RAY_AUTH_TOKEN_PATH names ({path})"
@@ -368,9 +362,6 @@ class Cluster:
         with self.errors(job_id):
             if asyncio.run(tail()) and str(self.info(job_id).status) not in TERMINAL:
                 raise RuntimeError("the log stream ended while the job runs on")
-
-
-# --------------------------------------------------------------------------- commands
 
 
 def emit(text: str) -> bool:
