@@ -352,10 +352,8 @@ def _cell(value: Any) -> str:
         return str(value).lower()
     if isinstance(value, float):
         return f"{value:.6g}"
-    if isinstance(value, dt.datetime):
+    if isinstance(value, dt.datetime):  # dates and times print as ISO 8601 by themselves
         return value.isoformat(sep=" ", timespec="seconds")
-    if isinstance(value, dt.date | dt.time):
-        return value.isoformat()
     if isinstance(value, list | tuple):
         return "[" + ", ".join(map(_cell, value[:8])) + (", …" if len(value) > 8 else "") + "]"
     return value.hex() if isinstance(value, bytes) else str(value)

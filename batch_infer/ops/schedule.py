@@ -57,7 +57,8 @@ def next_runs(
     ends) runs once, at its first pass, as cron and systemd do; croniter alone gives both."""
     tz = schedule.tz
     base = after or dt.datetime.now(tz)
-    it = croniter(schedule.cron, base.replace(tzinfo=tz) if base.tzinfo is None else base)
+    base = base.replace(tzinfo=tz) if base.tzinfo is None else base.astimezone(tz)
+    it = croniter(schedule.cron, base)  # croniter reads the expression in base's zone
     out: list[dt.datetime] = []
     while len(out) < count:
         when = it.get_next(dt.datetime).astimezone(tz)
@@ -86,7 +87,7 @@ def scheduled_dates(schedule: ScheduleSpec | None, start: dt.date, end: dt.date)
     every date without a schedule."""
     out, day = [], start
     while day <= end:
-        if schedule:  # the date of its first run from this day's midnight on
+        if schedule is not None:  # the date of its first run from this day's midnight on
             before = dt.datetime.combine(day, dt.time(0)) - dt.timedelta(seconds=1)
             day = next_runs(schedule, 1, before)[0].date()
         if day <= end:

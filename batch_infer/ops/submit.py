@@ -490,14 +490,10 @@ def cmd_jobs_status(args: argparse.Namespace) -> int:
     if args.json:
         emit(json.dumps(r, indent=1) + "\n")
         return 0
-    lines = [f"{r['id']}: {r['status']}"] + ([f"  {r['message'].strip()}"] if r["message"] else [])
-    if r["name"]:
-        dated = f"  date: {r['date']}" if r["date"] else ""
-        lines.append(f"  spec: {r['name']}{dated}  output: {r['output']}  model: {r['model']}")
-    lines.append(f"  started: {r['started_at'] or '-'}  ended: {r['ended_at'] or '-'}")
-    if r["driver_exit_code"] is not None:
-        lines.append(f"  driver exit code: {r['driver_exit_code']}")
-    emit("\n".join(lines) + "\n")
+    rest = {
+        k: str(v).strip() for k, v in r.items() if k not in ("id", "status") and v not in (None, "")
+    }
+    emit("\n".join([f"{r['id']}: {r['status']}", *(f"  {k}: {v}" for k, v in rest.items())]) + "\n")
     return 0
 
 
