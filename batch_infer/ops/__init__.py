@@ -1,7 +1,8 @@
 """Operating jobs: submitting them to clusters, scheduling them, querying their outputs.
 
 What the commands share: one way to print text for people (Rich, never reading it as markup),
-one JSON array layout for scripts, and what to do with stdout once its reader leaves (`| head`).
+one JSON array layout for scripts, the texts they fill in (templates/), and what to do with
+stdout once its reader leaves (`| head`).
 """
 
 from __future__ import annotations
