@@ -23,7 +23,7 @@ from batch_infer.errors import InputError, OutputError, SpecError
 from batch_infer.model import read_signature
 from batch_infer.optimize.calibration import draw_sample
 from batch_infer.optimize.gate import GateFailed
-from batch_infer.optimize.targets import int8_dot_flag
+from batch_infer.optimize.targets import gpu_here, int8_dot_flag
 from batch_infer.planning import build_plan
 from batch_infer.spec import resolve_spec
 from tests.conftest import make_linear_model
@@ -353,6 +353,35 @@ def test_sparsity_reports_2_4_weights_and_sets_the_flag(tmp_path, capsys):
     doc["model"]["optimize"]["target"] = "onnxruntime-cpu"
     with pytest.raises(SpecError, match="sparse weights are a TensorRT flag"):
         build_plan(resolve_spec(doc))
+
+
+# -- on a GPU (python -m pytest -m gpu tests/test_optimize.py on the device machine) --------
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not gpu_here(), reason="needs an NVIDIA GPU with onnxruntime-gpu")
+def test_fp16_and_fusion_for_onnxruntime_cuda_gate_on_the_gpu_and_run(tmp_path, images, tokens):
+    cache = tmp_path / "cache"
+    doc = spec_of(CNN, images, {"pixels": "pixels"}, tmp_path / "out", cache, precision="fp16",
+                  fuse=False, target="onnxruntime-cuda")  # fmt: skip
+    doc["backend"], doc["output"]["keep_columns"] = "onnxruntime", ["label"]
+    report = build_plan(resolve_spec(doc)).optimized.report
+    assert report["gate"]["ran_on"] == "onnxruntime-cuda" and report["gate"]["passed"]
+    assert report["speed"]["ran_on"] == "onnxruntime-cuda"
+    assert report["after"]["compute_precisions"] == {"fp16": 6}
+    record = batch_infer.run(doc)
+    assert record.status == "succeeded" and "cuda" in record.backend
+    table = pq.read_table(tmp_path / "out")
+    logits = np.stack(table["logits"].to_numpy(zero_copy_only=False))
+    assert np.mean(logits.argmax(axis=1) == table["label"].to_numpy()) >= 0.99
+
+    bert = spec_of(TINY_BERT, tokens, {"ids": "ids", "mask": "mask"}, tmp_path / "bert", cache,
+                   precision="fp16", num_heads=HEADS, hidden_size=HIDDEN,
+                   target="onnxruntime-cuda")  # fmt: skip
+    bert["backend"] = "onnxruntime"
+    report = build_plan(resolve_spec(bert)).optimized.report
+    assert report["fusion"]["fused"]["Attention"] == 2
+    assert report["gate"]["ran_on"] == "onnxruntime-cuda" and report["gate"]["passed"]
 
 
 # -- what is refused, in one line -----------------------------------------------------------

@@ -51,10 +51,22 @@ class Target:
 
 @cache
 def int8_dot_flag() -> str | None:
-    """The CPU flag (from /proc/cpuinfo) for int8 dot products that do not saturate: VNNI or
-    AMX. None where it cannot be read, so the recipe stays on the safe side (reduce_range)."""
+    """The CPU feature that gives int8 dot products without 16-bit saturation (VNNI; every
+    CPU with AMX has it too), as NumPy's CPUID probe sees it: the CPU this process runs on.
+    Where NumPy cannot say, /proc/cpuinfo; None where neither can, so the recipe stays on
+    the safe side (reduce_range)."""
     if platform.machine().lower() not in ("x86_64", "amd64"):
         return None
+    try:
+        from numpy._core._multiarray_umath import __cpu_features__ as features
+    except ImportError:  # NumPy 1.x keeps it under numpy.core
+        try:
+            from numpy.core._multiarray_umath import __cpu_features__ as features
+        except ImportError:
+            features = None
+    if features is not None:
+        found = {"AVX512VNNI": "avx512_vnni", "AVXVNNI": "avx_vnni"}
+        return next((flag for key, flag in found.items() if features.get(key)), None)
     try:
         text = Path("/proc/cpuinfo").read_text()
     except OSError:
