@@ -217,6 +217,7 @@ class _Lane:
         self.plan, self.sink, self.work, self.device, self.gpu = plan, sink, work, device, gpu
         self.stopping = threading.Event()
         self.stats: dict[str, Any] | None = None
+        self.error: UserError | None = None  # the model cannot load here (nor in an actor)
         cores = os.cpu_count() or 1
         # The CPU: one session on every core, reading beside it (as a hand-written loop
         # would). A GPU: the session's threads, and cores enough to read ahead of it.
@@ -254,6 +255,9 @@ class _Lane:
             runner = ShardRunner(
                 self.plan, self.device, self.threads, -1, "driver", gpu, self.gpu or 0
             )
+        except UserError as exc:  # what an actor on this machine would say too
+            self.error = exc
+            return
         except Exception as exc:  # Ray's actors will load it, or say why they cannot
             log.warning("this process cannot load the model (%s); Ray's actors will", exc)
             return
@@ -450,6 +454,8 @@ def _execute(
     if ray_start is None:
         if lane is not None:
             lane.wait()
+            if lane.error is not None:
+                raise lane.error
         work.raise_fatal()
         if not work.pending:
             return

@@ -104,10 +104,19 @@ def load_backend(
 
         return TensorRTBackend(signature, options, backend=name, device=gpu), why
     if name == "onnxruntime" and device == "gpu":
+        if not _has("onnxruntime"):
+            raise BackendError(
+                "ONNX Runtime is not installed here: pip install 'batch-infer[gpu]'"
+            )
         from batch_infer.backends.onnxruntime_cuda import OnnxRuntimeCUDA
 
         return OnnxRuntimeCUDA(signature, slots=options.slots, device=gpu), why
     if name in ("onnxruntime", "onnxruntime-cpu"):
+        if not _has("onnxruntime"):
+            raise BackendError(
+                "ONNX Runtime is not installed here: pip install 'batch-infer[cpu]' (or "
+                "'batch-infer[gpu]' on NVIDIA GPUs); a plain install is the client only"
+            )
         from batch_infer.backends.onnxruntime_cpu import OnnxRuntimeCPU
 
         return OnnxRuntimeCPU(signature, threads=threads), why
