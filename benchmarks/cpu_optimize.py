@@ -184,7 +184,8 @@ def main() -> None:
         f"{digits['gate']['rows']} held-out rows: logits relative L2 "
         f"{dl['logits']['rel_l2']:.4f}, top-1 agreement {dl['logits']['top1_agreement']:.4f}, "
         f"predicted agreement {dl['predicted']['agreement']:.4f}; speed on its calibration batch "
-        f"{digits['speed']['speedup']:.2f}x (a 64->32->10 MLP: int8's overhead outweighs it).",
+        f"{digits['speed']['speedup']:.2f}x (a 64->32->10 MLP: too little arithmetic for int8 to "
+        "pay off).",
         "",
         "Runs (wall clock s / steady rows/s): " + "; ".join(each),
     ]
