@@ -10,7 +10,7 @@ SHOWN_NODES = 12  # names of nodes left in higher precision shown on screen
 
 
 def _mb(n: int) -> str:
-    return f"{n / 1e6:,.2f} MB"
+    return f"{n / 1e6:,.2f} MB" if n >= 1e6 else f"{n / 1e3:,.1f} kB"
 
 
 def _counts(d: dict) -> str:
