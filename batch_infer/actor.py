@@ -33,8 +33,9 @@ from batch_infer.sink.manifest import ShardEntry
 log = logging.getLogger("batch_infer")
 
 ERROR_COLUMNS = ("_shard", "_file", "_row", "_reason")
-# With a postprocess hook, each kept row carries its input row to the actor (for a hook's
-# error message); the actor drops it before the predictions are written.
+# Each kept row carries its input row to the actor: a postprocess hook's error names it, and
+# the table has a column even without `keep_columns` (a table of no columns loses its row
+# count on its way through Ray's object store). The actor drops it before writing.
 INPUT_ROW = "__batch_infer_row"
 
 
@@ -189,12 +190,19 @@ class InferenceActor:
             raise  # not reached: exit_actor ends the process
 
 
+def _kept(plan: JobPlan, table: pa.Table) -> pa.Table:
+    """The columns copied to the output, with the table's rows even when there are none:
+    casting to an empty schema would also drop the rows (and every prediction with them)."""
+    kept = table.select(plan.keep_schema.names)
+    return kept.cast(plan.keep_schema) if plan.keep_schema.names else kept
+
+
 def _errors_table(
     plan: JobPlan, shard: Shard, table: pa.Table, bad: np.ndarray, reasons: list[str]
 ) -> pa.Table:
     """The rows that could not be converted: kept columns, where they came from, and why."""
     rows = np.flatnonzero(bad)
-    errors = table.filter(pa.array(bad)).select(plan.keep_schema.names).cast(plan.keep_schema)
+    errors = _kept(plan, table.filter(pa.array(bad)))
     columns = (
         pa.array([shard.id] * len(rows)),
         pa.array([shard.file.relpath] * len(rows)),
@@ -243,10 +251,8 @@ def prepare_shard(
             bad = why != ""
             reasons = why[bad].tolist()
     good = table.filter(pa.array(~bad)) if bad.any() else table
-    keep = good.select(plan.keep_schema.names).cast(plan.keep_schema)
-    if plan.postprocess is not None and not isinstance(plan.postprocess, Builtin):
-        rows = np.flatnonzero(~bad) + shard.row_start
-        keep = keep.append_column(INPUT_ROW, pa.array(rows, pa.int64()))
+    rows = np.flatnonzero(~bad) + shard.row_start
+    keep = _kept(plan, good).append_column(INPUT_ROW, pa.array(rows, pa.int64()))
     feeds = {b.tensor.name: to_tensor(good, b) for b in plan.bindings}
     feeds |= {name: array[~bad] if bad.any() else array for name, array in decoded.items()}
     errors = _errors_table(plan, shard, table, bad, reasons) if bad.any() else None

@@ -150,3 +150,22 @@ def batch_infer_root():
     from tests.conftest import ROOT
 
     return ROOT
+
+
+def test_without_keep_columns_every_row_still_lands_once(tmp_path, models):
+    """No kept columns: the predictions (and a bad row's record) still hold every row."""
+    data = tmp_path / "in"
+    data.mkdir()
+    table = make_table(300)
+    seq = table.column("seq").to_pylist()
+    seq[7] = None  # one bad row
+    table = table.set_column(1, "seq", pa.array(seq, pa.list_(pa.float32())))
+    pq.write_table(table, data / "f.parquet", row_group_size=100)
+    spec = two_io_spec(data, tmp_path / "out", models["two_io"], max_bad_rows=1)
+    spec["output"]["keep_columns"] = []
+    summary = batch_infer.run(spec)
+    assert summary.status == "succeeded" and summary.good_rows == 299 and summary.bad_rows == 1
+    out = read_output(tmp_path / "out")
+    assert out.num_rows == 299 and out.column_names == ["emb", "score"]
+    errors = pq.read_table(tmp_path / "out" / "_errors")
+    assert errors.num_rows == 1 and errors.column("_row").to_pylist() == [7]

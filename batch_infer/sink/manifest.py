@@ -391,6 +391,12 @@ class OutputSink:
         self, entry: ShardEntry, predictions: pa.Table, errors: pa.Table | None
     ) -> ShardEntry:
         out, shard = self.out, entry.shard
+        bad = 0 if errors is None else errors.num_rows
+        if (predictions.num_rows, bad) != (entry.good_rows, entry.bad_rows):
+            raise RuntimeError(  # never commit a shard that does not account for every row
+                f"shard {shard}: {predictions.num_rows} predictions and {bad} error rows for "
+                f"{entry.good_rows} good and {entry.bad_rows} bad rows"
+            )
         stage = f"{STAGING}/{shard}-{uuid.uuid4().hex[:8]}"
         staged: dict[str, str] = {}
         try:
