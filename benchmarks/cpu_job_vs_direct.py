@@ -4,7 +4,8 @@ Both go Parquet to Parquet over the same files and the same model, side by side 
 each timed as a whole process (what a user waits for):
   direct: one process, pq.ParquetFile.iter_batches -> numpy -> onnxruntime (all cores) ->
           ParquetWriter: what a hand-written script does.
-  job:    `batch-infer run` with its own local Ray (one actor per core, a writer actor).
+  job:    `batch-infer run`: on one machine's CPU, the run's own process (reader, inference
+          and commit threads; no Ray needed), with every shard committed exactly once.
   bare:   `ray.init(); ray.shutdown()`: what any Ray program pays before its first task.
 
     python benchmarks/cpu_job_vs_direct.py --rows 2000000 --out benchmarks/results/cpu.md
@@ -183,11 +184,13 @@ def main() -> None:
         f"{args.rows:,} rows of fixed_size_list<float32, {WIDTH}> in {ROWS_PER_FILE:,}-row "
         f"Parquet files; Parquet (zstd) out; batch {args.batch}. Direct: one process, "
         "iter_batches -> onnxruntime on all cores -> ParquetWriter. Job: `batch-infer run` "
-        "(its own local Ray, one actor per core, default shard planning). Bare Ray: "
-        "`python -c 'import ray; ray.init(); ray.shutdown()'` in the same run.",
+        "(on one machine's CPU the run's own process: reader, inference and commit threads, "
+        "no Ray; default shard planning; exactly-once commits). Bare Ray: "
+        "`python -c 'import ray; ray.init(); ray.shutdown()'` in the same run: what a run "
+        "that waited for Ray would pay before its first task.",
         "",
         "| model | direct s | job s | job / direct (rows/s) | bare Ray s | first commit s "
-        "| first commit - bare Ray s | job steady rows/s | actors busy (first to last batch) |",
+        "| first commit - bare Ray s | job steady rows/s | device busy (first to last batch) |",
         "|---|---:|---:|---:|---:|---:|---:|---:|---|",
     ]
     for kind, direct_s, run, bare in rows:
