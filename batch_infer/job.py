@@ -661,6 +661,8 @@ def run(
     # A submitted run reads the copy Ray uploaded; `batch-infer submit` names the original.
     origin = os.environ.get("BATCH_INFER_MODEL_ORIGIN")
     record.model, record.model_sha256 = origin or spec.model.onnx, plan.signature.sha256
+    if plan.optimized is not None:
+        record.optimized = {**plan.optimized.record, "path": plan.signature.path}
     sink = OutputSink(spec.output.path, spec.output.row_group_rows)
     # A local run drives this machine's device in its own process (`_Lane`); Ray starts
     # only for more: the other GPUs of a multi-GPU machine, or a cluster it was told to join.

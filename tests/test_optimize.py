@@ -232,6 +232,9 @@ def test_run_uses_the_optimized_model_and_resumes_refuse_to_mix(tmp_path, monkey
     assert job["optimize"]["source_sha256"] == read_signature(str(DIGITS)).sha256
     assert job["optimize"]["recipe"]["precision"] == "int8"
     assert len(job["optimize"]["calibration"]) == 64  # the sample's sha256
+    (run,) = [json.loads(p.read_text()) for p in (out / "_runs").glob("*.json")]
+    assert run["optimized"]["recipe"]["precision"] == "int8"  # the run says which model ran
+    assert run["optimized"]["path"] == str(optimized) and run["model_sha256"] == sha
     shards = [json.loads(p.read_text()) for p in (out / "_manifest" / "shards").glob("*.json")]
     assert shards and {s["model_sha256"] for s in shards} == {sha}
     table = pq.read_table(out)

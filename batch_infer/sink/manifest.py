@@ -122,8 +122,9 @@ class RunRecord(_Record):
     rows_per_second: float = 0.0
     backend: str = ""
     backend_reason: str = ""
-    model: str = ""
-    model_sha256: str = ""
+    model: str = ""  # the model as the spec names it
+    model_sha256: str = ""  # of the model that ran: the optimized one with model.optimize
+    optimized: dict[str, Any] | None = None  # model.optimize: the recipe and the model it made
     output: str = ""
     actors: int = 0
     nodes: list[str] = field(default_factory=list)  # Ray nodes that ran shards ("driver": its lane)
