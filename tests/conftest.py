@@ -23,13 +23,21 @@ os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # a local test cluster on lo
 os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
 
 
-@pytest.fixture(scope="module")
-def ray_start_regular():
-    """A local Ray with 2 CPUs for the module (after Ray's own fixture of that name)."""
+@pytest.fixture(scope="session")
+def _ray_session():
+    """Shuts the tests' Ray down at the end of the session."""
+    yield
+    ray.shutdown()
+
+
+@pytest.fixture
+def ray_start_regular(_ray_session):
+    """A local Ray with 2 CPUs (after Ray's own fixture of that name), shared by the tests
+    that use it: starting one takes seconds. A test that needs another Ray (test_cluster)
+    shuts this one down; the next test that asks for it starts it again."""
     if not ray.is_initialized():  # a Ray of the test's own, never one already running here
         ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
     yield
-    ray.shutdown()
 
 
 def _save(model: onnx.ModelProto, path: Path) -> str:

@@ -122,7 +122,7 @@ def test_driver_sigkill_then_rerun_resumes(tmp_path, models):
 
 @pytest.mark.usefixtures("ray_start_regular")
 def test_actor_killed_mid_shard_is_retried_without_duplicates(tmp_path, models):
-    data = _big_input(tmp_path / "in", files=2, rows=3000)
+    data = _big_input(tmp_path / "in", files=4, rows=6000)  # long enough to kill it mid-run
     out = tmp_path / "out"
     spec = two_io_spec(data, out, models["two_io"], shard_rows=150, batch_size=10)
     killed: list[str] = []
@@ -144,7 +144,7 @@ def test_actor_killed_mid_shard_is_retried_without_duplicates(tmp_path, models):
     killer.join()
     assert killed, "no actor was killed"
     assert summary.retries >= 1
-    assert summary.status == "succeeded" and summary.rows == 6000
+    assert summary.status == "succeeded" and summary.rows == 24000
     assert_matches_direct(models["two_io"], _inputs(data), read_output(out))
     attempts = [e["attempt"] for e in _committed(out).values()]
     assert max(attempts) >= 1
@@ -153,7 +153,7 @@ def test_actor_killed_mid_shard_is_retried_without_duplicates(tmp_path, models):
 @pytest.mark.usefixtures("ray_start_regular")
 def test_writer_killed_mid_commit_is_retried_without_duplicates(tmp_path, models):
     """The writer's process dies (SIGKILL) while commits flow: its shards are retried."""
-    data = _big_input(tmp_path / "in", files=2, rows=3000)
+    data = _big_input(tmp_path / "in", files=4, rows=6000)
     out = tmp_path / "out"
     spec = two_io_spec(data, out, models["two_io"], shard_rows=150, batch_size=10)
     killed: list[int] = []
@@ -175,7 +175,7 @@ def test_writer_killed_mid_commit_is_retried_without_duplicates(tmp_path, models
     summary = batch_infer.run(spec)
     killer.join()
     assert killed, "no writer was killed"
-    assert summary.status == "succeeded" and summary.rows == 6000
+    assert summary.status == "succeeded" and summary.rows == 24000
     assert_matches_direct(models["two_io"], _inputs(data), read_output(out))
     assert not (out / "_staging").exists()
 
