@@ -73,7 +73,7 @@ class ShardRunner:
             "ready_at": self.ready_at,
             "first_batch_at": self.first_batch_at,
             "last_batch_at": self.last_batch_at,
-            "busy_seconds": round(self.backend.busy_seconds(), 3),
+            "busy_seconds": self.backend.busy_seconds(),
         }
 
     def _batches(self, feeds: Feeds, rows: int) -> Iterator[tuple[int, Feeds]]:

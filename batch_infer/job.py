@@ -607,6 +607,7 @@ def _record_actors(record: RunRecord, stats: list[dict[str, Any]]) -> None:
             lane[key] = None if s[key] is None else round(s[key] - record.started_at, 3)
         span = (s["last_batch_at"] or 0) - (s["first_batch_at"] or 0)
         lane["busy_while_running"] = round(s["busy_seconds"] / span, 3) if span > 0 else None
+        lane["busy_seconds"] = round(s["busy_seconds"], 3)
         record.actor_stats.append(lane)
     ready = [s["ready_at"] for s in stats]
     firsts = [s["first_batch_at"] for s in stats if s["first_batch_at"]]

@@ -30,11 +30,11 @@ def _ray_session():
     ray.shutdown()
 
 
-@pytest.fixture
+@pytest.fixture(scope="module")
 def ray_start_regular(_ray_session):
     """A local Ray with 2 CPUs (after Ray's own fixture of that name), shared by the tests
-    that use it: starting one takes seconds. A test that needs another Ray (test_cluster)
-    shuts this one down; the next test that asks for it starts it again."""
+    that use it: starting one takes seconds. A module that needs another Ray (test_cluster)
+    shuts this one down; the next module that asks for it starts it again."""
     if not ray.is_initialized():  # a Ray of the test's own, never one already running here
         ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
     yield

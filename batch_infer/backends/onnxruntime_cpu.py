@@ -31,16 +31,24 @@ class OnnxRuntimeCPU(Backend):
         self.outputs = signature.outputs
         self._output_names = [t.name for t in signature.outputs]
         self.threads = threads
-        self._busy, self._lock = 0.0, threading.Lock()
+        # Seconds with at least one run in progress: two shards' runs overlap on one actor.
+        self._busy, self._active, self._since, self._lock = 0.0, 0, 0.0, threading.Lock()
 
     def run(self, batches: Iterable[Feeds]) -> Iterator[Feeds]:
         for feeds in self.checked(batches):
             if self._session is None:
                 raise BackendError(f"{self.name}: run after close")
-            started = time.perf_counter()
-            values = self._session.run(self._output_names, feeds)
             with self._lock:
-                self._busy += time.perf_counter() - started
+                if self._active == 0:
+                    self._since = time.perf_counter()
+                self._active += 1
+            try:
+                values = self._session.run(self._output_names, feeds)
+            finally:
+                with self._lock:
+                    self._active -= 1
+                    if self._active == 0:
+                        self._busy += time.perf_counter() - self._since
             yield dict(zip(self._output_names, values, strict=True))
 
     def describe(self) -> str:
