@@ -44,19 +44,25 @@ def _image_file(args: tuple[Path, int, int]) -> None:
     pq.write_table(table, path, row_group_size=256, compression="none")
 
 
-def make_images(root: Path, images: int, per_file: int = 1024) -> None:
-    """Raw uint8 NHWC pixels as fixed_size_binary: files of 1,024 images, row groups of 256."""
+def write_files(root: Path, rows: int, per_file: int, write_file, workers: int) -> None:
+    """Parquet files of `per_file` rows made by `write_file((path, start, n))` on `workers`
+    processes, under a temporary name renamed at the end: a cut-short run leaves no data set."""
     if root.exists():
         return
     tmp = root.with_suffix(".tmp")
     tmp.mkdir(parents=True, exist_ok=True)
     jobs = [
-        (tmp / f"part-{i:05d}.parquet", s, min(per_file, images - s))
-        for i, s in enumerate(range(0, images, per_file))
+        (tmp / f"part-{i:05d}.parquet", s, min(per_file, rows - s))
+        for i, s in enumerate(range(0, rows, per_file))
     ]
-    with ProcessPoolExecutor(max(1, (os.cpu_count() or 2) - 2)) as pool:
-        list(pool.map(_image_file, jobs))
+    with ProcessPoolExecutor(workers) as pool:
+        list(pool.map(write_file, jobs))
     tmp.rename(root)
+
+
+def make_images(root: Path, images: int, per_file: int = 1024) -> None:
+    """Raw uint8 NHWC pixels as fixed_size_binary: files of 1,024 images, row groups of 256."""
+    write_files(root, images, per_file, _image_file, max(1, (os.cpu_count() or 2) - 2))
 
 
 def make_tokens(root: Path, rows: int, per_file: int = 4096) -> None:
