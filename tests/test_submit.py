@@ -459,6 +459,55 @@ def _heavy_job(tmp_path: Path, rows: int = 6000) -> Path:
     return spec
 
 
+def test_submit_carries_tokenizer_labels_and_the_hooks_package(head: Head, tmp_path: Path) -> None:
+    """The text example with a preprocess hook from a package of the user's own, submitted
+    from its folder with relative paths: the cluster runs it from the carried copies (the
+    job's working_dir is not that folder) and writes what the same spec writes locally."""
+    project = tmp_path / "project"
+    (project / "models").mkdir(parents=True)
+    for name in ("reviews.onnx", "reviews.tokenizer.json", "reviews.labels.txt"):
+        shutil.copy(ROOT / "models" / name, project / "models" / name)
+    shutil.copytree(ROOT / "data" / "reviews", project / "data" / "reviews")
+    (project / "review_hooks").mkdir()
+    (project / "review_hooks" / "__init__.py").write_text("")
+    (project / "review_hooks" / "prep.py").write_text(
+        "import numpy as np\n\n\ndef mask(table):\n"
+        "    return {'attention_mask': np.ones((table.num_rows, 16), np.int64)}\n"
+    )
+    doc = yaml.safe_load((ROOT / "jobs" / "text.yaml").read_text())
+    del doc["model"]["inputs"]["attention_mask"]
+    doc["model"]["preprocess"] = "review_hooks.prep:mask"
+    doc["output"]["path"] = str(tmp_path / "cluster")
+    (project / "job.yaml").write_text(yaml.safe_dump(doc, sort_keys=False))
+    env = head.env()
+
+    sent = yaml.safe_load(cli("submit", "job.yaml", "--dry-run", env=env, cwd=project).stdout)
+    tokenizer, labels = "files/0/reviews.tokenizer.json", "files/1/reviews.labels.txt"
+    assert {"model/reviews.onnx", tokenizer, labels} <= set(sent["runtime_env"]["files"])
+    assert sent["spec"]["model"]["inputs"]["input_ids"]["tokenizer"] == tokenizer
+    assert sent["spec"]["model"]["postprocess"]["labels"] == labels
+    assert sent["runtime_env"]["py_modules"][1] == str(project / "review_hooks")
+
+    r = cli("submit", "job.yaml", "--address", head.address, "--wait", env=env, cwd=project)
+    assert r.returncode == 0, r.stdout + r.stderr
+    local = cli("run", "job.yaml", "-q", "--set", f"output.path={tmp_path / 'local'}",
+                env=env, cwd=project)  # fmt: skip
+    assert local.returncode == 0, local.stderr
+    cluster, mine = (read_output(tmp_path / d).sort_by("id") for d in ("cluster", "local"))
+    assert cluster.num_rows == mine.num_rows > 0
+    assert cluster.column("label").to_pylist() == mine.column("label").to_pylist()
+    assert np.allclose(cluster.column("score").to_numpy(), mine.column("score").to_numpy())
+    errors = pq.read_table(tmp_path / "cluster" / "_errors")
+    assert errors.num_rows == 1 and errors.column("text").to_pylist() == [None]
+
+    (project / "review_hooks" / "__init__.py").unlink()
+    (project / "review_hooks" / "prep.py").unlink()
+    (project / "review_hooks").rmdir()
+    gone = cli("submit", "job.yaml", "--dry-run", env=env, cwd=project)
+    assert gone.returncode == EXIT_USER_ERROR
+    assert "no module 'review_hooks' here" in gone.stderr and "Traceback" not in gone.stderr
+
+
 def test_stopped_job_resubmitted_resumes_exactly_once(head: Head, tmp_path: Path) -> None:
     rows, shard_rows = 6000, 60  # 100 shards of ~0.5 s of compute each: ~25 s on two cores
     spec, out = _heavy_job(tmp_path, rows), tmp_path / "out"
@@ -566,8 +615,9 @@ def test_cluster_failures_exit_5_and_a_running_job_is_not_deleted(head: Head, tm
     assert "failed (503): no healthy upstream" in failed.stderr
     assert "Traceback" not in failed.stderr
 
-    spec = _heavy_job(tmp_path, rows=12000)  # about 50 s: it is stopped long before its end
-    first = cli("submit", str(spec), "--address", head.address, env=env)
+    spec = _heavy_job(tmp_path, rows=48000)  # minutes in small batches: stopped long before
+    sets = ["--set", "shard_rows=60", "--set", "batch_size=20"]
+    first = cli("submit", str(spec), "--address", head.address, *sets, env=env)
     assert first.returncode == 0, first.stderr
     job_id = first.stdout.splitlines()[0]
     from ray.job_submission import JobSubmissionClient

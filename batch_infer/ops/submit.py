@@ -14,6 +14,7 @@ import asyncio
 import contextlib
 import copy
 import datetime as dt
+import importlib.util
 import ipaddress
 import json
 import logging
@@ -48,6 +49,7 @@ from batch_infer.spec import (
 
 SPEC_NAME = "spec.yaml"  # the carried spec, in the job's working_dir
 MODEL_DIR = "model"  # the carried model, in the job's working_dir
+FILES_DIR = "files"  # the carried tokenizer and labels files, in the job's working_dir
 MODEL_ORIGIN_ENV = "BATCH_INFER_MODEL_ORIGIN"  # the carried model's path where it was submitted
 TERMINAL = ("SUCCEEDED", "FAILED", "STOPPED")
 EXIT_JOB_NOT_SUCCEEDED = 1  # a job that failed without a driver exit code, or was stopped
@@ -99,6 +101,64 @@ def model_files(model: Path) -> list[tuple[Path, str]]:
     if total + (1 << 20) >= CARRY_LIMIT:  # a margin for the spec and the zip's own headers
         raise _too_large(f"model.onnx: {model} with its external-data files", total)
     return files
+
+
+def side_files(model: dict[str, Any]) -> list[tuple[Path, str]]:
+    """(local file, path in the working_dir) for each tokenizer.json and labels file the
+    spec's `model` section names on this machine; `model` is changed to name the copies."""
+    places = [
+        (f"model.inputs.{name}.tokenizer", value, "tokenizer")
+        for name, value in model["inputs"].items()
+        if isinstance(value, dict) and value.get("tokenizer")
+    ]
+    if isinstance(model.get("postprocess"), dict) and model["postprocess"].get("labels"):
+        places.append(("model.postprocess.labels", model["postprocess"], "labels"))
+    carried: dict[Path, str] = {}
+    for key, holder, field in places:
+        if is_uri(raw := holder[field]):
+            continue
+        src = Path(raw).expanduser().resolve()
+        if not src.is_file():
+            raise SpecError(f"{key}: {raw}: no such file here (a submitted job carries it)")
+        holder[field] = carried.setdefault(src, f"{FILES_DIR}/{len(carried)}/{src.name}")
+    return list(carried.items())
+
+
+def hook_modules(model: dict[str, Any]) -> list[str]:
+    """The local folder (or .py file) of each hook's top-level package, for `py_modules`:
+    the cluster imports the hooks from the copies. Compiled or built-in modules are not
+    carried: they must be installed on the nodes like any library."""
+    paths: list[str] = []
+    for key in ("preprocess", "postprocess"):
+        if not isinstance(name := model.get(key), str):
+            continue
+        top = name.partition(":")[0].split(".")[0]
+        if top == batch_infer.__name__:
+            continue  # carried already
+        try:
+            found = importlib.util.find_spec(top)
+        except (ImportError, ValueError):
+            found = None
+        if found is None:
+            raise SpecError(
+                f"model.{key}: {name!r}: no module {top!r} here; a submitted job carries the "
+                "hook's package from this machine: install it, or add its folder to PYTHONPATH"
+            )
+        if found.submodule_search_locations:
+            path = next(iter(found.submodule_search_locations))
+        elif found.origin and found.origin.endswith(".py"):
+            path = found.origin
+        else:
+            continue
+        if path not in paths:
+            paths.append(path)
+    return paths
+
+
+def _size(path: Path) -> int:
+    if path.is_file():
+        return path.stat().st_size
+    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
 
 
 def _is_local_address(address: str) -> bool:
@@ -167,10 +227,19 @@ class Submission:
         doc.pop("date", None)  # never written in a spec: the entrypoint passes --date
         if carried:  # relative: resolved in the job's working_dir
             doc["model"]["onnx"] = self.model_files[0][1]
+        self.side_files = side_files(doc["model"])  # relative too, rewritten in `doc`
+        self.hook_modules = hook_modules(doc["model"])
+        sizes = [(f"the hook package {m}", _size(Path(m))) for m in self.hook_modules]
+        for what, size in [("the model, tokenizer and labels", self._files_size()), *sizes]:
+            if size + (1 << 20) >= CARRY_LIMIT:
+                raise _too_large(what, size)
         for section, key in (("input", "path"), ("output", "path"), ("model", "onnx")):
             # filled in already: braces left in a path are literal ones
             doc[section][key] = doc[section][key].replace("{", "{{").replace("}", "}}")
         self.spec_text = yaml.safe_dump(doc, sort_keys=False)
+
+    def _files_size(self) -> int:
+        return sum(src.stat().st_size for src, _ in self.model_files + self.side_files)
 
     def entrypoint(self) -> str:
         argv = ["python", "-m", "batch_infer.cli", "run", SPEC_NAME]
@@ -192,7 +261,7 @@ class Submission:
         package = str(Path(batch_infer.__file__).resolve().parent)  # the one running here
         return {
             "working_dir": working_dir,
-            "py_modules": [package],
+            "py_modules": [package, *self.hook_modules],
             "excludes": ["__pycache__"],
             "env_vars": env,
         }
@@ -200,7 +269,8 @@ class Submission:
     def describe(self) -> dict[str, Any]:
         """What `submit --dry-run` prints: everything that would be sent."""
         files = {SPEC_NAME: "the spec below"}
-        files |= {rel: f"{src} ({src.stat().st_size:,} bytes)" for src, rel in self.model_files}
+        carried = self.model_files + self.side_files
+        files |= {rel: f"{src} ({src.stat().st_size:,} bytes)" for src, rel in carried}
         return {
             "entrypoint": self.entrypoint(),
             "runtime_env": self.runtime_env(working_dir="(a temporary folder)") | {"files": files},
@@ -213,7 +283,7 @@ class Submission:
         """The runtime_env, its working_dir staged in a temporary folder for the upload."""
         with tempfile.TemporaryDirectory(prefix="batch-infer-submit-") as tmp:
             (Path(tmp) / SPEC_NAME).write_text(self.spec_text)
-            for src, rel in self.model_files:
+            for src, rel in self.model_files + self.side_files:
                 (Path(tmp) / rel).parent.mkdir(parents=True, exist_ok=True)
                 try:
                     os.link(src, Path(tmp) / rel)
@@ -422,6 +492,8 @@ def cmd_submit(args: argparse.Namespace) -> int:
     emit(job_id + "\n")
     spec = submission.spec
     carried = f", model {submission.origin}" if submission.model_files else ""
+    carried += "".join(f", {src}" for src, _ in submission.side_files)
+    carried += "".join(f", hooks {path}" for path in submission.hook_modules)
     dated = f" for {spec.date}" if spec.date else ""
     note(
         f"submitted {spec.name}{dated} as {job_id} to {cluster.address} (carried: the spec, "
