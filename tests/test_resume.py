@@ -128,11 +128,14 @@ def test_actor_killed_mid_shard_is_retried_without_duplicates(tmp_path, models):
     killed: list[str] = []
 
     def kill_one_actor() -> None:
+        """Kill an actor that has committed a shard: it is loaded and holds the next ones (an
+        actor still loading holds none, and killing it would retry nothing)."""
         deadline = time.time() + 120
         while time.time() < deadline and len(_committed(out)) < 2:
             time.sleep(0.02)
+        working = next(iter(_committed(out).values()))["actor"]
         for actor in ray.util.list_named_actors(all_namespaces=True):
-            if ":infer-" in actor["name"]:
+            if f":infer-{working}-" in actor["name"]:
                 handle = ray.get_actor(actor["name"], namespace=actor["namespace"])
                 ray.kill(handle, no_restart=True)
                 killed.append(actor["name"])

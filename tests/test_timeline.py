@@ -108,11 +108,16 @@ def test_run_records_its_timeline_and_each_actors_lane(tmp_path):
     assert saved["nodes"] == [ray_node()] and record.nodes == saved["nodes"]
     lanes = saved["actor_stats"]
     assert [lane["actor"] for lane in lanes] == [0, 1]
-    for lane in lanes:
-        assert lane["loading_at"] <= lane["ready_at"] <= lane["first_batch_at"]
-        assert lane["busy_seconds"] > 0 and 0 < lane["busy_while_running"] <= 1.0
     entries = [json.loads(p.read_text()) for p in (tmp_path / "out/_manifest/shards").glob("*")]
-    assert {e["actor"] for e in entries} == {0, 1}  # the shards spread over both actors
+    worked = {e["actor"] for e in entries}  # shards go to loaded actors: one may load too late
+    assert worked and worked <= {0, 1}
+    for lane in lanes:
+        if lane["actor"] not in worked:
+            assert lane["first_batch_at"] is None and lane["busy_seconds"] == 0
+            continue
+        assert lane["loading_at"] <= lane["ready_at"] <= lane["first_batch_at"]
+        assert lane["first_batch_at"] <= lane["last_batch_at"]
+        assert lane["busy_seconds"] > 0 and 0 < lane["busy_while_running"] <= 1.0
     for e in entries:
         assert e["prepare_started"] <= e["infer_started"] <= e["committed_at"]
 
