@@ -27,9 +27,11 @@ def two_node_cluster():
 
 
 def test_shards_spread_over_both_nodes(two_node_cluster, tmp_path, models):
-    data = write_parquet_dataset(tmp_path / "in", files=2, rows=400, row_group=50)
+    # enough work that the actor of the node that starts last still finds shards left
+    data = write_parquet_dataset(tmp_path / "in", files=2, rows=1600, row_group=50)
     out = tmp_path / "out"
-    summary = batch_infer.run(two_io_spec(data, out, models["two_io"], shard_rows=50))
+    spec = two_io_spec(data, out, models["two_io"], shard_rows=50, batch_size=10)
+    summary = batch_infer.run(spec)
     assert summary.actors == 2
     entries = [json.loads(p.read_text()) for p in (out / "_manifest" / "shards").glob("*.json")]
     nodes = {e["node"] for e in entries}
