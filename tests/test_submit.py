@@ -561,6 +561,7 @@ class Proxy:
         self.port = self.server.getsockname()[1]
         self.open: list[socket.socket] = []
         self.requests: list[bytes] = []
+        self.answered: list[bytes] = []  # requests whose answer has begun to flow back
         threading.Thread(target=self._serve, daemon=True).start()
 
     def _serve(self) -> None:
@@ -583,17 +584,21 @@ class Proxy:
         upstream.sendall(first)
         self.open += [client, upstream]
         self.requests.append(first)
-        threading.Thread(target=self._pipe, args=(upstream, client), daemon=True).start()
+        back = threading.Thread(target=self._pipe, args=(upstream, client, first), daemon=True)
+        back.start()
         self._pipe(client, upstream)
 
-    @staticmethod
-    def _pipe(src: socket.socket, dst: socket.socket) -> None:
+    def _pipe(self, src: socket.socket, dst: socket.socket, request: bytes = b"") -> None:
         with contextlib.suppress(OSError):
             while data := src.recv(65536):
                 dst.sendall(data)
+                if request:  # the answer to `request` flows: a stream is established
+                    self.answered.append(request)
+                    request = b""
             dst.shutdown(socket.SHUT_WR)
 
     def cut(self) -> None:
+        """Drop every open connection (shutdown wakes the pipes blocked reading them)."""
         for sock in self.open:
             with contextlib.suppress(OSError):
                 sock.shutdown(socket.SHUT_RDWR)
@@ -639,7 +644,7 @@ def test_cluster_failures_exit_5_and_a_running_job_is_not_deleted(head: Head, tm
             env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
         )  # fmt: skip
         deadline = time.time() + CLI_TIMEOUT
-        while not any(b"/logs/tail" in r for r in proxy.requests):  # following: cut it
+        while not any(b"/logs/tail" in r for r in proxy.answered):  # following: cut it
             assert time.time() < deadline and follower.poll() is None, follower.communicate()
             time.sleep(0.1)
         proxy.cut()
