@@ -45,31 +45,13 @@ BERT_SIZES = {  # name -> (layers, hidden, heads, intermediate)
 
 
 def export_bert_eager(path: Path, size: str, seq: int = SEQ) -> None:
-    """BERT with eager attention, random weights: int64 ids, mask [N, seq] -> pooled [N, H].
-    Exported as tests/gpu_models.py does (TorchScript exporter, opset 14)."""
-    import torch
-    from transformers import BertConfig, BertModel
+    """BERT with eager attention, random weights: int64 ids, mask [N, seq] -> pooled [N, H]."""
+    from tests.gpu_models import export_bert
 
     layers, hidden, heads, inner = BERT_SIZES[size]
-    config = BertConfig(
-        num_hidden_layers=layers, hidden_size=hidden, num_attention_heads=heads,
+    export_bert(
+        path, seq, num_hidden_layers=layers, hidden_size=hidden, num_attention_heads=heads,
         intermediate_size=inner, attn_implementation="eager",
-    )  # fmt: skip
-
-    class Net(torch.nn.Module):
-        def __init__(self) -> None:
-            super().__init__()
-            self.bert = BertModel(config, add_pooling_layer=True).eval()
-
-        def forward(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-            return self.bert(input_ids=ids, attention_mask=mask).pooler_output
-
-    torch.manual_seed(0)
-    ids = torch.ones(2, seq, dtype=torch.int64)
-    torch.onnx.export(
-        Net().eval(), (ids, ids), str(path), input_names=["ids", "mask"],
-        output_names=["pooled"], opset_version=14, dynamo=False,
-        dynamic_axes={"ids": {0: "N"}, "mask": {0: "N"}, "pooled": {0: "N"}},
     )  # fmt: skip
 
 

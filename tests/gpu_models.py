@@ -7,6 +7,7 @@ a torch `.half()` export gives wrong answers; fp16 comes from ONNX Runtime's con
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 
 def export_resnet50(path: Path) -> str:
@@ -41,15 +42,17 @@ def export_resnet50(path: Path) -> str:
     return str(path)
 
 
-def export_bert(path: Path, seq: int = 128) -> str:
-    """BERT-base encoder: int64 ids and mask [N, seq] -> pooled [N, 768]."""
+def export_bert(path: Path, seq: int = 128, **config: Any) -> str:
+    """A BERT encoder with random weights: int64 ids and mask [N, seq] -> pooled [N, hidden].
+    `config`: BertConfig's fields (default BERT-base); `attn_implementation="eager"` gives the
+    form ONNX Runtime's Attention fusion matches."""
     import torch
     from transformers import BertConfig, BertModel
 
     class Net(torch.nn.Module):
         def __init__(self) -> None:
             super().__init__()
-            self.bert = BertModel(BertConfig(), add_pooling_layer=True).eval()
+            self.bert = BertModel(BertConfig(**config), add_pooling_layer=True).eval()
 
         def forward(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
             return self.bert(input_ids=ids, attention_mask=mask).pooler_output

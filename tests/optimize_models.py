@@ -198,34 +198,13 @@ def train_patterns_cnn(path: Path = CNN, rows: int = 20000, epochs: int = 6) -> 
 def export_tiny_bert(path: Path = TINY_BERT) -> None:
     """A 2-layer BERT (hidden 64, 4 heads, seq 32) with random weights and eager attention
     (the form ONNX Runtime's Attention fusion matches): ids, mask int64 -> pooled [N,64]."""
-    import torch
-    from transformers import BertConfig, BertModel
+    from tests.gpu_models import export_bert
 
-    config = BertConfig(
-        vocab_size=VOCAB, hidden_size=HIDDEN, num_hidden_layers=2, num_attention_heads=HEADS,
-        intermediate_size=128, max_position_embeddings=64, attn_implementation="eager",
+    export_bert(
+        path, SEQ, vocab_size=VOCAB, hidden_size=HIDDEN, num_hidden_layers=2,
+        num_attention_heads=HEADS, intermediate_size=128, max_position_embeddings=64,
+        attn_implementation="eager",
     )  # fmt: skip
-
-    class Net(torch.nn.Module):
-        def __init__(self) -> None:
-            super().__init__()
-            self.bert = BertModel(config, add_pooling_layer=True).eval()
-
-        def forward(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-            return self.bert(input_ids=ids, attention_mask=mask).pooler_output
-
-    torch.manual_seed(0)
-    ids = torch.ones(2, SEQ, dtype=torch.int64)
-    torch.onnx.export(
-        Net().eval(),
-        (ids, ids),
-        str(path),
-        input_names=["ids", "mask"],
-        output_names=["pooled"],
-        dynamic_axes={"ids": {0: "N"}, "mask": {0: "N"}, "pooled": {0: "N"}},
-        opset_version=14,
-        dynamo=False,
-    )
 
 
 if __name__ == "__main__":
