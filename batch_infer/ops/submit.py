@@ -78,6 +78,13 @@ def _too_large(what: str, size: int) -> UserError:
     )
 
 
+def _check_carry(what: str, size: int) -> None:
+    """Refuse an upload Ray would refuse: its size, with a margin for the spec and the zip's
+    own headers."""
+    if size + (1 << 20) >= CARRY_LIMIT:
+        raise _too_large(what, size)
+
+
 def model_files(model: Path) -> list[tuple[Path, str]]:
     """(local file, path in the working_dir) for the model and its external-data files."""
     if not model.is_file():
@@ -97,9 +104,7 @@ def model_files(model: Path) -> list[tuple[Path, str]]:
         if not (model.parent / location).is_file():
             raise SpecError(f"model.onnx: {model} refers to {location}, which is missing")
         files.append((model.parent / location, f"{MODEL_DIR}/{location}"))
-    total = sum(src.stat().st_size for src, _ in files)
-    if total + (1 << 20) >= CARRY_LIMIT:  # a margin for the spec and the zip's own headers
-        raise _too_large(f"model.onnx: {model} with its external-data files", total)
+    _check_carry(f"model.onnx: {model} with its external-data files", _total(files))
     return files
 
 
@@ -153,6 +158,10 @@ def hook_modules(model: dict[str, Any]) -> list[str]:
         if path not in paths:
             paths.append(path)
     return paths
+
+
+def _total(files: list[tuple[Path, str]]) -> int:
+    return sum(src.stat().st_size for src, _ in files)
 
 
 def _size(path: Path) -> int:
@@ -228,18 +237,19 @@ class Submission:
         if carried:  # relative: resolved in the job's working_dir
             doc["model"]["onnx"] = self.model_files[0][1]
         self.side_files = side_files(doc["model"])  # relative too, rewritten in `doc`
+        _check_carry("the model, tokenizer and labels", _total(self.files))
         self.hook_modules = hook_modules(doc["model"])
-        sizes = [(f"the hook package {m}", _size(Path(m))) for m in self.hook_modules]
-        for what, size in [("the model, tokenizer and labels", self._files_size()), *sizes]:
-            if size + (1 << 20) >= CARRY_LIMIT:
-                raise _too_large(what, size)
+        for module in self.hook_modules:
+            _check_carry(f"the hook package {module}", _size(Path(module)))
         for section, key in (("input", "path"), ("output", "path"), ("model", "onnx")):
             # filled in already: braces left in a path are literal ones
             doc[section][key] = doc[section][key].replace("{", "{{").replace("}", "}}")
         self.spec_text = yaml.safe_dump(doc, sort_keys=False)
 
-    def _files_size(self) -> int:
-        return sum(src.stat().st_size for src, _ in self.model_files + self.side_files)
+    @property
+    def files(self) -> list[tuple[Path, str]]:
+        """(local file, path in the working_dir) of every file carried beside the spec."""
+        return self.model_files + self.side_files
 
     def entrypoint(self) -> str:
         argv = ["python", "-m", "batch_infer.cli", "run", SPEC_NAME]
@@ -269,8 +279,7 @@ class Submission:
     def describe(self) -> dict[str, Any]:
         """What `submit --dry-run` prints: everything that would be sent."""
         files = {SPEC_NAME: "the spec below"}
-        carried = self.model_files + self.side_files
-        files |= {rel: f"{src} ({src.stat().st_size:,} bytes)" for src, rel in carried}
+        files |= {rel: f"{src} ({src.stat().st_size:,} bytes)" for src, rel in self.files}
         return {
             "entrypoint": self.entrypoint(),
             "runtime_env": self.runtime_env(working_dir="(a temporary folder)") | {"files": files},
@@ -283,7 +292,7 @@ class Submission:
         """The runtime_env, its working_dir staged in a temporary folder for the upload."""
         with tempfile.TemporaryDirectory(prefix="batch-infer-submit-") as tmp:
             (Path(tmp) / SPEC_NAME).write_text(self.spec_text)
-            for src, rel in self.model_files + self.side_files:
+            for src, rel in self.files:
                 (Path(tmp) / rel).parent.mkdir(parents=True, exist_ok=True)
                 try:
                     os.link(src, Path(tmp) / rel)
