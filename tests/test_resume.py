@@ -10,6 +10,7 @@ import sys
 import threading
 import time
 from pathlib import Path
+from typing import Any
 
 import pyarrow.parquet as pq
 import pytest
@@ -35,6 +36,14 @@ def _committed(out: Path) -> dict[str, dict]:
     return {p.stem: json.loads(p.read_text()) for p in d.glob("*.json")} if d.exists() else {}
 
 
+def _named_actor(part: str) -> tuple[str, Any] | None:
+    """(name, handle) of the first named actor of this Ray whose name holds `part`."""
+    for actor in ray.util.list_named_actors(all_namespaces=True):
+        if part in actor["name"]:
+            return actor["name"], ray.get_actor(actor["name"], namespace=actor["namespace"])
+    return None
+
+
 def _inputs(data: Path):
     import pyarrow as pa
 
@@ -53,11 +62,12 @@ def _start_driver(spec_path: Path) -> subprocess.Popen:
 
 
 def _wait_for_commits(
-    out: Path, proc: subprocess.Popen, at_least: int, timeout: float = 120
+    out: Path, at_least: int, proc: subprocess.Popen | None = None, timeout: float = 120
 ) -> None:
+    """Until `at_least` shards are committed (by `proc`, a driver that must not exit first)."""
     deadline = time.time() + timeout
     while len(_committed(out)) < at_least:
-        if proc.poll() is not None:
+        if proc is not None and proc.poll() is not None:
             raise AssertionError(f"driver exited early: {proc.stderr.read().decode()[-2000:]}")
         assert time.time() < deadline, "no shard was committed in time"
         time.sleep(0.05)
@@ -84,7 +94,7 @@ def test_driver_sigkill_then_rerun_resumes(tmp_path, models):
     spec_path.write_text(yaml.safe_dump(spec))
     proc = _start_driver(spec_path)
     try:
-        _wait_for_commits(out, proc, at_least=3)
+        _wait_for_commits(out, 3, proc)
         os.killpg(proc.pid, signal.SIGKILL)  # the driver and the Ray it started
     finally:
         proc.wait(timeout=60)
@@ -130,16 +140,11 @@ def test_actor_killed_mid_shard_is_retried_without_duplicates(tmp_path, models):
     def kill_one_actor() -> None:
         """Kill an actor that has committed a shard: it is loaded and holds the next ones (an
         actor still loading holds none, and killing it would retry nothing)."""
-        deadline = time.time() + 120
-        while time.time() < deadline and len(_committed(out)) < 2:
-            time.sleep(0.02)
+        _wait_for_commits(out, 2)
         working = next(iter(_committed(out).values()))["actor"]
-        for actor in ray.util.list_named_actors(all_namespaces=True):
-            if f":infer-{working}-" in actor["name"]:
-                handle = ray.get_actor(actor["name"], namespace=actor["namespace"])
-                ray.kill(handle, no_restart=True)
-                killed.append(actor["name"])
-                return
+        if found := _named_actor(f":infer-{working}-"):
+            ray.kill(found[1], no_restart=True)
+            killed.append(found[0])
 
     killer = threading.Thread(target=kill_one_actor)
     killer.start()
@@ -162,16 +167,11 @@ def test_writer_killed_mid_commit_is_retried_without_duplicates(tmp_path, models
     killed: list[int] = []
 
     def kill_the_writer() -> None:
-        deadline = time.time() + 120
-        while time.time() < deadline and len(_committed(out)) < 2:
-            time.sleep(0.02)
-        for actor in ray.util.list_named_actors(all_namespaces=True):
-            if ":writer-" in actor["name"]:
-                handle = ray.get_actor(actor["name"], namespace=actor["namespace"])
-                pid = ray.get(handle.__ray_call__.remote(lambda self: os.getpid()))
-                os.kill(pid, signal.SIGKILL)
-                killed.append(pid)
-                return
+        _wait_for_commits(out, 2)
+        if found := _named_actor(":writer-"):
+            pid = ray.get(found[1].__ray_call__.remote(lambda self: os.getpid()))
+            os.kill(pid, signal.SIGKILL)
+            killed.append(pid)
 
     killer = threading.Thread(target=kill_the_writer)
     killer.start()
