@@ -36,6 +36,7 @@ from batch_infer.data.decode.images import (
     _gpu_here,
     crop_box,
     decode_images,
+    decode_processes,
     decoder_for,
     resize_batch,
 )
@@ -328,6 +329,18 @@ def test_decoding_on_processes_equals_decoding_in_place(monkeypatch):
     want = np.stack([pillow_pixels(b) if b and i != 100 else np.zeros_like(here[0])
                      for i, b in enumerate(blobs)])  # fmt: skip
     np.testing.assert_array_equal(here, want)
+
+
+def test_decoding_while_another_thread_imports_ray(monkeypatch):
+    """The run's own process decodes its first shards while its Ray thread is still
+    importing Ray: a half-imported `ray` module (no attributes yet) must not stop it, as it
+    did on the H100 (AttributeError: partially initialized module 'ray')."""
+    import types
+
+    monkeypatch.delenv("BATCH_INFER_DECODE_PROCESSES", raising=False)
+    monkeypatch.setitem(sys.modules, "ray", types.ModuleType("ray"))
+    monkeypatch.setattr(os, "cpu_count", lambda: 16)  # as on the H100 machine
+    assert decode_processes() == 14
 
 
 @pytest.mark.skipif(_gpu_here() is not None, reason="this machine has a GPU decoder")

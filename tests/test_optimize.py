@@ -373,7 +373,7 @@ def test_fp16_and_fusion_for_onnxruntime_cuda_gate_on_the_gpu_and_run(tmp_path, 
     assert report["speed"]["ran_on"] == "onnxruntime-cuda"
     assert report["after"]["compute_precisions"] == {"fp16": 6}
     record = batch_infer.run(doc)
-    assert record.status == "succeeded" and "cuda" in record.backend
+    assert record.status == "succeeded" and "CUDA" in record.backend
     table = pq.read_table(tmp_path / "out")
     logits = np.stack(table["logits"].to_numpy(zero_copy_only=False))
     assert np.mean(logits.argmax(axis=1) == table["label"].to_numpy()) >= 0.99

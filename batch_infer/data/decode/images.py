@@ -179,8 +179,11 @@ def _decode_some(blobs: Sequence[bytes | None], d: ImageDecode) -> tuple[np.ndar
 
 
 def _in_ray_task() -> bool:
+    # Ray may be half imported: the run's own process imports it on another thread while
+    # it decodes its first shards. A half-imported Ray is not initialized.
     ray = sys.modules.get("ray")
-    return bool(ray and ray.is_initialized() and ray.get_runtime_context().get_task_id())
+    initialized = getattr(ray, "is_initialized", None)
+    return bool(initialized and initialized() and ray.get_runtime_context().get_task_id())
 
 
 def decode_processes() -> int:
