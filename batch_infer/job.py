@@ -30,7 +30,7 @@ from typing import TYPE_CHECKING, Any
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from batch_infer.actor import InferenceActor, ShardRunner, prepare_shard, threads_for
-from batch_infer.backends import actor_concurrency, check_request, local_device
+from batch_infer.backends import actor_concurrency, check_request, local_device, local_gpus
 from batch_infer.data.sharding import Shard, plan_shards
 from batch_infer.errors import JobFailedError, OutputFailedError, UserError
 from batch_infer.planning import JobPlan, build_plan
@@ -76,6 +76,9 @@ def connect(address: str | None = None) -> None:
     if address == "local" and "ray" not in sys.modules:  # read when Ray is imported
         os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")  # loopback only
         os.environ.setdefault("RAY_AUTH_MODE", "token")
+        # Ray starts a worker per core for the first driver, which a run needs only a few
+        # of: on the H100 machine's 16 cores, Ray was up 2 s sooner without them.
+        os.environ.setdefault("RAY_prestart_worker_first_driver", "0")
     import ray
 
     # Every failed task's result is looked at by the driver, which reports it in one line:
@@ -204,8 +207,9 @@ class _Lane:
     """The run's own process driving this machine's device: the same stages as the Ray path
     (prepare, run, commit) in threads of this process, through the same sink. It needs no
     Ray, so a local run computes from its first second. On the CPU it is the whole run (a
-    hand-written loop is no faster); on a GPU it runs while Ray starts, and stops once an
-    actor has loaded the model (processes keep a fast GPU busier than threads of one).
+    hand-written loop is no faster), and on a machine with one GPU (two shards in flight
+    keep it as busy as an actor does: docs/gpu.md). With several GPUs it runs while Ray
+    starts, and stops once an actor has loaded the model: Ray's actors drive every GPU.
 
     It stops when the queue is empty or `stop()` is called (the shards it has taken but not
     run go back to the queue), or on an error that is not the data's: the shard goes back,
@@ -671,10 +675,10 @@ def run(
     if starts_local_ray(address) and spec.num_actors is None:
         here = local_device(spec.backend, spec.device)
     device = here or ""
-    # On the CPU the lane is the whole run, like a hand-written loop. On GPUs, Ray's actors
-    # take over once loaded: a process per GPU keeps a fast device busier than threads of
-    # one process can (the GIL), and Ray brings the other GPUs.
-    wants_ray = here != "cpu"
+    # The lane is the whole run on the CPU, like a hand-written loop, and on one GPU: it keeps
+    # the GPU as busy as an actor does, and Ray's start (10 s of a 16-core machine) would only
+    # compete with it for the cores. Several GPUs: Ray's actors take over, one per GPU.
+    wants_ray = here is None or (here == "gpu" and local_gpus() > 1)
 
     def prepare_output() -> tuple[list[Shard], dict[str, ShardEntry], _Work, _Lane | None]:
         """Plan the shards, take the output, and start this process's lane on them."""

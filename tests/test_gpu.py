@@ -9,6 +9,9 @@ fp32 (cuDNN/cuBLAS may use TF32 on Hopper); the predicted classes must agree.
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 
 import numpy as np
 import pyarrow as pa
@@ -129,6 +132,28 @@ def test_bert_on_cuda_matches_cpu(tmp_path):
     )
     print(f"bert pooled relative error {err:.2e}")
     assert err < 2e-2
+
+
+@pytest.mark.skipif(device_count() != 1, reason="one GPU: the run's own process drives it")
+def test_local_run_on_one_gpu_needs_no_ray(tmp_path):
+    """As a user runs it (`batch-infer run`, a process of its own): the run's own process
+    drives the one GPU and Ray never starts; every row once, as the CPU run predicts them."""
+    out = tmp_path / "gpu"
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    argv = [sys.executable, "-m", "batch_infer.cli", "run", "jobs/quickstart.yaml", "--set",
+            f"output.path={out}", "--set", "batch_size=100", "--set", "device=gpu"]  # fmt: skip
+    proc = subprocess.run(argv, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    (record,) = [json.loads(p.read_text()) for p in (out / "_runs").glob("*.json")]
+    assert "CUDA" in record["backend"] and record["shards_committed"] == record["shards_total"]
+    assert "ray_ready" not in record["timeline"], record["timeline"]
+    assert [a["node"] for a in record["actor_stats"]] == ["driver"]
+    spec = batch_infer.resolve_spec(ROOT / "jobs" / "quickstart.yaml").model_dump()
+    cpu = {**spec, "device": "cpu", "output": {**spec["output"], "path": str(tmp_path / "cpu")}}
+    batch_infer.run(cpu)
+    gpu_rows, cpu_rows = (read_output(tmp_path / d).sort_by("id") for d in ("gpu", "cpu"))
+    assert gpu_rows["id"].to_pylist() == cpu_rows["id"].to_pylist()  # every row once
+    assert gpu_rows["predicted"].to_pylist() == cpu_rows["predicted"].to_pylist()
 
 
 @pytest.mark.skipif(device_count() < 2, reason="needs two GPUs")

@@ -35,14 +35,20 @@ def actor_concurrency(device: str) -> int:
     return GPU_CONCURRENCY if device == "gpu" else Backend.concurrency
 
 
+def local_gpus() -> int:
+    """GPUs this process sees (0 without cuda-python)."""
+    if not _has("cuda.bindings"):
+        return 0
+    from batch_infer.backends.cuda_streams import device_count
+
+    return device_count()
+
+
 def local_device(requested: str, device: str) -> str | None:
     """What this machine can run the job's backend on ('gpu' or 'cpu'), or None: what a
     local run's own process drives (`job._Lane`)."""
-    if device != "cpu" and _has("cuda.bindings"):
-        from batch_infer.backends.cuda_streams import device_count
-
-        if device_count() > 0:
-            return "gpu"
+    if device != "cpu" and local_gpus() > 0:
+        return "gpu"
     if device == "gpu" or requested in ("tensorrt", "tensorrt-rtx"):
         return None
     return "cpu"

@@ -45,8 +45,8 @@ class Backend(ABC):
 
     name: str
     concurrency: ClassVar[int] = 1
-    # Pad a short last batch up to a power of two: backends that tune kernels per input
-    # shape (cuDNN's algorithm search in ONNX Runtime CUDA) then see a handful of shapes.
+    # Pad a short batch up to the full batch size: backends that tune kernels per input
+    # shape (cuDNN's algorithm search in ONNX Runtime CUDA) then see one shape.
     pads_batches: ClassVar[bool] = False
     inputs: tuple[TensorInfo, ...]
     outputs: tuple[TensorInfo, ...]

@@ -29,7 +29,7 @@ def cuda_available() -> bool:
 
 class OnnxRuntimeCUDA(StreamBackend):
     name = "onnxruntime-cuda"
-    pads_batches = True  # fewer shapes: fewer plans for cuDNN and ONNX Runtime to make
+    pads_batches = True  # one shape: one plan for cuDNN and ONNX Runtime to make per session
 
     def __init__(
         self,
