@@ -362,7 +362,11 @@ class _Pool:
         concurrency = actor_concurrency(device)
         if device == "gpu":  # one actor per GPU; the other cores prepare shards ahead of it
             self.count = int(resources.get("GPU", 0))
-            self.options = {"num_gpus": 1, "num_cpus": 1, "max_concurrency": concurrency}
+            # An actor holds a core where one is left over for the prepare tasks: with as
+            # many GPUs as cores, actors holding them all would starve every prepare task
+            # and the run would wait forever (2 GPUs and num_cpus=2 did on an H200 pair).
+            actor_cpus = 1 if cpus > self.count else 0
+            self.options = {"num_gpus": 1, "num_cpus": actor_cpus, "max_concurrency": concurrency}
             prepare_cpus = 1.0
             self.ahead = max(4, cpus - self.count)
         else:  # the actors hold the cores; preparing shares them
@@ -414,12 +418,14 @@ class _Pool:
         if self.writers[i] is dead:
             self.writers[i] = self._new_writer(i)
 
-    def stats(self) -> list[dict[str, Any]]:
-        """Each live actor's timeline lane (see `InferenceActor.stats`)."""
+    def stats(self, loaded: list[bool]) -> list[dict[str, Any]]:
+        """Each live actor's timeline lane (see `InferenceActor.stats`). Only the actors that
+        have loaded the model: one still loading has run nothing, and asking it would wait
+        for its load (2 s after the last commit, with two H200s on a short run)."""
         import ray
         from ray.exceptions import RayTaskError
 
-        refs = [actor.stats.remote() for actor in self.actors]
+        refs = [actor.stats.remote() for actor, ok in zip(self.actors, loaded, strict=True) if ok]
         ready, _ = ray.wait(refs, num_returns=len(refs), timeout=10)
         out = []
         for ref in ready:
@@ -598,7 +604,7 @@ def _execute(
         ) from None
     if lane is not None:
         lane.wait()
-    lanes = pool.stats() + ([lane.stats] if lane is not None and lane.stats else [])
+    lanes = pool.stats(loaded) + ([lane.stats] if lane is not None and lane.stats else [])
     _record_actors(record, lanes)
     pool.shutdown()
 
