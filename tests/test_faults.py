@@ -259,10 +259,13 @@ def test_sigterm_and_sigint_mid_run_are_recorded_as_interrupted_and_resume(
     out = tmp_path / "out"
     spec = _spec(tmp_path, data, out, model, **({"num_actors": actors} if actors else {}))
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    # SIGINT as a terminal's Ctrl-C reaches a command in the foreground: a test run in the
+    # background of a non-interactive shell inherits SIGINT ignored, and Python keeps it so.
     proc = subprocess.Popen(
         [sys.executable, "-m", "batch_infer.cli", "run", str(spec), "-q"],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
         env={**env, "PYTHONPATH": str(ROOT)},
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )  # fmt: skip
     deadline = time.time() + 180
     while len(_committed(out)) < 2:
