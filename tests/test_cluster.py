@@ -54,9 +54,15 @@ def test_a_node_removed_mid_run_its_shards_rerun_elsewhere(two_node_cluster, tmp
     worker = two_node_cluster.list_all_nodes()[1]
     removed: list[bool] = []
 
+    def worker_committed() -> bool:
+        nodes = (json.loads(p.read_text())["node"] for p in shards.glob("*.json"))
+        return worker.node_id in nodes
+
     def remove_the_worker() -> None:
+        # Once the worker's actor has committed a shard it is running more (two at once and
+        # one waiting); before that it may hold nothing, and nothing would be lost.
         deadline = time.time() + 120
-        while time.time() < deadline and len(list(shards.glob("*.json"))) < 3:
+        while time.time() < deadline and not worker_committed():
             time.sleep(0.02)
         two_node_cluster.remove_node(worker, allow_graceful=False)
         removed.append(True)
