@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 from typing import Any
@@ -139,6 +140,11 @@ def two_io_spec(input_path: Path | str, out_path: Path | str, model: str, **extr
         else:
             spec[key] = value
     return spec
+
+
+def run_records(out: Path) -> list[dict[str, Any]]:
+    """The `_runs/<run>.json` records of an output folder."""
+    return [json.loads(p.read_text()) for p in (out / "_runs").glob("*.json")]
 
 
 def read_output(path: Path | str) -> pa.Table:

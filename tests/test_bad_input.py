@@ -20,7 +20,7 @@ import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 import pytest
 import yaml
-from conftest import assert_matches_direct, make_table, read_output, two_io_spec
+from conftest import assert_matches_direct, make_table, read_output, run_records, two_io_spec
 from onnx import TensorProto, helper
 
 import batch_infer
@@ -90,7 +90,7 @@ def _assert_nothing_committed(out: Path) -> None:
 
 
 def _runs(out: Path) -> list[dict]:
-    docs = [json.loads(p.read_text()) for p in (out / "_runs").glob("*.json")]
+    docs = run_records(out)
     return sorted(docs, key=lambda d: d["started_at"])
 
 

@@ -26,7 +26,7 @@ import pytest
 import yaml
 from onnx import TensorProto, helper, numpy_helper
 
-from tests.conftest import ROOT, make_table, read_output, two_io_spec
+from tests.conftest import ROOT, make_table, read_output, run_records, two_io_spec
 
 WIDTH, HIDDEN = 64, 1536
 
@@ -230,7 +230,7 @@ def test_disk_full_during_a_commit_stops_at_once_then_the_rerun_is_exact(tmp_pat
         assert time.time() - started < 120  # no retries of a full disk
         committed = _committed(mount / "out")
         assert 0 < len(committed) < rows // 500
-        runs = [json.loads(p.read_text()) for p in (mount / "out" / "_runs").glob("*.json")]
+        runs = run_records(mount / "out")
         assert [r["status"] for r in runs] in ([], ["failed"])  # recorded if there was room
         subprocess.run(["mount", "-o", "remount,size=64m", str(mount)], check=True)
         again = _cli("run", str(spec), "-q")
@@ -276,7 +276,7 @@ def test_sigterm_and_sigint_mid_run_are_recorded_as_interrupted_and_resume(
     _, err = proc.communicate(timeout=60)
     assert proc.returncode == 130, err
     assert "interrupted: committed shards are kept" in err and "Traceback" not in err
-    (record,) = [json.loads(p.read_text()) for p in (out / "_runs").glob("*.json")]
+    (record,) = run_records(out)
     assert record["status"] == "interrupted" and record["shards_committed"] < rows // 500
     assert record["shards_committed"] == len(_committed(out))
     again = _cli("run", str(spec), "-q")
@@ -340,7 +340,7 @@ def test_raylet_killed_mid_run_is_one_line_exit_4_recorded_and_resumable(tmp_pat
         assert proc.returncode == 4, err
         last = [ln for ln in err.splitlines() if ln.strip()][-1]
         assert last.startswith("error: a Ray node of this run died") and "rerun" in last, err
-        (record,) = [json.loads(p.read_text()) for p in (out / "_runs").glob("*.json")]
+        (record,) = run_records(out)
         assert record["status"] == "failed"
         assert record["shards_committed"] == len(_committed(out))
     again = _cli("run", str(spec), "-q")

@@ -20,7 +20,7 @@ import pyarrow.parquet as pq
 import pytest
 
 import batch_infer
-from tests.conftest import ROOT, read_output
+from tests.conftest import ROOT, read_output, run_records
 
 cuda_streams = pytest.importorskip("batch_infer.backends.cuda_streams", reason="needs cuda-python")
 device_count = cuda_streams.device_count
@@ -144,7 +144,7 @@ def test_local_run_on_one_gpu_needs_no_ray(tmp_path):
             f"output.path={out}", "--set", "batch_size=100", "--set", "device=gpu"]  # fmt: skip
     proc = subprocess.run(argv, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr
-    (record,) = [json.loads(p.read_text()) for p in (out / "_runs").glob("*.json")]
+    (record,) = run_records(out)
     assert "CUDA" in record["backend"] and record["shards_committed"] == record["shards_total"]
     assert "ray_ready" not in record["timeline"], record["timeline"]
     assert [a["node"] for a in record["actor_stats"]] == ["driver"]

@@ -26,7 +26,7 @@ from batch_infer.optimize.gate import GateFailed
 from batch_infer.optimize.targets import gpu_here, int8_dot_flag
 from batch_infer.planning import build_plan
 from batch_infer.spec import resolve_spec
-from tests.conftest import make_linear_model
+from tests.conftest import make_linear_model, run_records
 from tests.optimize_models import (
     CNN,
     HEADS,
@@ -232,7 +232,7 @@ def test_run_uses_the_optimized_model_and_resumes_refuse_to_mix(tmp_path, monkey
     assert job["optimize"]["source_sha256"] == read_signature(str(DIGITS)).sha256
     assert job["optimize"]["recipe"]["precision"] == "int8"
     assert len(job["optimize"]["calibration"]) == 64  # the sample's sha256
-    (run,) = [json.loads(p.read_text()) for p in (out / "_runs").glob("*.json")]
+    (run,) = run_records(out)
     assert run["optimized"]["recipe"]["precision"] == "int8"  # the run says which model ran
     assert run["optimized"]["path"] == str(optimized) and run["model_sha256"] == sha
     shards = [json.loads(p.read_text()) for p in (out / "_manifest" / "shards").glob("*.json")]

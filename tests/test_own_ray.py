@@ -8,7 +8,6 @@ which may be another user's. Here a real foreign head is started the way another
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import signal
 import socket
@@ -21,7 +20,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.conftest import ROOT
+from tests.conftest import ROOT, run_records
 
 CURRENT = Path("/tmp/ray/ray_current_cluster")  # what a bare ray.init() would join
 
@@ -101,7 +100,7 @@ def test_local_run_starts_its_own_ray_beside_a_foreign_one(foreign_head, tmp_pat
         capture_output=True, text=True, timeout=300, env=env, cwd=tmp_path,
     )  # fmt: skip
     assert run.returncode == 0, run.stderr
-    (record,) = [json.loads(p.read_text()) for p in (tmp_path / "out" / "_runs").glob("*.json")]
+    (record,) = run_records(tmp_path / "out")
     assert record["status"] == "succeeded" and record["rows"] == 1797
     assert record["nodes"] and foreign_node not in record["nodes"]  # its own Ray's node
 

@@ -19,7 +19,14 @@ import yaml
 
 import batch_infer
 from batch_infer.errors import OutputError
-from tests.conftest import ROOT, assert_matches_direct, make_table, read_output, two_io_spec
+from tests.conftest import (
+    ROOT,
+    assert_matches_direct,
+    make_table,
+    read_output,
+    run_records,
+    two_io_spec,
+)
 
 
 def _big_input(root: Path, files: int = 4, rows: int = 4000) -> Path:
@@ -124,7 +131,7 @@ def test_driver_sigkill_then_rerun_resumes(tmp_path, models):
     for name, mtime in files_before.items():
         assert (out / name).stat().st_mtime_ns == mtime
     assert_matches_direct(models["two_io"], _inputs(data), read_output(out))
-    runs = [json.loads(p.read_text()) for p in (out / "_runs").glob("*.json")]
+    runs = run_records(out)
     assert [r["status"] for r in runs] == ["succeeded"]  # the killed run could not write one
     assert runs[0]["shards_skipped"] == len(before)
     assert not (out / "_staging").exists()

@@ -27,7 +27,7 @@ from batch_infer.errors import SpecError, UserError
 from batch_infer.ops import schedule as scheduling
 from batch_infer.ops.schedule import oncalendar, scheduled_dates
 from batch_infer.spec import ScheduleSpec, parse_date, resolve_spec
-from tests.conftest import ROOT, read_output
+from tests.conftest import ROOT, read_output, run_records
 
 BERLIN = zoneinfo.ZoneInfo("Europe/Berlin")
 
@@ -606,7 +606,7 @@ def test_backfill_runs_missing_dates_in_order(ray_start_regular, daily_digits, t
         ids = read_output(out).column("id").to_pylist()
         inputs = pq.read_table(tmp_path / f"in/date={day}/part-0.parquet").column("id")
         assert sorted(ids) == sorted(inputs.to_pylist()) and len(ids) == 60
-        runs = [json.loads(p.read_text()) for p in (out / "_runs").glob("*.json")]
+        runs = run_records(out)
         assert [r["date"] for r in runs] == [day]  # one run each: nothing ran twice
 
     # Everything complete: a second backfill (the CLI this time) runs nothing.

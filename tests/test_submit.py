@@ -38,7 +38,7 @@ from onnx import TensorProto, helper, numpy_helper
 from batch_infer.errors import EXIT_CLUSTER, EXIT_USER_ERROR, SpecError
 from batch_infer.ops.submit import CARRY_LIMIT, MODEL_ORIGIN_ENV, Submission, model_files
 from batch_infer.spec import resolve_spec
-from tests.conftest import ROOT, read_output
+from tests.conftest import ROOT, read_output, run_records
 
 pytestmark = pytest.mark.slow
 
@@ -256,7 +256,7 @@ def _spec(path: Path, **changes: object) -> Path:
 
 
 def _runs(out: Path) -> list[dict]:
-    runs = [json.loads(p.read_text()) for p in (out / "_runs").glob("*.json")]
+    runs = run_records(out)
     return sorted(runs, key=lambda r: r["started_at"])
 
 

@@ -16,7 +16,7 @@ import batch_infer
 from batch_infer.data.reading import open_dataset, read_rows
 from batch_infer.data.sharding import TAPER, TAPER_MIN_BYTES, plan_shards
 from batch_infer.sink.manifest import PHASES
-from tests.conftest import ROOT, read_output
+from tests.conftest import ROOT, read_output, run_records
 
 WIDTH = 1 << 16  # 64 KiB per row: a few hundred rows make a shard worth tapering
 
@@ -98,7 +98,7 @@ def test_run_records_its_timeline_and_each_actors_lane(tmp_path):
     assert out["id"].to_pylist() == list(range(1800))
     assert out["total"].to_numpy().tolist() == expect.tolist()
 
-    (saved,) = [json.loads(p.read_text()) for p in (tmp_path / "out" / "_runs").glob("*.json")]
+    (saved,) = run_records(tmp_path / "out")
     timeline = saved["timeline"]
     assert set(PHASES) <= set(timeline), timeline
     order = ["backend_ready", "first_batch", "first_commit", "last_commit", "finished"]
@@ -182,7 +182,7 @@ def test_cli_run_starts_in_the_drivers_lane_while_its_ray_starts(tmp_path):
     )  # fmt: skip
     assert done.returncode == 0, done.stderr
     assert read_output(tmp_path / "out").sort_by("id")["id"].to_pylist() == list(range(1800))
-    (saved,) = [json.loads(p.read_text()) for p in (tmp_path / "out" / "_runs").glob("*.json")]
+    (saved,) = run_records(tmp_path / "out")
     entries = [json.loads(p.read_text()) for p in (tmp_path / "out/_manifest/shards").glob("*")]
     first = min(entries, key=lambda e: e["committed_at"])
     assert first["actor"] == -1 and first["node"] == "driver"  # the lane's, before any actor
