@@ -100,6 +100,7 @@ def to_fp16(src: Path, dst: Path) -> None:
 def workloads(names: list[str], work: Path, images: int, texts: int) -> dict[str, dict]:
     from tests.gpu_models import export_bert, export_resnet50
 
+    work.mkdir(parents=True, exist_ok=True)
     out = {}
     for name in names:
         fp32, fp16 = work / f"{name}-fp32.onnx", work / f"{name}-fp16.onnx"
@@ -284,7 +285,6 @@ def main() -> None:
     ap.add_argument("--work", type=Path, default=Path("/tmp/bench"))
     ap.add_argument("--out", type=Path, default=Path(os.environ.get("OUT", "benchmarks/results")))
     args = ap.parse_args()
-    args.work.mkdir(parents=True, exist_ok=True)
     args.out.mkdir(parents=True, exist_ok=True)
     made = time.perf_counter()
     ws = workloads(args.workloads, args.work, args.images, args.texts)

@@ -26,7 +26,6 @@ def main() -> None:
     ap.add_argument("--work", type=Path, default=Path("/tmp/bench"))
     ap.add_argument("--out", type=Path, default=Path(os.environ.get("OUT", "benchmarks/results")))
     args = ap.parse_args()
-    args.work.mkdir(parents=True, exist_ok=True)
     args.out.mkdir(parents=True, exist_ok=True)
     results = {}
     for name, w in workloads(args.workloads, args.work, args.images, args.texts).items():
