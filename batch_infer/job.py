@@ -30,7 +30,13 @@ from typing import TYPE_CHECKING, Any
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from batch_infer.actor import InferenceActor, ShardRunner, prepare_shard, threads_for
-from batch_infer.backends import actor_concurrency, check_request, local_device, local_gpus
+from batch_infer.backends import (
+    actor_concurrency,
+    check_request,
+    local_device,
+    local_gpus,
+    ray_initialized,
+)
 from batch_infer.data.sharding import Shard, plan_shards
 from batch_infer.errors import JobFailedError, OutputFailedError, UserError
 from batch_infer.planning import JobPlan, build_plan
@@ -58,7 +64,7 @@ def starts_local_ray(address: str | None) -> bool:
     """Whether `connect(address)` will start a local Ray of this run's own."""
     if address or os.environ.get("RAY_ADDRESS"):
         return False
-    return "ray" not in sys.modules or not sys.modules["ray"].is_initialized()
+    return not ray_initialized()
 
 
 def connect(address: str | None = None) -> None:
@@ -70,7 +76,7 @@ def connect(address: str | None = None) -> None:
     A local Ray of the run's own listens on loopback only and uses Ray's token
     authentication on purpose (so Ray does not warn about it): no other machine can reach
     it, and no other user of this one can join it."""
-    if "ray" in sys.modules and sys.modules["ray"].is_initialized():
+    if ray_initialized():
         return
     address = address or os.environ.get("RAY_ADDRESS") or "local"
     if address == "local" and "ray" not in sys.modules:  # read when Ray is imported

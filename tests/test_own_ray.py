@@ -134,3 +134,19 @@ def test_a_local_ray_of_the_runs_own_listens_on_loopback_only(tmp_path):
     )
     assert "Token authentication is enabled" not in done.stderr  # on purpose: no warning
     assert (tmp_path / ".ray" / "auth_token").exists()
+
+
+def test_a_half_imported_ray_is_not_joined(monkeypatch):
+    """A run (or a backfill's next date) may ask whether Ray is up while the Ray-start thread
+    of an earlier run in this process is still importing it: a half-imported `ray` module has
+    no attributes yet, and means "not joined", so this run starts a Ray of its own."""
+    import types
+
+    from batch_infer.backends import ray_initialized
+    from batch_infer.job import starts_local_ray
+
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    monkeypatch.setitem(sys.modules, "ray", types.ModuleType("ray"))
+    assert not ray_initialized()
+    assert starts_local_ray(None)
+    assert not starts_local_ray("127.0.0.1:6379")

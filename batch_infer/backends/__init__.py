@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import importlib.util
 import logging
+import sys
 
 from batch_infer.backends.base import GPU_CONCURRENCY, Backend, BackendOptions
 from batch_infer.errors import BackendError
@@ -33,6 +34,14 @@ def check_request(requested: str, device: str, gpus: int) -> str:
 def actor_concurrency(device: str) -> int:
     """Threads an inference actor runs with: what its backends declare (`Backend.concurrency`)."""
     return GPU_CONCURRENCY if device == "gpu" else Backend.concurrency
+
+
+def ray_initialized() -> bool:
+    """Whether this process has joined a Ray (`ray.init`). Ray may be half imported: a run
+    imports it on a thread of its own while other threads work, and a half-imported Ray has
+    not been initialized (nor has a Ray this process never imported)."""
+    initialized = getattr(sys.modules.get("ray"), "is_initialized", None)
+    return bool(initialized and initialized())
 
 
 def local_gpus() -> int:

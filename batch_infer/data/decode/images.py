@@ -179,11 +179,10 @@ def _decode_some(blobs: Sequence[bytes | None], d: ImageDecode) -> tuple[np.ndar
 
 
 def _in_ray_task() -> bool:
-    # Ray may be half imported: the run's own process imports it on another thread while
-    # it decodes its first shards. A half-imported Ray is not initialized.
-    ray = sys.modules.get("ray")
-    initialized = getattr(ray, "is_initialized", None)
-    return bool(initialized and initialized() and ray.get_runtime_context().get_task_id())
+    # The run's own process imports Ray on another thread while it decodes its first shards.
+    from batch_infer.backends import ray_initialized
+
+    return ray_initialized() and bool(sys.modules["ray"].get_runtime_context().get_task_id())
 
 
 def decode_processes() -> int:
