@@ -12,6 +12,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -675,6 +676,16 @@ def test_builtin_postprocess_labels_scores_top_k(tmp_path, image_files, cnn):
     assert output2.column_names == ["id", "path", "label", "score"]
     assert output2["label"].to_pylist() == logits.argmax(1).tolist()
     np.testing.assert_allclose(output2["score"].to_numpy(), logits.max(1))
+    # a run that has committed nothing yet: `query` knows the columns from job.json
+    for done, fresh in ((out, tmp_path / "fresh"), (out2, tmp_path / "fresh2")):
+        (fresh / "_manifest").mkdir(parents=True)
+        shutil.copy(done / "_manifest" / "job.json", fresh / "_manifest")
+        have = batch_infer.query(done, "SELECT * FROM predictions").schema
+        empty = batch_infer.query(fresh, "SELECT * FROM predictions")
+        assert empty.num_rows == 0 and empty.column_names == have.names
+        assert [empty.schema.field(c).type for c in ("label", "score")] == [
+            have.field(c).type for c in ("label", "score")
+        ]
 
 
 def test_cli_runs_the_shipped_examples(tmp_path):

@@ -224,8 +224,13 @@ def _empty_views(con: duckdb.DuckDBPyConnection, layout: _Layout) -> None:
             break
     keep = list(job.get("keep_columns", []))
     keys = dict.fromkeys((k for o in layout.outputs for k in _hive(o.path)), "VARCHAR")
+    made = dict.fromkeys([*keep, *job.get("outputs", {}).values()], "VARCHAR")
+    if "top_k" in (post := job.get("postprocess") or {}):  # the built-in label and score
+        label = "VARCHAR" if post.get("labels") else "BIGINT"
+        made |= {"label": label, "score": "FLOAT"}
+        made |= {"top_labels": f"{label}[]", "top_scores": "FLOAT[]"} if post["top_k"] > 1 else {}
     wanted = {
-        "predictions": dict.fromkeys([*keep, *job.get("outputs", {}).values()], "VARCHAR") | keys,
+        "predictions": made | keys,
         "errors": dict.fromkeys(keep, "VARCHAR") | ERROR_COLUMNS | keys,
     }
     for view, columns in wanted.items():
