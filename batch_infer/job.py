@@ -45,6 +45,8 @@ from batch_infer.sink.writing import ShardWriter
 from batch_infer.spec import SpecSource, resolve_spec
 
 log = logging.getLogger("batch_infer")
+# Nothing finished for this long while tasks or actors wait for Ray: the run says so.
+STALL_NOTICE_SECONDS = float(os.environ.get("BATCH_INFER_STALL_NOTICE_SECONDS", "60"))
 
 if TYPE_CHECKING:
     from ray.exceptions import RayTaskError
@@ -384,6 +386,7 @@ class _Pool:
         self.room = concurrency + 1
         self.threads = threads_for(self.options["num_cpus"])
         self.plan_ref = ray.put(plan)
+        self.prepare_needs = {"CPU": prepare_cpus}
         self.prepare = ray.remote(prepare_shard).options(
             num_returns=4, num_cpus=prepare_cpus, max_retries=2
         )
@@ -450,6 +453,44 @@ class _Pool:
             ray.kill(handle)
 
 
+def _waiting(
+    pool: _Pool, running: dict[Any, _Task], loaded: list[bool], seconds: float
+) -> str | None:
+    """What a run that has seen nothing finish for `seconds` waits for, and what Ray has
+    free, when some of it waits on Ray to find resources; None when only inference is slow.
+    Ray's own "cannot be scheduled" warnings do not reach the driver (log_to_driver=False)."""
+    import ray
+
+    preparing = sum(t.kind == "prepare" for t in running.values())
+    starting = loaded.count(False)
+    if not preparing and not starting:
+        return None
+    free, total = ray.available_resources(), ray.cluster_resources()
+
+    def needs(resources: dict[str, float]) -> str:
+        return ", ".join(f"{v:g} {k}" for k, v in resources.items() if v) or "nothing"
+
+    parts = []
+    if preparing:
+        each = needs(pool.prepare_needs)
+        parts.append(f"{preparing} shard(s) being read (each task needs {each})")
+    if starting:
+        actor = {"GPU": pool.options.get("num_gpus", 0), "CPU": pool.options["num_cpus"]}
+        parts.append(
+            f"{starting} of {pool.count} actor(s) not running the model yet (each needs "
+            f"{needs(actor)})"
+        )
+    kinds = [k for k in ("CPU", "GPU") if k in total]
+    have = ", ".join(f"{k} {free.get(k, 0):g} of {total[k]:g}" for k in kinds)
+    return (
+        f"nothing has finished for {seconds:.0f} s: {'; '.join(parts)}. Ray has free: "
+        f"{have or 'nothing (its nodes offer no CPU or GPU)'}. Ray starts a task or an actor "
+        "once a node has what it needs (other jobs may hold it, or a node may be on its way); "
+        "loading a large model or building a TensorRT engine also takes this long. The run "
+        "keeps waiting (Ctrl-C keeps what is committed)"
+    )
+
+
 def _cause(exc: RayTaskError) -> BaseException:
     return exc.cause if exc.cause is not None else exc
 
@@ -498,7 +539,8 @@ def _execute(
     # its node may wait for resources that never come, and must not hold shards meanwhile.
     loaded = [False] * pool.count
     next_writer = 0
-    last_refresh = time.time()
+    last_refresh = last_finished = time.time()
+    quiet = STALL_NOTICE_SECONDS  # nothing finished for this long: say what the run waits for
     for i, actor in enumerate(pool.actors):
         running[actor.describe.remote()] = _Task("ready", slot=i, handle=actor)
 
@@ -554,6 +596,12 @@ def _execute(
             if time.time() - last_refresh > 10:
                 sink.keep_alive()
                 last_refresh = time.time()
+            if ready or (lane is not None and lane.running):
+                last_finished, quiet = time.time(), STALL_NOTICE_SECONDS
+            elif time.time() - last_finished > quiet:
+                if notice := _waiting(pool, running, loaded, time.time() - last_finished):
+                    log.warning(notice)
+                quiet *= 2  # then after twice as long, and so on
             for ref in ready:
                 task = running.pop(ref)
                 if task.kind == "infer":

@@ -75,3 +75,50 @@ def test_a_node_removed_mid_run_its_shards_rerun_elsewhere(two_node_cluster, tmp
     assert summary.retries >= 1  # what the lost node held was run again
     inputs = ds.dataset(str(data), format="parquet", partitioning="hive").to_table()
     assert_matches_direct(models["two_io"], inputs, read_output(out))
+
+
+def test_a_run_that_waits_for_resources_says_for_what(tmp_path, models):
+    """A cluster whose nodes have no CPU for the actors (held by other jobs, say): Ray waits,
+    and its own warnings do not reach the driver, so the run says what it waits for and
+    what Ray has free; Ctrl-C then ends it as always."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    import yaml
+
+    from tests.conftest import ROOT
+
+    if ray.is_initialized():
+        ray.shutdown()
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0})
+    try:
+        data = write_parquet_dataset(tmp_path / "in", files=1, rows=200, row_group=50)
+        spec = tmp_path / "spec.yaml"
+        doc = two_io_spec(data, tmp_path / "out", models["two_io"], shard_rows=50)
+        spec.write_text(yaml.safe_dump(doc))
+        env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+        env |= {"PYTHONPATH": str(ROOT), "BATCH_INFER_STALL_NOTICE_SECONDS": "3"}
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "batch_infer.cli", "run", str(spec), "-q",
+             "--address", cluster.address],
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+        )  # fmt: skip
+        assert proc.stderr is not None
+        deadline, lines = time.time() + 120, []
+        while not any("nothing has finished" in line for line in lines):
+            assert proc.poll() is None and time.time() < deadline, "".join(lines)
+            lines.append(proc.stderr.readline())
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=60)
+        notice = next(line for line in lines if "nothing has finished" in line)
+        assert ": 1 of 1 actor(s) not running the model yet (each needs 1 CPU)." in notice
+        assert "Ray has free: CPU 0 of 0" not in notice  # the head has no CPU resource at all
+        assert "Ray has free: nothing (its nodes offer no CPU or GPU)" in notice
+        assert proc.returncode == 130, err
+        assert "interrupted: committed shards are kept" in err
+    finally:
+        cluster.shutdown()
