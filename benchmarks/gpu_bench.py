@@ -65,27 +65,25 @@ def make_images(root: Path, images: int, per_file: int = 1024) -> None:
     write_files(root, images, per_file, _image_file, max(1, (os.cpu_count() or 2) - 2))
 
 
+def _token_file(args: tuple[Path, int, int]) -> None:
+    path, start, n = args
+    rng = np.random.default_rng(start)
+    ids = rng.integers(1000, 30000, (n, SEQ))
+    lengths = rng.integers(16, SEQ, n)
+    mask = (np.arange(SEQ)[None, :] < lengths[:, None]).astype(np.int64)
+    table = pa.table(
+        {
+            "id": np.arange(start, start + n),
+            "ids": pa.FixedSizeListArray.from_arrays(pa.array(ids.reshape(-1)), SEQ),
+            "mask": pa.FixedSizeListArray.from_arrays(pa.array(mask.reshape(-1)), SEQ),
+        }
+    )
+    pq.write_table(table, path, row_group_size=1024)
+
+
 def make_tokens(root: Path, rows: int, per_file: int = 4096) -> None:
     """int64 ids and mask as fixed-size lists of 128: files of 4,096 rows."""
-    if root.exists():
-        return
-    tmp = root.with_suffix(".tmp")
-    tmp.mkdir(parents=True, exist_ok=True)
-    rng = np.random.default_rng(0)
-    for i, start in enumerate(range(0, rows, per_file)):
-        n = min(per_file, rows - start)
-        ids = rng.integers(1000, 30000, (n, SEQ))
-        lengths = rng.integers(16, SEQ, n)
-        mask = (np.arange(SEQ)[None, :] < lengths[:, None]).astype(np.int64)
-        table = pa.table(
-            {
-                "id": np.arange(start, start + n),
-                "ids": pa.FixedSizeListArray.from_arrays(pa.array(ids.reshape(-1)), SEQ),
-                "mask": pa.FixedSizeListArray.from_arrays(pa.array(mask.reshape(-1)), SEQ),
-            }
-        )
-        pq.write_table(table, tmp / f"part-{i:05d}.parquet", row_group_size=1024)
-    tmp.rename(root)
+    write_files(root, rows, per_file, _token_file, max(1, (os.cpu_count() or 2) - 2))
 
 
 def to_fp16(src: Path, dst: Path) -> None:
