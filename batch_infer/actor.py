@@ -174,9 +174,7 @@ class InferenceActor:
             raise self.error
         return self.runner.stats()
 
-    def infer(
-        self, entry: ShardEntry, keep: pa.Table, feeds: Feeds
-    ) -> tuple[ShardEntry, pa.Table]:
+    def infer(self, entry: ShardEntry, keep: pa.Table, feeds: Feeds) -> tuple[ShardEntry, pa.Table]:
         if self.error is not None:
             raise self.error
         try:

@@ -564,10 +564,10 @@ def _execute(
             role = {"commit": "writer", "prepare": "prepare task"}.get(task.kind, "actor")
             retry(task.shard, task.attempt, f"{role} died ({type(exc).__name__})")
 
-    try:
-        def busy() -> bool:  # actors still loading hold no work: they do not keep the run
-            return any(t.kind != "ready" for t in running.values())
+    def busy() -> bool:  # actors still loading hold no work: they do not keep the run
+        return any(t.kind != "ready" for t in running.values())
 
+    try:
         while work.pending or prepared or busy() or (lane is not None and lane.running):
             work.raise_fatal()
             kinds = [t.kind for t in running.values()]

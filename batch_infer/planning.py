@@ -61,14 +61,18 @@ class JobPlan:
 
     def config(self) -> dict:
         """What the outputs depend on: a rerun into the same output must match it."""
-        return {
-            "model_sha256": self.signature.sha256,
-            "inputs": {b.tensor.name: list(b.columns) for b in self.bindings},
-            "outputs": {t.name: col for t, col in self.outputs},
-            "keep_columns": list(self.keep_schema.names),
-            "input_format": self.dataset.format,
-            "shard_rows": self.spec.shard_rows,
-        } | self._decode_config() | ({"optimize": self.optimized.record} if self.optimized else {})
+        return (
+            {
+                "model_sha256": self.signature.sha256,
+                "inputs": {b.tensor.name: list(b.columns) for b in self.bindings},
+                "outputs": {t.name: col for t, col in self.outputs},
+                "keep_columns": list(self.keep_schema.names),
+                "input_format": self.dataset.format,
+                "shard_rows": self.spec.shard_rows,
+            }
+            | self._decode_config()
+            | ({"optimize": self.optimized.record} if self.optimized else {})
+        )
 
     def _decode_config(self) -> dict:
         """Decoders and postprocessing, only when the spec has them (older outputs match)."""

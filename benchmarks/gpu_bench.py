@@ -141,9 +141,7 @@ def sample_feeds(w: dict) -> dict[str, np.ndarray]:
     return {k: v[:BATCH] for k, v in feeds.items()}
 
 
-def compute_rate(
-    model: Path, feeds: dict[str, np.ndarray], seconds: float, **cuda: str
-) -> float:
+def compute_rate(model: Path, feeds: dict[str, np.ndarray], seconds: float, **cuda: str) -> float:
     """The backend's own rate: one batch resident on the device, launched again and again."""
     from batch_infer.backends.onnxruntime_cuda import OnnxRuntimeCUDA
     from batch_infer.model import read_signature

@@ -35,8 +35,11 @@ def main() -> None:
             res = job(f"{name}-{gpus}gpu", w, args.work, args.out, env)
             rates[gpus] = res["rows"] / res["seconds"]
             busy = [a["busy_while_running"] for a in res["actors"]]
-            print(f"{name} on {gpus} GPU(s): {rates[gpus]:,.0f} rows/s (wall), "
-                  f"x{rates[gpus] / rates[args.gpus[0]]:.2f}, busy {busy}", flush=True)
+            print(
+                f"{name} on {gpus} GPU(s): {rates[gpus]:,.0f} rows/s (wall), "
+                f"x{rates[gpus] / rates[args.gpus[0]]:.2f}, busy {busy}",
+                flush=True,
+            )
             results[f"{name}-{gpus}"] = res
     (args.out / "scaling.json").write_text(json.dumps(results, indent=1))
 

@@ -249,9 +249,7 @@ def test_disk_full_during_a_commit_stops_at_once_then_the_rerun_is_exact(tmp_pat
     [(signal.SIGTERM, None), (signal.SIGINT, None), (signal.SIGTERM, 2)],
     ids=["sigterm", "sigint", "sigterm-ray-actors"],
 )
-def test_sigterm_and_sigint_mid_run_are_recorded_as_interrupted_and_resume(
-    tmp_path, sig, actors
-):
+def test_sigterm_and_sigint_mid_run_are_recorded_as_interrupted_and_resume(tmp_path, sig, actors):
     """Also with Ray's actors (`num_actors`), whose commits in flight are counted."""
     rows = 24000
     data = _vectors(tmp_path / "in", files=4, rows=rows // 4)

@@ -93,9 +93,15 @@ def quickstart_args(cache: Path, out: Path, *more: str) -> list[str]:
 def test_quickstart_int8_passes_the_gate_and_is_cached(tmp_path, capsys, monkeypatch):
     monkeypatch.chdir(ROOT)  # the quickstart's paths are relative to the repository
     report_path = tmp_path / "report.json"
-    args = quickstart_args(tmp_path / "cache", tmp_path / "out",
-                           "--set", "model.optimize.precision=int8", "--json", report_path)
-    code, out, _ = cli(args, capsys)  # fmt: skip
+    args = quickstart_args(
+        tmp_path / "cache",
+        tmp_path / "out",
+        "--set",
+        "model.optimize.precision=int8",
+        "--json",
+        report_path,
+    )
+    code, out, _ = cli(args, capsys)
     assert code == 0
     report = json.loads(report_path.read_text())
     gate = report["gate"]
@@ -199,9 +205,7 @@ def test_deliberately_bad_recipe_is_caught_exit_2_and_nothing_cached(tmp_path, f
 @pytest.mark.skipif(
     int8_dot_flag() is not None, reason=f"this CPU has {int8_dot_flag()}: int8 does not saturate"
 )
-def test_signed_activations_without_reduce_range_saturate_on_a_cpu_without_vnni(
-    tmp_path, images
-):
+def test_signed_activations_without_reduce_range_saturate_on_a_cpu_without_vnni(tmp_path, images):
     """Where the CPU lacks VNNI, ONNX Runtime's int8 kernels add pairs of u8*s8 products in
     16 bits: TensorRT's recipe (signed activations) with full-range weights can saturate.
     The default recipe for this CPU (reduce_range) must pass the same gate."""
@@ -270,9 +274,17 @@ def test_bert_fusion_names_the_fused_attention_and_says_why_not(tmp_path, tokens
 
 
 def test_fused_int8_bert_quantizes_past_the_fused_ops(tmp_path, tokens):
-    doc = spec_of(TINY_BERT, tokens, {"ids": "ids", "mask": "mask"}, tmp_path / "out",
-                  tmp_path / "cache", precision="int8", num_heads=HEADS, hidden_size=HIDDEN)
-    report = build_plan(resolve_spec(doc)).optimized.report  # fmt: skip
+    doc = spec_of(
+        TINY_BERT,
+        tokens,
+        {"ids": "ids", "mask": "mask"},
+        tmp_path / "out",
+        tmp_path / "cache",
+        precision="int8",
+        num_heads=HEADS,
+        hidden_size=HIDDEN,
+    )
+    report = build_plan(resolve_spec(doc)).optimized.report
     after = report["after"]
     assert after["qdq"]["QuantizeLinear"] > 10 and after["ops"]["com.microsoft.Attention"] == 2
     kept = {n["op"] for n in after["compute_nodes"] if n["precision"] == "fp32"}
@@ -394,23 +406,34 @@ def test_refusals_are_one_line(tmp_path, capsys, monkeypatch):
     monkeypatch.chdir(ROOT)
     code, _, err = cli(["optimize", QUICKSTART], capsys)
     assert code == 2 and "model.optimize is not set" in err
-    code, _, err = cli(quickstart_args(tmp_path / "c", tmp_path / "o",
-                                       "--set", "model.optimize.precision=fp8"), capsys)
-    assert code == 2 and "fp8 runs on TensorRT targets only" in err  # fmt: skip
-    code, _, err = cli(quickstart_args(tmp_path / "c", tmp_path / "o",
-                                       "--set", "model.optimize.calibration_rows=2000"), capsys)
-    assert code == 2 and "lower them" in err and len(err.strip().splitlines()) == 1  # fmt: skip
-    code, _, err = cli(quickstart_args(tmp_path / "c", tmp_path / "o",
-                                       "--set", "model.optimize.precision=int4"), capsys)
-    assert code == 2 and "model.optimize.precision" in err  # fmt: skip
+    code, _, err = cli(
+        quickstart_args(tmp_path / "c", tmp_path / "o", "--set", "model.optimize.precision=fp8"),
+        capsys,
+    )
+    assert code == 2 and "fp8 runs on TensorRT targets only" in err
+    code, _, err = cli(
+        quickstart_args(
+            tmp_path / "c", tmp_path / "o", "--set", "model.optimize.calibration_rows=2000"
+        ),
+        capsys,
+    )
+    assert code == 2 and "lower them" in err and len(err.strip().splitlines()) == 1
+    code, _, err = cli(
+        quickstart_args(tmp_path / "c", tmp_path / "o", "--set", "model.optimize.precision=int4"),
+        capsys,
+    )
+    assert code == 2 and "model.optimize.precision" in err
     assert cached(tmp_path / "c") == []
 
 
 def test_corrupt_cached_model_is_made_again_with_a_warning(tmp_path, caplog, monkeypatch):
     monkeypatch.chdir(ROOT)
-    overrides = {"tensorrt.cache_dir": str(tmp_path / "cache"),
-                 "output.path": str(tmp_path / "out"), "model.optimize.precision": "fp16"}
-    first = build_plan(resolve_spec(QUICKSTART, overrides))  # fmt: skip
+    overrides = {
+        "tensorrt.cache_dir": str(tmp_path / "cache"),
+        "output.path": str(tmp_path / "out"),
+        "model.optimize.precision": "fp16",
+    }
+    first = build_plan(resolve_spec(QUICKSTART, overrides))
     path = Path(first.signature.path)
     path.write_bytes(path.read_bytes()[:-10])
     again = build_plan(resolve_spec(QUICKSTART, overrides))

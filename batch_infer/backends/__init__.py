@@ -120,9 +120,7 @@ def load_backend(
         return TensorRTBackend(signature, options, backend=name, device=gpu), why
     if name == "onnxruntime" and device == "gpu":
         if not _has("onnxruntime"):
-            raise BackendError(
-                "ONNX Runtime is not installed here: pip install 'batch-infer[gpu]'"
-            )
+            raise BackendError("ONNX Runtime is not installed here: pip install 'batch-infer[gpu]'")
         from batch_infer.backends.onnxruntime_cuda import OnnxRuntimeCUDA
 
         return OnnxRuntimeCUDA(signature, slots=options.slots, device=gpu), why

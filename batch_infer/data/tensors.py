@@ -78,9 +78,7 @@ def _leaf_fits(leaf: pa.DataType, target: np.dtype, text: bool) -> str | None:
     return f"{leaf} is not numeric"
 
 
-def check_binding(
-    binding: InputBinding, schema: pa.Schema, where: str, text: bool = False
-) -> None:
+def check_binding(binding: InputBinding, schema: pa.Schema, where: str, text: bool = False) -> None:
     """Raise a clear error when the columns cannot feed the model input, from the schema alone.
     `text`: the input format keeps numbers as text (CSV)."""
     tensor = binding.tensor
