@@ -38,15 +38,13 @@ from batch_infer.backends import (
     ray_initialized,
 )
 from batch_infer.data.sharding import Shard, plan_shards
-from batch_infer.errors import JobFailedError, OutputFailedError, UserError
+from batch_infer.errors import STALL_NOTICE_SECONDS, JobFailedError, OutputFailedError, UserError
 from batch_infer.planning import JobPlan, build_plan
 from batch_infer.sink.manifest import SUCCESS, OutputSink, RunRecord, ShardEntry
 from batch_infer.sink.writing import ShardWriter
 from batch_infer.spec import SpecSource, resolve_spec
 
 log = logging.getLogger("batch_infer")
-# Nothing finished for this long while tasks or actors wait for Ray: the run says so.
-STALL_NOTICE_SECONDS = float(os.environ.get("BATCH_INFER_STALL_NOTICE_SECONDS", "60"))
 
 if TYPE_CHECKING:
     from ray.exceptions import RayTaskError

@@ -13,6 +13,7 @@ import datetime as dt
 import ipaddress
 import json
 import os
+import re
 import secrets
 import shutil
 import signal
@@ -325,6 +326,25 @@ def test_quickstart_submit_wait_status_logs_list(head: Head, tmp_path: Path) -> 
         reader_gone = _cli_into_closed_pipe("jobs", *args, "--address", head.address, env=env)
         assert reader_gone.returncode == 0, reader_gone.stderr
         assert "Traceback" not in reader_gone.stderr and "BrokenPipe" not in reader_gone.stderr
+
+
+def test_following_a_quiet_job_says_how_it_stands(head: Head) -> None:
+    """A followed job that logs nothing for a while (pending, or busy in silence): the
+    command says on stderr how the job stands instead of hanging mute; the logs still come
+    whole, on stdout."""
+    from ray.job_submission import JobSubmissionClient
+
+    client = JobSubmissionClient(head.address, headers={"Authorization": f"Bearer {head.token}"})
+    code = "import time; print('first', flush=True); time.sleep(9); print('last')"
+    job_id = client.submit_job(entrypoint=f'python -c "{code}"')
+    env = head.env(BATCH_INFER_STALL_NOTICE_SECONDS="2")
+    r = cli("jobs", "logs", job_id, "--follow", "--address", head.address, env=env)
+    assert r.returncode == 0, r.stderr
+    ours = [line for line in r.stdout.splitlines() if line in ("first", "last")]
+    assert ours == ["first", "last"], r.stdout  # after lines of Ray's own
+    # in its 9 s of sleep: after 2 s of silence, then 4 s more (6 s in all)
+    notices = re.findall(rf"job {job_id} is RUNNING; nothing logged for (\d+) s", r.stderr)
+    assert [int(n) for n in notices][-2:] == [2, 6], r.stderr
 
 
 def test_failed_job_exits_with_the_drivers_code(head: Head, tmp_path: Path) -> None:

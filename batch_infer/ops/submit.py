@@ -34,7 +34,7 @@ from urllib.parse import urlsplit
 import yaml
 
 import batch_infer
-from batch_infer.errors import ClusterError, SpecError, UserError
+from batch_infer.errors import STALL_NOTICE_SECONDS, ClusterError, SpecError, UserError
 from batch_infer.location import is_uri
 from batch_infer.model import external_data_files, load_graph
 from batch_infer.ops import drop_stdout, json_rows, note
@@ -52,6 +52,7 @@ MODEL_DIR = "model"  # the carried model, in the job's working_dir
 FILES_DIR = "files"  # the carried tokenizer and labels files, in the job's working_dir
 MODEL_ORIGIN_ENV = "BATCH_INFER_MODEL_ORIGIN"  # the carried model's path where it was submitted
 TERMINAL = ("SUCCEEDED", "FAILED", "STOPPED")
+PENDING_WHY = " (Ray has not started its driver: it sets up the job's files, or waits for room)"
 EXIT_JOB_NOT_SUCCEEDED = 1  # a job that failed without a driver exit code, or was stopped
 # Ray's runtime_env reference documents a local working_dir as "at most 100 MiB"
 # (https://docs.ray.io/en/latest/ray-core/handling-dependencies.html#api-reference).
@@ -433,10 +434,23 @@ class Cluster:
         stream that ends before the job does is a ClusterError."""
 
         async def tail() -> bool:
-            async for chunk in self.client.tail_job_logs(job_id):
-                if not emit(chunk):
-                    return False
-            return True
+            stream = aiter(self.client.tail_job_logs(job_id))
+            quiet, chunk, since = STALL_NOTICE_SECONDS, None, time.monotonic()
+            while True:  # the next chunk is waited for, never cancelled: that ends the stream
+                chunk = chunk or asyncio.ensure_future(anext(stream))
+                if not (await asyncio.wait({chunk}, timeout=quiet))[0]:
+                    status = str((await asyncio.to_thread(self.info, job_id)).status)
+                    why = PENDING_WHY if status == "PENDING" else ""
+                    silent = time.monotonic() - since
+                    note(f"job {job_id} is {status}{why}; nothing logged for {silent:.0f} s")
+                    quiet *= 2  # the next notice after twice as long
+                    continue
+                done, chunk, quiet, since = chunk, None, STALL_NOTICE_SECONDS, time.monotonic()
+                try:
+                    if not emit(done.result()):
+                        return False
+                except StopAsyncIteration:
+                    return True
 
         with self.errors(job_id):
             if asyncio.run(tail()) and str(self.info(job_id).status) not in TERMINAL:
