@@ -335,16 +335,20 @@ def test_following_a_quiet_job_says_how_it_stands(head: Head) -> None:
     from ray.job_submission import JobSubmissionClient
 
     client = JobSubmissionClient(head.address, headers={"Authorization": f"Bearer {head.token}"})
-    code = "import time; print('first', flush=True); time.sleep(9); print('last')"
+    code = "import time; print('first', flush=True); time.sleep(12); print('last')"
     job_id = client.submit_job(entrypoint=f'python -c "{code}"')
     env = head.env(BATCH_INFER_STALL_NOTICE_SECONDS="2")
     r = cli("jobs", "logs", job_id, "--follow", "--address", head.address, env=env)
     assert r.returncode == 0, r.stderr
     ours = [line for line in r.stdout.splitlines() if line in ("first", "last")]
     assert ours == ["first", "last"], r.stdout  # after lines of Ray's own
-    # in its 9 s of sleep: after 2 s of silence, then 4 s more (6 s in all)
-    notices = re.findall(rf"job {job_id} is RUNNING; nothing logged for (\d+) s", r.stderr)
-    assert [int(n) for n in notices][-2:] == [2, 6], r.stderr
+    # in its 12 s of sleep: after 2 s of silence, then after 4 s, 8 s (the logs reach the
+    # client a few seconds late on a busy machine: at least the first two)
+    notices = re.findall(
+        rf"job {job_id} is (\w+)(?: \(.*\))?; nothing logged for (\d+) s", r.stderr
+    )
+    assert {("RUNNING", "2"), ("RUNNING", "4")} <= set(notices), r.stderr
+    assert all(status in ("PENDING", "RUNNING") for status, _ in notices), r.stderr
 
 
 def test_failed_job_exits_with_the_drivers_code(head: Head, tmp_path: Path) -> None:

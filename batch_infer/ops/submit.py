@@ -438,12 +438,14 @@ class Cluster:
             quiet, chunk, since = STALL_NOTICE_SECONDS, None, time.monotonic()
             while True:  # the next chunk is waited for, never cancelled: that ends the stream
                 chunk = chunk or asyncio.ensure_future(anext(stream))
-                if not (await asyncio.wait({chunk}, timeout=quiet))[0]:
+                left = since + quiet - time.monotonic()
+                if not (await asyncio.wait({chunk}, timeout=max(0.0, left)))[0]:
                     status = str((await asyncio.to_thread(self.info, job_id)).status)
                     why = PENDING_WHY if status == "PENDING" else ""
                     silent = time.monotonic() - since
-                    note(f"job {job_id} is {status}{why}; nothing logged for {silent:.0f} s")
-                    quiet *= 2  # the next notice after twice as long
+                    if status not in TERMINAL:  # else its last lines are on their way
+                        note(f"job {job_id} is {status}{why}; nothing logged for {silent:.0f} s")
+                    quiet *= 2  # the next notice once the silence has lasted twice as long
                     continue
                 done, chunk, quiet, since = chunk, None, STALL_NOTICE_SECONDS, time.monotonic()
                 try:
