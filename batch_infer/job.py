@@ -537,7 +537,7 @@ def _execute(
     # its node may wait for resources that never come, and must not hold shards meanwhile.
     loaded = [False] * pool.count
     next_writer = 0
-    last_refresh = last_finished = time.time()
+    last_finished = time.time()
     quiet = STALL_NOTICE_SECONDS  # nothing finished for this long: say what the run waits for
     for i, actor in enumerate(pool.actors):
         running[actor.describe.remote()] = _Task("ready", slot=i, handle=actor)
@@ -591,9 +591,6 @@ def _execute(
             ready, _ = ray.wait(list(running), num_returns=1, timeout=0.2) if running else ([], [])
             if not running:
                 time.sleep(0.05)  # only the lane is at work
-            if time.time() - last_refresh > 10:
-                sink.keep_alive()
-                last_refresh = time.time()
             if ready or (lane is not None and lane.running):
                 last_finished, quiet = time.time(), STALL_NOTICE_SECONDS
             elif time.time() - last_finished > quiet:

@@ -241,6 +241,32 @@ def test_disk_full_during_a_commit_stops_at_once_then_the_rerun_is_exact(tmp_pat
             assert after[shard]["run"] == entry["run"]
 
 
+def test_disk_full_when_marking_success_is_one_line(tmp_path):
+    """The last write of a run (`_SUCCESS`) meets a full disk: one line, no success marked;
+    with room again, completing marks it."""
+    from batch_infer.errors import OutputFailedError
+    from batch_infer.sink.manifest import OutputSink, RunRecord, ShardEntry
+
+    with _tmpfs(tmp_path / "small", "64k") as mount:
+        sink = OutputSink(str(mount / "out"))
+        sink.on_write_start("r1", {"a": 1}, {"s1": "fp"})
+        entry = ShardEntry("s1", "f.parquet", 0, 3, 3, 3, 0, "fp", "sha", "r1")
+        sink.write(entry, pa.table({"x": [1, 2, 3]}), None)
+        filler = mount / "filler"
+        with contextlib.suppress(OSError), filler.open("wb") as f:
+            f.write(b"\0" * (1 << 20))  # fill it up
+        with pytest.raises(OutputFailedError) as err:
+            sink.on_write_complete(RunRecord("r1", "job"), ["s1"], 0)
+        assert "No space left on device while completing the output; free some space" in str(
+            err.value
+        )
+        assert not (mount / "out" / "_SUCCESS").exists()
+        filler.unlink()
+        record = RunRecord("r1", "job")
+        sink.on_write_complete(record, ["s1"], 0)
+        assert record.status == "succeeded" and (mount / "out" / "_SUCCESS").exists()
+
+
 # --------------------------------------------------------------------------- signals
 
 

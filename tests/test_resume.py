@@ -252,3 +252,77 @@ def test_second_run_into_same_output_is_refused(tmp_path, models):
         holder.wait()
     summary = batch_infer.run(two_io_spec(data, out, models["two_io"]))  # free once it is gone
     assert summary.status == "succeeded"
+
+
+# --------------------------------------------------------------------------- the protocol
+
+
+def test_a_config_key_dropped_since_is_a_change(tmp_path):
+    """Keys the spec adds only when it uses them (postprocess, decoded_inputs, optimize):
+    dropping one must be refused like changing one, or outputs of two kinds would mix."""
+    from batch_infer.sink.manifest import OutputSink, RunRecord
+
+    config = {"model_sha256": "m", "outputs": {"y": "y"}, "postprocess": {"top_k": 1}}
+    sink = OutputSink(str(tmp_path / "out"))
+    sink.on_write_start("r1", config, {})
+    sink.record_run(RunRecord("r1", "job"))
+    plain = {k: v for k, v in config.items() if k != "postprocess"}
+    with pytest.raises(OutputError, match="computed with a different postprocess; rerun with"):
+        OutputSink(str(tmp_path / "out")).on_write_start("r2", plain, {})
+    OutputSink(str(tmp_path / "out")).on_write_start("r3", config, {})  # as before: resumes
+
+
+def test_a_corrupt_manifest_file_is_one_line_naming_it(tmp_path, models):
+    """What a crash or a hand can leave: an empty shard entry, a job.json that is no JSON.
+    One line naming the file; deleting the entry computes its shard again, exactly once."""
+    data = _big_input(tmp_path / "in", files=1, rows=300)
+    out = tmp_path / "out"
+    spec = two_io_spec(data, out, models["two_io"], shard_rows=100)
+    batch_infer.run(spec)
+    entry = sorted((out / "_manifest" / "shards").glob("*.json"))[0]
+    entry.write_text("")
+    with pytest.raises(OutputError) as err:
+        batch_infer.run(spec)
+    assert str(err.value).startswith(f"{entry}: unreadable (")
+    assert "Delete that file to compute its shard again" in str(err.value)
+    entry.write_text("[1, 2]")
+    with pytest.raises(OutputError, match=rf"^{entry}: not a shard entry \(AttributeError"):
+        batch_infer.run(spec)
+    entry.unlink()
+    summary = batch_infer.run(spec)
+    assert (summary.shards_committed, summary.shards_skipped) == (1, 2)
+    assert_matches_direct(models["two_io"], _inputs(data), read_output(out))
+    (out / "_manifest" / "job.json").write_text("{")
+    with pytest.raises(OutputError, match=r"job\.json: unreadable \(.*rerun with --overwrite"):
+        batch_infer.run(spec)
+
+
+def test_a_lock_on_an_object_store_is_refreshed_while_held(tmp_path):
+    """Outputs off the local disk (s3://, gs://) are locked by a file its holder refreshes:
+    a thread refreshes it however long the run's own work takes, a stale one is taken
+    over, and a run that lost it never deletes the new holder's lock nor marks success."""
+    import pyarrow.fs as pafs
+
+    from batch_infer.errors import OutputFailedError
+    from batch_infer.location import Location
+    from batch_infer.sink.manifest import LOCK_INFO, OutputLock
+
+    fs = pafs.SubTreeFileSystem(str(tmp_path), pafs.LocalFileSystem())  # not a local disk
+    out = Location(fs, "out", "remote://out")
+    assert not out.is_local
+    first = OutputLock(out, "r1", stale_after=0.8)
+    first.acquire()
+    time.sleep(1.6)  # twice the time after which an unrefreshed lock is stale
+    with pytest.raises(OutputError, match=r"another batch-infer run is writing .*\(run r1,"):
+        OutputLock(out, "r2", stale_after=0.8).acquire()
+    first.release()
+    assert not out.exists(LOCK_INFO)
+    # r3 takes over a lock r1 holds (as if r1's process had stalled past stale_after)
+    first = OutputLock(out, "r1", stale_after=0.8)
+    first.acquire()
+    out.write_json(LOCK_INFO, {"run": "r3", "pid": 1, "host": "h", "heartbeat": time.time()})
+    time.sleep(0.6)  # r1's next refresh finds r3's lock
+    with pytest.raises(OutputFailedError, match=r"out: run r3 \(pid 1 on h\) took this output"):
+        first.check()
+    first.release()
+    assert out.read_json(LOCK_INFO)["run"] == "r3"

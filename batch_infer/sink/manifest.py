@@ -31,6 +31,7 @@ import logging
 import os
 import posixpath
 import socket
+import threading
 import time
 import uuid
 from dataclasses import asdict, dataclass, field
@@ -166,13 +167,16 @@ class OutputLock:
     """One run per output at a time.
 
     Local paths use an OS file lock, which a killed driver releases by dying. Other
-    filesystems get a lock file that the holder refreshes; one not refreshed for
-    `stale_after` seconds is taken over.
+    filesystems get a lock file that a thread of the holder refreshes for as long as it
+    holds it (whatever the run is doing); one not refreshed for `stale_after` seconds is
+    taken over.
     """
 
     def __init__(self, out: Location, run_id: str, stale_after: float = 120.0) -> None:
         self.out, self.run_id, self.stale_after = out, run_id, stale_after
         self._filelock: FileLock | None = None
+        self._released = threading.Event()  # ends the heartbeat thread
+        self.lost_to: dict[str, Any] | None = None  # who took a lock this run did not refresh
         self.info = {"run": run_id, "host": socket.gethostname(), "pid": os.getpid()}
 
     def acquire(self) -> None:
@@ -193,14 +197,37 @@ class OutputLock:
             held = self.out.read_json(LOCK_INFO)
             if time.time() - held.get("heartbeat", 0) < self.stale_after:
                 raise OutputError(self._held_message())
-        self.refresh()
+        self._refresh()
         time.sleep(0.5)  # a racing writer may have written after us: the last one wins
         if self.out.read_json(LOCK_INFO).get("run") != self.run_id:
             raise OutputError(self._held_message())
+        threading.Thread(target=self._heartbeat, name="batch-infer-lock", daemon=True).start()
 
-    def refresh(self) -> None:
-        if not self.out.is_local:
-            self.out.write_json(LOCK_INFO, {**self.info, "heartbeat": time.time()})
+    def _refresh(self) -> None:
+        self.out.write_json(LOCK_INFO, {**self.info, "heartbeat": time.time()})
+
+    def _heartbeat(self) -> None:
+        """Refresh the lock file, a quarter of `stale_after` apart, while it is ours."""
+        while not self._released.wait(self.stale_after / 4):
+            try:
+                held = self.out.read_json(LOCK_INFO)
+                if held.get("run") != self.run_id:  # this process stalled past stale_after
+                    self.lost_to = held
+                    log.error("%s", self._held_message())
+                    return
+                self._refresh()
+            except (OSError, ValueError) as exc:  # the next beat tries again
+                log.warning("could not refresh the lock of %s: %s", self.out.root, exc)
+
+    def check(self) -> None:
+        """Raise if another run took the lock (this one missed its refreshes)."""
+        if self.lost_to is not None:
+            raise OutputFailedError(
+                f"{self.out.root}: run {self.lost_to.get('run')} (pid {self.lost_to.get('pid')} "
+                f"on {self.lost_to.get('host')}) took this output's lock while this run "
+                f"held it, after {self.stale_after:.0f} s without a refresh; this run stops "
+                "without marking the output complete: let the other run finish"
+            )
 
     def _held_message(self) -> str:
         try:
@@ -211,9 +238,11 @@ class OutputLock:
         return f"{self.out.root}: another batch-infer run is writing to this output{who}"
 
     def release(self) -> None:
-        try:  # only a note of who holds it: the OS lock is what excludes, and goes now
-            with contextlib.suppress(OSError):
-                self.out.delete(LOCK_INFO)
+        self._released.set()
+        try:  # locally only a note of who holds it: the OS lock is what excludes, and goes now
+            with contextlib.suppress(OSError, ValueError):
+                if self.out.is_local or self.out.read_json(LOCK_INFO).get("run") == self.run_id:
+                    self.out.delete(LOCK_INFO)  # never the lock of a run that took it over
         finally:
             if self._filelock is not None:
                 self._filelock.release()
@@ -240,11 +269,30 @@ def _ours(name: str) -> bool:
     return name in (LOCK, LOCK_INFO) or name.startswith(f".{LOCK_INFO}.tmp-")
 
 
+def _read_manifest(out: Location, rel: str) -> Any:
+    """A manifest file's JSON; one that cannot be parsed is an OutputError naming it."""
+    try:
+        return out.read_json(rel)
+    except ValueError as exc:
+        raise OutputError(
+            f"{out.path(rel)}: unreadable ({exc}); the output was changed outside batch-infer. "
+            "Delete that file to compute its shard again, or rerun with --overwrite"
+        ) from None
+
+
 def committed_entries(out: Location) -> dict[str, ShardEntry]:
     entries = {}
     for info in out.list(SHARDS):
         if info.base_name.endswith(".json") and not info.base_name.startswith("."):
-            entry = ShardEntry.from_json(out.read_json(posixpath.relpath(info.path, out.root)))
+            rel = posixpath.relpath(info.path, out.root)
+            doc = _read_manifest(out, rel)
+            try:
+                entry = ShardEntry.from_json(doc)
+            except (TypeError, KeyError, AttributeError) as exc:
+                raise OutputError(
+                    f"{out.path(rel)}: not a shard entry ({type(exc).__name__}: {exc}); "
+                    "delete that file to compute its shard again, or rerun with --overwrite"
+                ) from None
             entries[entry.shard] = entry
     return entries
 
@@ -351,8 +399,10 @@ class OutputSink:
                 if not _ours(info.base_name):
                     out.delete(info.base_name)
         if out.exists(JOB):
-            before = out.read_json(JOB)
-            changed = [k for k, v in config.items() if before.get(k) != v]
+            before = _read_manifest(out, JOB)
+            # both ways: a key only one side has (a postprocess dropped or added) is a change
+            keys = [*config, *(k for k in before if k not in config)]
+            changed = [k for k in keys if before.get(k) != config.get(k)]
             if changed:
                 raise OutputError(
                     f"{out.root}: holds outputs computed with a different "
@@ -362,11 +412,6 @@ class OutputSink:
         else:
             out.write_json(JOB, config)
         return recover(out)
-
-    def keep_alive(self) -> None:
-        """Refresh the lock's heartbeat (non-local filesystems); call every few seconds."""
-        if self._lock is not None:
-            self._lock.refresh()
 
     # -- writer actors: one call per shard -----------------------------------------------
 
@@ -428,7 +473,14 @@ class OutputSink:
     def on_write_complete(self, record: RunRecord, shard_ids: list[str], max_bad_rows: int) -> None:
         """Count every committed row of the planned shards; decide success; mark it.
 
-        Raises `JobFailedError` if shards failed, `BadRowsError` past `max_bad_rows`."""
+        Raises `JobFailedError` if shards failed, `BadRowsError` past `max_bad_rows`, and
+        `OutputFailedError` for an OS error (no space for `_SUCCESS`, say)."""
+        try:
+            self._complete(record, shard_ids, max_bad_rows)
+        except OSError as exc:
+            raise _os_error(self.out, exc, "completing the output") from None
+
+    def _complete(self, record: RunRecord, shard_ids: list[str], max_bad_rows: int) -> None:
         self.out.delete(STAGING)  # the writers are gone: nothing is staged any more
         done = committed_entries(self.out)
         entries = [done[s] for s in shard_ids if s in done]
@@ -452,6 +504,8 @@ class OutputSink:
             )
             record.errors.append(msg)
             raise BadRowsError(msg)
+        if self._lock is not None:
+            self._lock.check()  # the output is another run's now: it is not ours to mark
         record.status = "succeeded"
         self.out.write_json(SUCCESS, {"run": record.run_id, "rows": record.rows})
 
