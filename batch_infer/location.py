@@ -76,19 +76,35 @@ class Location:
 
     def write_json(self, rel: str, doc: Any) -> None:
         """Write to a temporary name, then rename: readers never see half a file, and a
-        failed write leaves no temporary file behind."""
+        failed write leaves no temporary file behind. Durable once it returns (`sync`)."""
         final = self.path(rel)
-        self.filesystem.create_dir(posixpath.dirname(final), recursive=True)
-        tmp = f"{posixpath.dirname(final)}/.{posixpath.basename(final)}.tmp-{uuid.uuid4().hex[:8]}"
+        folder = posixpath.dirname(final)
+        self.filesystem.create_dir(folder, recursive=True)
+        tmp = f"{folder}/.{posixpath.basename(final)}.tmp-{uuid.uuid4().hex[:8]}"
         data = json.dumps(doc, indent=1, sort_keys=True, default=str).encode()
         try:
             with self.filesystem.open_output_stream(tmp) as f:
                 f.write(data)
+            self.sync(tmp)
             self.filesystem.move(tmp, final)
+            self.sync(folder)
         except BaseException:
             with contextlib.suppress(OSError, pa.ArrowException):
                 self.filesystem.delete_file(tmp)
             raise
+
+    def sync(self, *paths: str) -> None:
+        """Flush files, or folders' lists of names, to a local disk (fsync): what a commit
+        names must survive a power loss as the commit does. Paths are the filesystem's own
+        (`path()`); object stores have a write durable once it returns."""
+        if not self.is_local:
+            return
+        for path in paths:
+            fd = os.open(path, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
 
     def delete(self, rel: str) -> None:
         info = self.info(rel)

@@ -454,6 +454,11 @@ class OutputSink:
                     tmp = f"{stage}/{final.replace('/', '_')}"
                     self._write_parquet(table, tmp)
                     staged[final] = tmp
+            # the files, then the commit that names them: a power loss keeps no entry whose
+            # files it lost (the entry itself is durable once written)
+            if staged:
+                files = [out.path(tmp) for tmp in staged.values()]
+                out.sync(*files, out.path(stage), out.path(STAGING))
             entry = dataclasses.replace(
                 entry, files=sorted(staged), staged=staged, committed_at=time.time()
             )
