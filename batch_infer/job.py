@@ -443,12 +443,14 @@ class _Pool:
         return sorted(out, key=lambda s: s["actor"])
 
     def shutdown(self) -> None:
-        """End every actor and writer now: the run is recorded, nothing of theirs is needed,
-        and a process that ends releases its GPU memory, streams and sessions."""
+        """End every actor and writer now: nothing of theirs is needed any more (what they
+        committed is on disk), and a process that ends releases its GPU memory, streams and
+        sessions. A Ray that failed may not end them: that must not hide why the run ended."""
         import ray
 
         for handle in self.actors + self.writers:
-            ray.kill(handle)
+            with contextlib.suppress(Exception):
+                ray.kill(handle)
 
 
 def _waiting(
@@ -520,14 +522,24 @@ def _execute(
         if (lane is None or not lane.running) and not work.pending:
             return  # the run's own process ran every shard while Ray was starting
     import ray
-    from ray.exceptions import RayError, RayTaskError
 
-    died_errors = _died_errors()
     work.record.mark("ray_ready")
     gpus = int(ray.cluster_resources().get("GPU", 0))
     device = check_request(plan.spec.backend, plan.spec.device, gpus)
+    pool = _Pool(plan, sink, device, work.record.run_id)
+    try:
+        _drive(plan, sink, work, lane, pool)
+    finally:  # also after an error: a later run in this process (a backfill's next date,
+        pool.shutdown()  # a notebook) gets the GPUs, and no writer commits behind its back
+
+
+def _drive(plan: JobPlan, sink: OutputSink, work: _Work, lane: _Lane | None, pool: _Pool) -> None:
+    """`_execute`'s loop over Ray's actors and writers, until every shard is done."""
+    import ray
+    from ray.exceptions import RayError, RayTaskError
+
+    died_errors = _died_errors()
     record = work.record
-    pool = _Pool(plan, sink, device, record.run_id)
     record.actors = pool.count
     max_commits = 2 * len(pool.writers) + pool.count  # backpressure on the writers
     prepared: deque[tuple[Shard, int, tuple[Any, ...]]] = deque()
@@ -655,7 +667,6 @@ def _execute(
         lane.wait()
     lanes = pool.stats(loaded) + ([lane.stats] if lane is not None and lane.stats else [])
     _record_actors(record, lanes)
-    pool.shutdown()
 
 
 def _record_actors(record: RunRecord, stats: list[dict[str, Any]]) -> None:

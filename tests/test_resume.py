@@ -326,3 +326,36 @@ def test_a_lock_on_an_object_store_is_refreshed_while_held(tmp_path):
         first.check()
     first.release()
     assert out.read_json(LOCK_INFO)["run"] == "r3"
+
+
+@pytest.mark.usefixtures("ray_start_regular")
+def test_a_run_that_fails_ends_its_actors(tmp_path):
+    """A run that stops on an error (here: no actor can load the model) ends its actors and
+    writers, so the next run in the same process (a backfill's next date, a notebook) gets
+    their cores or GPUs, and no writer of the failed run commits behind its back."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    from batch_infer.errors import BackendError
+    from tests.conftest import write_parquet_dataset
+
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [None, 3])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, [None, 3])
+    node = helper.make_node("Nope", ["x"], ["y"], domain="com.example")
+    opsets = [helper.make_opsetid("", 17), helper.make_opsetid("com.example", 1)]
+    model = helper.make_model(helper.make_graph([node], "g", [x], [y]), opset_imports=opsets)
+    onnx.save(model, tmp_path / "nope.onnx")
+    data = write_parquet_dataset(tmp_path / "in", files=1, rows=100)
+    spec = {
+        "name": "nope",
+        "input": {"path": str(data)},
+        "model": {"onnx": str(tmp_path / "nope.onnx"), "inputs": {"x": ["a", "b", "c"]}},
+        "output": {"path": str(tmp_path / "out")},
+        "num_actors": 2,
+    }
+    with pytest.raises(BackendError, match="is not a registered function/op"):
+        batch_infer.run(spec)
+    deadline = time.time() + 30
+    while alive := [a for a in ray.util.list_named_actors() if a.startswith("batch-infer:")]:
+        assert time.time() < deadline, alive
+        time.sleep(0.2)
