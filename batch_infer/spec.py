@@ -238,11 +238,24 @@ _CRON_FIELDS = ("minute", "hour", "day-of-month", "month", "day-of-week")
 
 def _check_cron_field(index: int, text: str) -> None:
     names = _MONTHS if index == 3 else _WEEKDAYS if index == 4 else ()
+    field = f"{_CRON_FIELDS[index]} field {text!r}"
     for atom in re.split(r"[,/-]", text):
         if not (atom == "*" or atom.isdigit() or atom.lower() in names):
             raise ValueError(
-                f"{_CRON_FIELDS[index]} field {text!r}: {atom!r} is not portable to cron, "
-                "systemd and Kubernetes (use numbers, *, ranges a-b, lists a,b and steps /n)"
+                f"{field}: {atom!r} is not portable to cron, systemd and Kubernetes (use "
+                "numbers, *, ranges a-b, lists a,b and steps /n)"
+            )
+    for item in text.split(","):  # what croniter takes and Kubernetes (robfig/cron) refuses
+        span = [a for a in item.split("/")[0].split("-") if a != "*"]
+        values = [int(a) if a.isdigit() else names.index(a.lower()) + (index == 3) for a in span]
+        if index == 4 and 7 in values:
+            raise ValueError(
+                f"{field}: 7 for Sunday is not portable (Kubernetes takes 0-6): write Sunday as 0"
+            )
+        if len(values) == 2 and values[0] > values[1]:
+            raise ValueError(
+                f"{field}: the range {item.split('/')[0]!r} runs backwards, which cron and "
+                "Kubernetes refuse: write it as two ranges"
             )
 
 
@@ -277,10 +290,14 @@ class ScheduleSpec(_Strict):
                 f"{expr!r}: day-of-month {dom!r} with day-of-week {dow!r} is ambiguous (cron "
                 "implementations disagree on */n here); list the days instead"
             )
-        from croniter import croniter  # only specs with a schedule pay for it
+        from croniter import CroniterBadDateError, croniter  # only specs with a schedule pay
 
         if not croniter.is_valid(expr):
             raise ValueError(f"{expr!r}: not a valid cron expression (a value is out of range?)")
+        try:
+            croniter(expr).get_next()
+        except CroniterBadDateError:
+            raise ValueError(f"{expr!r}: never matches a date (e.g. 30 February)") from None
         return expr
 
     @field_validator("timezone")

@@ -124,6 +124,13 @@ def test_bad_placeholders_name_the_key(key, value, message):
         ({"cron": "0 2 * * 5#2"}, r"schedule\.cron.*not portable"),
         ({"cron": "@reboot"}, r"schedule\.cron.*unknown macro"),
         ({"cron": "0 2 */2 * 1"}, r"schedule\.cron.*ambiguous"),
+        # croniter takes these; Kubernetes (robfig/cron) and cron refuse them
+        ({"cron": "0 2 * * 7"}, r"schedule\.cron.*'7': 7 for Sunday is not portable"),
+        ({"cron": "0 2 * * 5-7"}, r"schedule\.cron.*7 for Sunday is not portable"),
+        ({"cron": "0 22-2 * * *"}, r"schedule\.cron.*hour field '22-2'.* runs backwards"),
+        ({"cron": "0 2 * * fri-mon"}, r"schedule\.cron.*'fri-mon' runs backwards"),
+        ({"cron": "0 0 1 nov-feb *"}, r"schedule\.cron.*month field .* runs backwards"),
+        ({"cron": "0 0 30 2 *"}, r"schedule\.cron.*never matches a date"),
         ({"cron": "0 2 * * *", "timezone": "Mars/Olympus"}, r"schedule\.timezone.*unknown"),
         ({"cron": "0 2 * * *", "every": 1}, r"schedule\.every.*unknown key"),
     ],
