@@ -330,18 +330,21 @@ def test_oncalendar_matches_cron_minute_by_minute(cron, zone):
 
 
 def test_systemd_units(tmp_path, monkeypatch):
+    tmp_path = tmp_path / "my dir%x"  # a space and a specifier character: in paths, both
+    tmp_path.mkdir()
     monkeypatch.chdir(tmp_path)
-    spec = write_spec(tmp_path / "my job.yaml", dated_spec())  # a space in the path
+    spec = write_spec(tmp_path / "my job.yaml", dated_spec())
     args = ["schedule", str(spec), "--emit", "systemd", "--address", "ray://head:10001"]
     assert schedule_cli([*args, "--out", "units"]) == 0
     service = (tmp_path / "units/batch-infer-nightly.service").read_text()
     timer = (tmp_path / "units/batch-infer-nightly.timer").read_text()
     assert "OnCalendar=*-*-* 02:00:00 Europe/Berlin\n" in timer
     assert "Unit=batch-infer-nightly.service\n" in timer
-    assert "Type=oneshot\n" in service and f"WorkingDirectory={tmp_path}\n" in service
+    assert "Type=oneshot\n" in service
+    assert f"WorkingDirectory={str(tmp_path).replace('%', '%%')}\n" in service
     assert 'Environment="RAY_ADDRESS=ray://head:10001"\n' not in service  # no quoting needed
     assert "Environment=RAY_ADDRESS=ray://head:10001\n" in service
-    assert f'run -q "{spec}"\n' in service
+    assert f'run -q "{str(spec).replace("%", "%%")}"\n' in service
     if shutil.which("systemd-analyze"):  # systemd's own parser of both units
         units = ["batch-infer-nightly.timer", "batch-infer-nightly.service"]
         subprocess.run(

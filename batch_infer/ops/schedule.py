@@ -197,7 +197,7 @@ def _emit_timer(args: argparse.Namespace, spec: JobSpec, values: dict[str, Any])
         "systemd.service",
         **values,
         unit=unit,
-        workdir=_systemd_quote(os.getcwd()),
+        workdir=os.getcwd().replace("%", "%%"),  # one path, taken as written: no quotes
         environment=f"Environment={address}\n" if address else "",
         exec_start=" ".join(map(_systemd_quote, argv)),
     )
