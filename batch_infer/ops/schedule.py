@@ -45,7 +45,7 @@ K8S_NAME_MAX = 36  # KubeRay: RayCronJob names <= 36, RayJob <= 47 (generateName
 TTL_SECONDS = 600  # KubeRay deletes a finished RayJob's RayCluster after this long
 WIND_DOWN_SECONDS = 600  # the CronJob's pod outlives its RayJob's deadline by this much
 # The CronJob's pod only runs kubectl: a small image, pinned, instead of the TensorRT one.
-KUBECTL_IMAGE = "bitnami/kubectl:1.33.4"
+KUBECTL_IMAGE = "bitnamilegacy/kubectl:1.33.4"
 _WEEKDAYS = ("Mon", "Tue", "Wed", "Thu", "Fri", "Sat", "Sun")
 
 
