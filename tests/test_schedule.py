@@ -692,3 +692,20 @@ def test_schedules_in_the_hours_clocks_change_are_flagged():
     assert caveat("*/10 * * * *", "America/New_York")
     assert caveat("30 4 * * *", "Europe/Berlin") is None
     assert caveat("30 2 * * *", "UTC") is None and caveat("30 2 * * *", "Asia/Tokyo") is None
+
+
+def test_a_reader_gone_early_ends_schedule_and_backfill_quietly(tmp_path):
+    """`batch-infer schedule ... | head` and the like: exit 141 (as a shell reports a command
+    cut off by SIGPIPE), no traceback, as `query` and `inspect` do."""
+    spec = write_spec(tmp_path / "nightly.yaml", dated_spec())
+    for args in (
+        ("schedule", str(spec), "--next", "3"),
+        ("schedule", str(spec), "--next", "3", "--json"),
+        ("schedule", str(spec), "--emit", "systemd"),
+        ("backfill", str(spec), "--from", "2026-01-01", "--to", "2026-01-03", "--dry-run"),
+    ):
+        cmd = [sys.executable, "-m", "batch_infer.cli", *args]
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=tmp_path)
+        proc.stdout.close()  # the reader is gone before the first line
+        _, err = proc.communicate(timeout=60)
+        assert proc.returncode == 141 and b"Traceback" not in err, (args, err)

@@ -7,10 +7,12 @@ stdout once its reader leaves (`| head`).
 
 from __future__ import annotations
 
+import argparse
 import importlib.resources
 import json
 import os
 import sys
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:  # Rich loads on first use
@@ -51,3 +53,19 @@ def template(name: str) -> str:
 def drop_stdout() -> None:
     """Point stdout at /dev/null once its reader has gone, so the final flush cannot fail."""
     os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+
+
+EXIT_PIPE = 141  # 128 + SIGPIPE: what a shell reports for `cmd | head` when cmd is cut off
+
+
+def quiet_pipe(command: Callable[[argparse.Namespace], int]) -> Callable[..., int]:
+    """A command whose stdout reader went away (`| head`) ends with EXIT_PIPE, no traceback."""
+
+    def run(args: argparse.Namespace) -> int:
+        try:
+            return command(args)
+        except BrokenPipeError:
+            drop_stdout()
+            return EXIT_PIPE
+
+    return run

@@ -21,7 +21,7 @@ import sys
 import threading
 import types
 import typing
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -30,14 +30,13 @@ import pyarrow.fs as pafs
 
 from batch_infer.errors import OutputError, UserError
 from batch_infer.location import Location, is_uri, open_location
-from batch_infer.ops import console, drop_stdout
+from batch_infer.ops import console, quiet_pipe
 from batch_infer.sink.manifest import RunRecord, committed_entries, timeline_text
 
 if TYPE_CHECKING:  # DuckDB and Rich load on first use: `batch-infer --help` stays fast
     import duckdb
     from rich.text import Text
 
-EXIT_PIPE = 141  # 128 + SIGPIPE: what a shell reports for `cmd | head` when cmd is cut off
 MARKERS = ("_manifest", "_runs", "_errors")  # a folder holding one of these is a job output
 COPY = dict(csv="FORMAT csv, HEADER", json="FORMAT json, ARRAY", ndjson="FORMAT json")
 COPY |= dict(parquet="FORMAT parquet")  # DuckDB's COPY options per --format
@@ -45,7 +44,6 @@ ERROR_COLUMNS = {"_shard": "VARCHAR", "_file": "VARCHAR", "_row": "BIGINT", "_re
 _READS = {"SELECT", "EXPLAIN", "CREATE", "INSERT", "UPDATE", "DELETE", "DROP", "MULTI"}  # PIVOT
 _EXPLAIN = re.compile(r"\s*EXPLAIN\s+(ANALY[SZ]E\s+|\([^)]*\)\s*)?", re.IGNORECASE)
 _TYPES = {str: "VARCHAR", int: "BIGINT", float: "DOUBLE", bool: "BOOLEAN", list[str]: "VARCHAR[]"}
-_Command = Callable[[argparse.Namespace], int]
 _STYLES = dict(succeeded="green", yes="green", failed="red", interrupted="yellow", no="yellow")
 _RUN_KEYS = ("date", "started_at", "run_id", "status", "rows", "bad_rows", "seconds", "errors")
 _OUTPUT_KEYS = ("output", "success", "shards", "rows", "bad_rows", "retried", "committed_at")
@@ -482,19 +480,6 @@ def inspect(
         console().print(f"last run's timeline (s after its start): {timeline}")
 
 
-def _quiet_pipe(command: _Command) -> _Command:
-    """A command whose stdout reader went away (`| head`) ends with EXIT_PIPE, no traceback."""
-
-    def run(args: argparse.Namespace) -> int:
-        try:
-            return command(args)
-        except BrokenPipeError:
-            drop_stdout()
-            return EXIT_PIPE
-
-    return run
-
-
 def _cmd_query(args: argparse.Namespace) -> int:
     sql = sys.stdin.read() if args.sql == "-" else args.sql
     if args.out and args.format == "table":
@@ -548,7 +533,7 @@ def register(subparsers: Any) -> None:
     )
     q.add_argument("--out", metavar="PATH", help="write to this file, not stdout")
     q.add_argument("--max-rows", type=int, default=100, metavar="N", help="table: rows (0: all)")
-    q.set_defaults(func=_quiet_pipe(_cmd_query))
+    q.set_defaults(func=quiet_pipe(_cmd_query))
     i = subparsers.add_parser("inspect", help="one screen about an output: runs, shards, workers")
     i.add_argument("output", help=where)
     i.add_argument("--runs", type=int, default=10, metavar="N", help="runs shown (default 10)")
@@ -560,4 +545,4 @@ def register(subparsers: Any) -> None:
         help="draw a run's timeline (a lane per actor, shards as bars) into one HTML file",
     )
     i.add_argument("--run", metavar="ID", help="with --timeline: this run (default: the latest)")
-    i.set_defaults(func=_quiet_pipe(_cmd_inspect))
+    i.set_defaults(func=quiet_pipe(_cmd_inspect))

@@ -27,7 +27,7 @@ from croniter import croniter
 
 from batch_infer.errors import OutputError, SpecError, UserError
 from batch_infer.location import is_uri, open_location
-from batch_infer.ops import json_rows, note, template
+from batch_infer.ops import json_rows, note, quiet_pipe, template
 from batch_infer.sink.manifest import SUCCESS, RunRecord
 from batch_infer.spec import (
     JobSpec,
@@ -429,7 +429,7 @@ def register(subparsers: Any) -> None:
     s.add_argument("--deadline", type=float, default=24.0, metavar="HOURS", help="kubernetes: end "
                    "a run still going after this long (default: 24)")  # fmt: skip
     s.add_argument("--ray-version", help="kubernetes: the image's Ray (default: the one here)")
-    s.set_defaults(func=_cmd_schedule)
+    s.set_defaults(func=quiet_pipe(_cmd_schedule))
 
     b = subparsers.add_parser("backfill", help="run every scheduled date from D1 to D2, oldest "
                               "first, skipping complete ones")  # fmt: skip
@@ -441,4 +441,4 @@ def register(subparsers: Any) -> None:
     b.add_argument("--dry-run", action="store_true", help="list the dates it would run and skip")
     b.add_argument("--continue-on-error", action="store_true", help="run every date even when "
                    "one fails; exit with the first failure's code")  # fmt: skip
-    b.set_defaults(func=_cmd_backfill)
+    b.set_defaults(func=quiet_pipe(_cmd_backfill))
