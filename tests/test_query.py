@@ -24,7 +24,7 @@ import pyarrow.compute as pc
 import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 import pytest
-from conftest import make_table, read_output, two_io_spec
+from conftest import make_table, read_output, run_records, two_io_spec
 
 import batch_infer
 from batch_infer.errors import BadRowsError, OutputError, UserError
@@ -191,6 +191,23 @@ def test_runs_view_has_one_row_per_run(out: Path):
     started = [t.timestamp() for t in runs.column("started_at").to_pylist()]
     assert started == pytest.approx([d["started_at"] for d in docs], abs=1e-3)
     assert runs.column("output").to_pylist() == [str(out / f"date={d}") for d in (DATES[0], *DATES)]
+
+
+def test_folder_keys_named_like_run_fields_give_way_to_them(out: Path, tmp_path: Path):
+    """model=v1/output=x folders: `runs` keeps the run's own model and where it was found
+    (no DuckDB-renamed model_1 column); predictions still get the folder keys."""
+    day = out / f"date={DATES[1]}"
+    (doc,) = run_records(day)
+    for where in (tmp_path / "model=v1" / "output=x", tmp_path / "model=v2" / "output=y"):
+        shutil.copytree(day, where)
+    for root in (str(tmp_path), tmp_path.as_uri()):  # read by DuckDB, and through pyarrow.fs
+        runs = query(root, "SELECT * FROM runs ORDER BY output")
+        assert "model_1" not in runs.column_names and "output_1" not in runs.column_names
+        assert runs.column("model").to_pylist() == [doc["model"]] * 2
+        found = [f"{root}/model=v1/output=x", f"{root}/model=v2/output=y"]
+        assert runs.column("output").to_pylist() == found
+        keys = query(root, "SELECT DISTINCT model, output FROM predictions ORDER BY 1")
+        assert keys.to_pylist() == [{"model": "v1", "output": "x"}, {"model": "v2", "output": "y"}]
 
 
 def test_one_dated_output_and_uri_give_the_same_views(out: Path):

@@ -188,7 +188,11 @@ def _create_views(con: duckdb.DuckDBPyConnection, layout: _Layout) -> None:
             docs.append(f.read().decode())
     table = {"doc": pa.array(docs, pa.string())}
     table["output"] = pa.array([layout.uri(out.path) for out, _ in runs], pa.string())
-    for k in keys:  # each summary's path keys, typed as the part files' keys
+    # each summary's path keys, typed as the part files' keys; a key named like a field of
+    # the run (model=v2, output=...) gives way to it, but for date (below)
+    fields = _run_fields()
+    shown = [k for k in keys if k.name == "date" or k.name not in fields]
+    for k in shown:
         keyed = pa.array([_hive(out.path).get(k.name) for out, _ in runs], pa.string())
         table[k.name] = keyed.cast(k.type)
     con.register("_runs_docs", pa.table(table))
@@ -199,9 +203,9 @@ def _create_views(con: duckdb.DuckDBPyConnection, layout: _Layout) -> None:
         "finished_at": "to_timestamp(coalesce(r.finished_at, r.started_at + r.seconds))",
         "output": "d.output",  # where it was found
     }
-    cols = [f"{date} AS date"] + [f"d.{_q(k)}" for k in keys.names if k != "date"]
-    cols += [f"{special.get(n, f'r.{_q(n)}')} AS {_q(n)}" for n in _run_fields() if n != "date"]
-    record = _lit(json.dumps(_run_fields()))  # parsed by DuckDB, as read_json would
+    cols = [f"{date} AS date"] + [f"d.{_q(k.name)}" for k in shown if k.name != "date"]
+    cols += [f"{special.get(n, f'r.{_q(n)}')} AS {_q(n)}" for n in fields if n != "date"]
+    record = _lit(json.dumps(fields))  # parsed by DuckDB, as read_json would
     parsed = f"(SELECT *, json_transform(doc, {record}) AS r FROM _runs_docs) d"
     con.execute(f"CREATE VIEW runs AS SELECT {', '.join(cols)} FROM {parsed} ORDER BY started_at")
 
