@@ -199,6 +199,13 @@ def test_cli_run_starts_in_the_drivers_lane_while_its_ray_starts(tmp_path):
                            timeout=60, env=env)  # fmt: skip
     assert drawn.returncode == 0 and saved["run_id"] in drawn.stderr, drawn.stderr
     assert page.read_text().count('class="infer"') == len(entries)
+    record = next((tmp_path / "out" / "_runs").glob("*.json"))
+    record.write_text("{")  # cut short by hand: one line that names it
+    drawn = subprocess.run([*inspect, "--timeline", str(page)], capture_output=True, text=True,
+                           timeout=60, env=env)  # fmt: skip
+    assert drawn.returncode == 2, drawn.stderr
+    assert drawn.stderr.startswith(f"error: {record}: not a run record (")
+    assert "Traceback" not in drawn.stderr
 
 
 @pytest.mark.usefixtures("ray_start_regular")

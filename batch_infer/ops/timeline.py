@@ -28,7 +28,12 @@ def load_run(out: Location, run_id: str | None) -> RunRecord:
     runs = [i for i in out.list(RUNS) if i.base_name.endswith(".json")]
     if not runs:
         raise OutputError(f"{out.given}: no run is recorded in {RUNS}/")
-    records = [RunRecord.from_json(out.read_json(f"{RUNS}/{i.base_name}")) for i in runs]
+    records = []
+    for info in runs:
+        try:
+            records.append(RunRecord.from_json(out.read_json(f"{RUNS}/{info.base_name}")))
+        except (ValueError, TypeError, AttributeError) as exc:
+            raise OutputError(f"{info.path}: not a run record ({exc})") from None
     if run_id is None:
         return max(records, key=lambda r: r.started_at)
     for record in records:
