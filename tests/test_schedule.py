@@ -688,10 +688,14 @@ def test_schedules_in_the_hours_clocks_change_are_flagged():
     def caveat(cron: str, zone: str) -> str | None:
         return scheduling.dst_caveat(ScheduleSpec(cron=cron, timezone=zone))
 
-    assert "prefer 04:00-23:59" in caveat("30 2 * * *", "Europe/Berlin")
+    assert "in Europe/Berlin (02:00-02:59): a time skipped" in caveat("30 2 * * *", "Europe/Berlin")
     assert caveat("*/10 * * * *", "America/New_York")
     assert caveat("30 4 * * *", "Europe/Berlin") is None
     assert caveat("30 2 * * *", "UTC") is None and caveat("30 2 * * *", "Asia/Tokyo") is None
+    # zones whose clocks change at other hours
+    assert "(23:00-23:59)" in caveat("30 23 * * *", "America/Nuuk")
+    assert caveat("30 2 * * *", "America/Nuuk") is None
+    assert "(00:00-00:59, 23:00-23:59)" in caveat("15 0 * * *", "America/Santiago")
 
 
 def test_a_reader_gone_early_ends_schedule_and_backfill_quietly(tmp_path):

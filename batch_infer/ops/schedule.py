@@ -67,18 +67,37 @@ def next_runs(
     return out
 
 
+def changing_hours(tz: dt.tzinfo, year: int) -> list[int]:
+    """The local hours in which `tz` changes its clocks during `year`: the hour skipped in
+    spring and the one repeated in autumn, wherever the zone puts them (02:00 in Berlin,
+    23:00 in Nuuk, 00:00 and 23:00 in Santiago)."""
+    step, utc = dt.timedelta(minutes=15), dt.timezone.utc
+    t = dt.datetime(year, 1, 1, tzinfo=utc)
+    before, hours = t.astimezone(tz).utcoffset(), set()
+    while t.year == year:
+        t += step
+        if (after := t.astimezone(tz).utcoffset()) != before:  # the change is at t
+            assert before is not None and after is not None
+            wall, end = (t.replace(tzinfo=None) + o for o in sorted((before, after)))
+            while wall < end:  # the wall-clock times skipped or repeated
+                hours.add(wall.hour)
+                wall += step
+            before = after
+    return sorted(hours)
+
+
 def dst_caveat(schedule: ScheduleSpec) -> str | None:
-    """A warning when the schedule can fire when clocks change (01:00-03:59 local, in a zone
-    with summer time): cron, systemd and Kubernetes treat skipped and repeated times apart."""
-    tz = schedule.tz
-    year = dt.datetime.now(tz).year
-    offsets = {dt.datetime(year, m, 1, 12, tzinfo=tz).utcoffset() for m in (1, 7)}
+    """A warning when the schedule can fire in an hour in which the clocks change in its
+    zone: cron, systemd and Kubernetes treat skipped and repeated times apart."""
     hours = croniter.expand(schedule.cron)[0][1]
-    if len(offsets) == 1 or not (hours == ["*"] or {1, 2, 3} & {int(h) for h in hours}):
+    changing = changing_hours(schedule.tz, dt.datetime.now(schedule.tz).year)
+    if not changing or not (hours == ["*"] or set(changing) & {int(h) for h in hours}):
         return None
+    when = ", ".join(f"{h:02d}:00-{h:02d}:59" for h in changing)
     return (
-        f"{schedule.cron!r} can fire while clocks change in {schedule.timezone}: a time skipped "
-        "in spring runs late under cron and not at all under systemd; prefer 04:00-23:59"
+        f"{schedule.cron!r} can fire while clocks change in {schedule.timezone} ({when}): a "
+        "time skipped in spring runs late under cron and not at all under systemd; prefer "
+        "another hour"
     )
 
 
