@@ -284,7 +284,9 @@ def test_a_corrupt_manifest_file_is_one_line_naming_it(tmp_path, models):
     with pytest.raises(OutputError) as err:
         batch_infer.run(spec)
     assert str(err.value).startswith(f"{entry}: unreadable (")
-    assert "Delete that file to compute its shard again" in str(err.value)
+    assert str(err.value).endswith(
+        "; delete that file to compute its shard again, or rerun with --overwrite"
+    )
     entry.write_text("[1, 2]")
     with pytest.raises(OutputError, match=rf"^{entry}: not a shard entry \(AttributeError"):
         batch_infer.run(spec)
@@ -293,7 +295,9 @@ def test_a_corrupt_manifest_file_is_one_line_naming_it(tmp_path, models):
     assert (summary.shards_committed, summary.shards_skipped) == (1, 2)
     assert_matches_direct(models["two_io"], _inputs(data), read_output(out))
     (out / "_manifest" / "job.json").write_text("{")
-    with pytest.raises(OutputError, match=r"job\.json: unreadable \(.*rerun with --overwrite"):
+    with pytest.raises(
+        OutputError, match=r"job\.json: unreadable \(.*\); rerun with --overwrite to"
+    ):
         batch_infer.run(spec)
 
 

@@ -269,15 +269,17 @@ def _ours(name: str) -> bool:
     return name in (LOCK, LOCK_INFO) or name.startswith(f".{LOCK_INFO}.tmp-")
 
 
-def _read_manifest(out: Location, rel: str) -> Any:
+# What to do about a manifest file changed outside batch-infer (a crash cannot leave one).
+_FIX_ENTRY = "delete that file to compute its shard again, or rerun with --overwrite"
+_FIX_JOB = "rerun with --overwrite to start over"
+
+
+def _read_manifest(out: Location, rel: str, fix: str) -> Any:
     """A manifest file's JSON; one that cannot be parsed is an OutputError naming it."""
     try:
         return out.read_json(rel)
     except ValueError as exc:
-        raise OutputError(
-            f"{out.path(rel)}: unreadable ({exc}); the output was changed outside batch-infer. "
-            "Delete that file to compute its shard again, or rerun with --overwrite"
-        ) from None
+        raise OutputError(f"{out.path(rel)}: unreadable ({exc}); {fix}") from None
 
 
 def committed_entries(out: Location) -> dict[str, ShardEntry]:
@@ -285,13 +287,13 @@ def committed_entries(out: Location) -> dict[str, ShardEntry]:
     for info in out.list(SHARDS):
         if info.base_name.endswith(".json") and not info.base_name.startswith("."):
             rel = posixpath.relpath(info.path, out.root)
-            doc = _read_manifest(out, rel)
+            doc = _read_manifest(out, rel, _FIX_ENTRY)
             try:
                 entry = ShardEntry.from_json(doc)
             except (TypeError, KeyError, AttributeError) as exc:
+                why = f"{type(exc).__name__}: {exc}"
                 raise OutputError(
-                    f"{out.path(rel)}: not a shard entry ({type(exc).__name__}: {exc}); "
-                    "delete that file to compute its shard again, or rerun with --overwrite"
+                    f"{out.path(rel)}: not a shard entry ({why}); {_FIX_ENTRY}"
                 ) from None
             entries[entry.shard] = entry
     return entries
@@ -399,7 +401,7 @@ class OutputSink:
                 if not _ours(info.base_name):
                     out.delete(info.base_name)
         if out.exists(JOB):
-            before = _read_manifest(out, JOB)
+            before = _read_manifest(out, JOB, _FIX_JOB)
             # both ways: a key only one side has (a postprocess dropped or added) is a change
             keys = [*config, *(k for k in before if k not in config)]
             changed = [k for k in keys if before.get(k) != config.get(k)]
