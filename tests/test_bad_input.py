@@ -55,13 +55,13 @@ def _write_spec(path: Path, spec: dict) -> Path:
     return path
 
 
-def _make_int64_model(path: Path, width: int) -> str:
-    """x int64[N,width] -> y int64[N,width] (Identity)."""
+def _make_int64_model(path: Path, width: int, dtype: int = TensorProto.INT64) -> str:
+    """x int64[N,width] -> y int64[N,width] (Identity); `dtype` another integer type."""
     graph = helper.make_graph(
         [helper.make_node("Identity", ["x"], ["y"])],
-        "int64_identity",
-        [helper.make_tensor_value_info("x", TensorProto.INT64, ["N", width])],
-        [helper.make_tensor_value_info("y", TensorProto.INT64, ["N", width])],
+        "int_identity",
+        [helper.make_tensor_value_info("x", dtype, ["N", width])],
+        [helper.make_tensor_value_info("y", dtype, ["N", width])],
     )
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 11)])
     model.ir_version = 8
@@ -681,6 +681,38 @@ def test_csv_text_out_of_int64_range_is_a_bad_row(int64_csv_run):
 
 def test_csv_text_with_a_fraction_for_int64_is_a_bad_row(int64_csv_run):
     _check_row_is_bad(int64_csv_run, 1)
+
+
+@pytest.mark.parametrize(
+    ("dtype", "limit"), [(TensorProto.INT32, 2**31), (TensorProto.INT64, 2**63)]
+)
+def test_csv_integers_past_the_inputs_range_are_bad_rows_never_wrapped(tmp_path, dtype, limit):
+    """Text that is an integer but does not fit the model's integer type (also just past
+    int64's limits, where float64 cannot tell), beside text that is no integer: each a bad
+    row with its reason, the rest predicted exactly (no value wrapped around)."""
+    d = tmp_path / "csv"
+    d.mkdir()
+    cells = ["1", "x", str(limit), str(-limit - 1), str(limit - 1), str(-limit), "-7"]
+    (d / "data.csv").write_text("id,v\n" + "".join(f"{i},{c}\n" for i, c in enumerate(cells)))
+    out = tmp_path / "out"
+    spec = {
+        "name": "int-range",
+        "input": {"path": str(d), "format": "csv"},
+        "model": {"onnx": _make_int64_model(tmp_path / "m.onnx", 1, dtype), "inputs": {"x": "v"}},
+        "output": {"path": str(out), "keep_columns": ["id"]},
+        "max_bad_rows": 5,
+    }
+    assert batch_infer.run(spec).status == "succeeded"
+    predictions = read_output(out).sort_by("id")
+    assert predictions.column("id").to_pylist() == [0, 4, 5, 6]
+    assert predictions.column("y").to_pylist() == [1, limit - 1, -limit, -7]
+    errors = _errors_table(out).sort_by("id")
+    name = "int32" if dtype == TensorProto.INT32 else "int64"
+    assert errors.column("_reason").to_pylist() == [
+        "v: is not an integer",
+        f"v: has a value outside the range of {name}",
+        f"v: has a value outside the range of {name}",
+    ]
 
 
 def test_column_missing_in_a_later_file(ray_start_regular, tmp_path: Path, models):

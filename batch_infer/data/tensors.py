@@ -180,31 +180,32 @@ def _bad_values_rows(values: pa.Array, counts: np.ndarray, bad_values: np.ndarra
     return np.bincount(rows[bad_values], minlength=len(counts)).astype(bool)
 
 
-def _value_problems(values: pa.Array, target: np.dtype) -> tuple[np.ndarray, str] | None:
-    """A mask over leaf values that cannot become `target`, and why; None if all can."""
+def _value_problems(values: pa.Array, target: np.dtype) -> list[tuple[np.ndarray, str]]:
+    """Masks over leaf values that cannot become `target`, each with why."""
+    info = np.iinfo(target) if target.kind in "iu" else None
     if _is_stringy(values.type):
-        integer = target.kind in "iu"
-        pattern = _INTEGER if integer else _NUMBER
-        ok = pc.fill_null(pc.match_substring_regex(values, pattern, ignore_case=True), True)
-        bad = ~ok.to_numpy(zero_copy_only=False)
-        if bad.any():
-            return bad, "is not an integer" if integer else "is not a number"
-        if integer:  # in range? parsed as float first: text may hold any number of digits
-            info = np.iinfo(target)
-            v = pc.cast(pc.utf8_trim_whitespace(pc.fill_null(values, "0")), pa.float64())
-            v = v.to_numpy(zero_copy_only=False)
-            bad = (v < info.min) | (v > info.max)
-            return (bad, f"has a value outside the range of {target}") if bad.any() else None
-        return None
-    if target.kind in "iu" and pa.types.is_integer(values.type):
-        info = np.iinfo(target)
+        ok = pc.match_substring_regex(values, _INTEGER if info else _NUMBER, ignore_case=True)
+        ok = pc.fill_null(ok, True)
+        problems = [(~ok.to_numpy(zero_copy_only=False), "is not a number")]
+        if info is None:
+            return problems
+        problems[0] = (problems[0][0], "is not an integer")
+        # in range? Text may hold any number of digits: parsed as float64, exact below 2**53,
+        # and the few values past that compared as Python ints
+        text = pc.if_else(ok, pc.utf8_trim_whitespace(pc.fill_null(values, "0")), "0")
+        v = pc.cast(text, pa.float64()).to_numpy(zero_copy_only=False)
+        out = (v < info.min) | (v > info.max)
+        if (near := np.flatnonzero(np.abs(v) >= 2.0**53)).size:
+            exact = (int(t) for t in pc.take(text, pa.array(near)).to_pylist())
+            out[near] = [not info.min <= x <= info.max for x in exact]
+        return [*problems, (out, f"has a value outside the range of {target}")]
+    if info is not None and pa.types.is_integer(values.type):
         src = np.iinfo(values.type.to_pandas_dtype())
         if src.min >= info.min and src.max <= info.max:
-            return None
+            return []
         v = values.to_numpy(zero_copy_only=False)
-        bad = (v < info.min) | (v > info.max)
-        return (bad, f"has a value outside the range of {target}") if bad.any() else None
-    return None
+        return [((v < info.min) | (v > info.max), f"has a value outside the range of {target}")]
+    return []
 
 
 def find_bad_rows(table: pa.Table, bindings: list[InputBinding]) -> tuple[np.ndarray, list[str]]:
@@ -238,10 +239,9 @@ def find_bad_rows(table: pa.Table, bindings: list[InputBinding]) -> tuple[np.nda
                 if expect is None:
                     expect = _shard_count(counts[reasons == ""], b)
                 mark(counts != expect, f"{col}: does not have {expect} values ({b.label})")
-            problem = _value_problems(values, b.tensor.dtype)
-            if problem:
-                mask, why = problem
-                mark(_bad_values_rows(values, counts, mask), f"{col}: {why}")
+            for mask, why in _value_problems(values, b.tensor.dtype):
+                if mask.any():
+                    mark(_bad_values_rows(values, counts, mask), f"{col}: {why}")
     bad = reasons != ""
     return bad, reasons[bad].tolist()
 
