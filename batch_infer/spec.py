@@ -514,11 +514,17 @@ def load_document(path: str | os.PathLike[str]) -> dict[str, Any]:
     """A spec file's YAML as written; errors name the file and the line."""
     p = Path(path)
     try:
-        text = p.read_text()
+        text = p.read_text(encoding="utf-8")
     except FileNotFoundError:
         raise SpecError(f"{p}: no such job spec file") from None
     except OSError as exc:
         raise SpecError(f"{p}: cannot read the job spec ({exc.strerror})") from None
+    except UnicodeDecodeError as exc:
+        line = exc.object.count(b"\n", 0, exc.start) + 1
+        raise SpecError(
+            f"{p}: not UTF-8 text (byte {exc.object[exc.start]:#04x} at line {line}); save it "
+            "as UTF-8"
+        ) from None
     try:
         doc = yaml.safe_load(text)
     except yaml.YAMLError as exc:

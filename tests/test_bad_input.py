@@ -115,6 +115,30 @@ def test_malformed_yaml_names_file_and_line(tmp_path: Path):
     assert "\n" not in msg
 
 
+def test_a_spec_not_in_utf8_names_file_and_line(tmp_path: Path):
+    spec = tmp_path / "job.yaml"
+    spec.write_bytes("name: job\nmodel: café.onnx\n".encode("latin-1"))
+    with pytest.raises(SpecError) as err:
+        resolve_spec(spec)
+    assert str(err.value) == f"{spec}: not UTF-8 text (byte 0xe9 at line 2); save it as UTF-8"
+
+
+def test_files_that_disagree_on_a_columns_type_are_one_line(tmp_path: Path, models):
+    """A partition key that one file also holds as a column of another type: pyarrow cannot
+    merge the schemas (ArrowTypeError), which is one line naming the input."""
+    d = tmp_path / "in"
+    for k, table in (
+        ("1", make_table(10).append_column("k", pa.array(["a"] * 10))),
+        ("2", make_table(10)),
+    ):
+        (d / f"k={k}").mkdir(parents=True)
+        pq.write_table(table, d / f"k={k}" / "f.parquet")
+    with pytest.raises(InputError) as err:
+        batch_infer.run(two_io_spec(d, tmp_path / "out", models["two_io"]))
+    assert str(err.value).startswith(f"input.path: {d}: cannot read the input as parquet: ")
+    assert "Unable to merge: Field k has incompatible types" in str(err.value)
+
+
 def test_unknown_key_names_dotted_key(tmp_path: Path, data: Path, models):
     out = tmp_path / "out"
     spec = two_io_spec(data, out, models["two_io"])

@@ -111,7 +111,7 @@ def open_dataset(path: str, fmt: str) -> Dataset:
             partition_base_dir=base,
         )
         schema = dataset.schema
-    except (pa.ArrowInvalid, OSError) as exc:
+    except (pa.ArrowException, OSError) as exc:  # ArrowTypeError: files that disagree on types
         raise InputError(f"input.path: {path}: cannot read the input as {fmt}: {exc}") from None
     partition_names = [
         name
