@@ -739,6 +739,39 @@ def test_csv_integers_past_the_inputs_range_are_bad_rows_never_wrapped(tmp_path,
     ]
 
 
+def test_with_a_dynamic_row_length_a_bad_first_row_does_not_set_it(tmp_path: Path):
+    """x float[N, M]: the first row that fits sets M for the shard; an empty first row is
+    one bad row, not the measure that makes every other row bad."""
+    graph = helper.make_graph(
+        [helper.make_node("Identity", ["x"], ["y"])],
+        "dynamic",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", "M"])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", "M"])],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    onnx.save(model, tmp_path / "dynamic.onnx")
+    d = tmp_path / "in"
+    d.mkdir()
+    rows = [[], [1.0, 2.0], [3.0, 4.0], [5.0, 6.0, 7.0]]
+    pq.write_table(pa.table({"id": range(4), "v": rows}), d / "f.parquet")
+    out = tmp_path / "out"
+    spec = {
+        "name": "dynamic",
+        "input": {"path": str(d)},
+        "model": {"onnx": str(tmp_path / "dynamic.onnx"), "inputs": {"x": "v"}},
+        "output": {"path": str(out), "keep_columns": ["id"]},
+        "max_bad_rows": 2,
+    }
+    assert batch_infer.run(spec).status == "succeeded"
+    predictions = read_output(out).sort_by("id")
+    assert predictions.to_pylist() == [{"id": 1, "y": [1.0, 2.0]}, {"id": 2, "y": [3.0, 4.0]}]
+    errors = _errors_table(out).sort_by("id")
+    assert errors.column("id").to_pylist() == [0, 3]
+    assert set(errors.column("_reason").to_pylist()) == {
+        "v: does not have 2 values (input 'x' (from v))"
+    }
+
+
 def test_column_missing_in_a_later_file(ray_start_regular, tmp_path: Path, models):
     d = tmp_path / "data"
     d.mkdir()

@@ -247,12 +247,11 @@ def find_bad_rows(table: pa.Table, bindings: list[InputBinding]) -> tuple[np.nda
 
 
 def _shard_count(counts: np.ndarray, b: InputBinding) -> int:
-    """With a dynamic row dimension, the first good row sets the length for the shard."""
+    """With a dynamic row dimension, the first row that fits the item shape sets the length
+    for the shard (an empty or odd first row is a bad row, not the measure of the others)."""
     fixed = math.prod(d for d in b.tensor.item_shape if d > 0)
-    for c in counts[:1]:
-        if c % fixed == 0 and c > 0:
-            return int(c)
-    return fixed if fixed > 0 else 1
+    fits = counts[(counts > 0) & (counts % fixed == 0)]
+    return int(fits[0]) if fits.size else fixed
 
 
 def _leaf_numpy(values: pa.Array, dtype: np.dtype) -> np.ndarray:
