@@ -748,7 +748,7 @@ def run(
 
     def prepare_output() -> tuple[list[Shard], dict[str, ShardEntry], _Work, _Lane | None]:
         """Plan the shards, take the output, and start this process's lane on them."""
-        shards = plan_shards(plan.dataset, spec.shard_rows)  # reads every Parquet footer
+        shards = plan_shards(plan.dataset, spec.shard_rows, plan.check_file)  # every footer
         fingerprints = {s.id: s.fingerprint for s in shards}
         done = sink.on_write_start(record.run_id, plan.config(), fingerprints, overwrite)
         record.mark("planned")

@@ -18,7 +18,7 @@ from batch_infer.data.decode import DecodedInput, plan_hook, plan_image, plan_te
 from batch_infer.data.postprocess import Builtin, Hook
 from batch_infer.data.reading import Dataset, open_dataset
 from batch_infer.data.tensors import InputBinding, check_binding
-from batch_infer.errors import OutputError, SpecError, UserError
+from batch_infer.errors import InputError, OutputError, SpecError, UserError
 from batch_infer.location import is_uri, open_location
 from batch_infer.model import ModelSignature, TensorInfo, read_signature
 from batch_infer.spec import ImageInput, JobSpec, Postprocess, TextInput
@@ -54,6 +54,30 @@ class JobPlan:
         cols += [c for d in self.decoded for c in d.columns] + list(self.keep_schema.names)
         return list(dict.fromkeys(cols))
 
+    def check_file(self, path: str, schema: pa.Schema) -> None:
+        """An input file must fit as the first one did (`build_plan` checked that one): a
+        later file with a float where the model takes integers, or without a column, would
+        be truncated or fail shards mid-run. Its kept columns must have the same types: the
+        output's parts share one schema. Partition columns come from the path."""
+        for f in self.dataset.partition_schema:
+            if f.name not in schema.names:
+                schema = schema.append(f)
+        where = f"input file {path}"
+        for b in self.bindings:
+            check_binding(b, schema, where)
+        for name in (c for d in self.decoded for c in d.columns):
+            if name not in schema.names:
+                raise InputError(f"{where}: column {name!r} (for the model's inputs) is missing")
+        for f in self.keep_schema:
+            if f.name not in schema.names:
+                raise InputError(f"{where}: column {f.name!r} (output.keep_columns) is missing")
+            if not _castable(schema.field(f.name).type, f.type):
+                raise InputError(
+                    f"{where}: column {f.name!r} (output.keep_columns) is "
+                    f"{schema.field(f.name).type} here and {f.type} in the input's first file; "
+                    "the output's files must share one schema: cast it in one of them"
+                )
+
     @property
     def text_columns(self) -> set[str]:
         cols = {c for b in self.bindings for c in b.columns}
@@ -82,6 +106,21 @@ class JobPlan:
         if self.postprocess is not None:
             out["postprocess"] = self.postprocess.config()
         return out
+
+
+def _castable(src: pa.DataType, dst: pa.DataType) -> bool:
+    """Whether a kept column of a later file can take the first file's type: the same type
+    (dictionary-encoded or not), text to text, or numbers to numbers (the actors' cast is a
+    safe one: a value that does not fit fails its shard)."""
+    if pa.types.is_dictionary(src):
+        src = src.value_type
+    kinds = (
+        (pa.types.is_string, pa.types.is_large_string),
+        (pa.types.is_integer, pa.types.is_floating),
+    )
+    return src.equals(dst) or any(
+        any(k(src) for k in kind) and any(k(dst) for k in kind) for kind in kinds
+    )
 
 
 def _bindings(spec: JobSpec, signature: ModelSignature, dataset: Dataset) -> list[InputBinding]:

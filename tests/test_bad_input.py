@@ -28,7 +28,6 @@ from batch_infer.errors import (
     BackendError,
     BadRowsError,
     InputError,
-    JobFailedError,
     OutputError,
     SpecError,
 )
@@ -772,30 +771,47 @@ def test_with_a_dynamic_row_length_a_bad_first_row_does_not_set_it(tmp_path: Pat
     }
 
 
-def test_column_missing_in_a_later_file(ray_start_regular, tmp_path: Path, models):
-    d = tmp_path / "data"
-    d.mkdir()
+def test_a_later_file_that_does_not_fit_is_refused_before_any_work(tmp_path: Path, models):
+    """Every Parquet footer is read while planning: a later file without a model column, with
+    a kept column of another kind, or with floats where the first held integers for an
+    integer input (they would be truncated) is one line before anything is written."""
     first = make_table(30)
-    pq.write_table(first, d / "f0.parquet", row_group_size=10)
-    later = d / "f1.parquet"
-    pq.write_table(make_table(30, start=30, seed=1).drop_columns(["c"]), later, row_group_size=10)
-    out = tmp_path / "out"
-    spec = two_io_spec(d, out, models["two_io"], shard_rows=10, num_actors=1)
-
-    with pytest.raises(JobFailedError) as err:
+    later_id = pa.array([f"z{i}" for i in range(30)])
+    cases = {
+        "missing": (
+            make_table(30, start=30, seed=1).drop_columns(["c"]),
+            "column 'c' (for model input 'feat') is not in the input",
+        ),
+        "kept": (
+            make_table(30, start=30, seed=1).set_column(0, "id", later_id),
+            "column 'id' (output.keep_columns) is string here and int64 in the input's first",
+        ),
+    }
+    for name, (later_table, message) in cases.items():
+        d = tmp_path / name
+        d.mkdir()
+        pq.write_table(first, d / "f0.parquet", row_group_size=10)
+        later = d / "f1.parquet"
+        pq.write_table(later_table, later, row_group_size=10)
+        out = tmp_path / f"out-{name}"
+        spec = two_io_spec(d, out, models["two_io"], shard_rows=10, num_actors=1)
+        with pytest.raises(InputError) as err:
+            batch_infer.run(spec)
+        assert str(err.value).startswith(f"input file {later}: {message}"), str(err.value)
+        assert not out.exists()  # nothing written: not even the output's folder
+    d = tmp_path / "ints"
+    d.mkdir()
+    pq.write_table(pa.table({"id": [0, 1], "v": [1, 2]}), d / "f0.parquet")
+    pq.write_table(pa.table({"id": [2, 3], "v": [1.7, 2.9]}), d / "f1.parquet")
+    spec = {
+        "name": "ints",
+        "input": {"path": str(d)},
+        "model": {"onnx": _make_int64_model(tmp_path / "int64.onnx", 1), "inputs": {"x": "v"}},
+        "output": {"path": str(tmp_path / "out-ints")},
+    }
+    with pytest.raises(InputError) as err:
         batch_infer.run(spec)
-    msg = str(err.value)
-    assert msg.startswith("3 shard(s) failed; the 3 committed shard(s) are kept")
-    assert msg.count(f"{later}: no column 'c' in this file") == 3
-    assert "f0.parquet" not in msg
-    assert not (out / "_SUCCESS").exists()
-
-    entries = _entries(out)
-    assert sorted(e["file"] for e in entries) == ["f0.parquet"] * 3
-    assert len(_part_files(out)) == 3
-    assert_matches_direct(models["two_io"], first, read_output(out))
-    assert not (out / "_errors").exists()
-    (summary,) = _runs(out)
-    assert summary["status"] == "failed"
-    assert (summary["shards_committed"], summary["shards_failed"]) == (3, 3)
-    assert summary["retries"] == 0  # bad data is not retried
+    assert str(err.value).startswith(f"input file {d / 'f1.parquet'}: column 'v' (double) ")
+    assert str(err.value).endswith(
+        "double would be truncated to int64; cast the column or the model input"
+    )

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import itertools
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
@@ -31,6 +32,7 @@ MAX_SHARD_ROWS = 1 << 20
 # decided from metadata alone, so reruns plan the same pieces.
 TAPER = (1 / 16, 1 / 16, 1 / 8, 1 / 4, 1 / 2)
 TAPER_MIN_BYTES = 16 << 20
+FileCheck = Callable[[str, pa.Schema], None]  # raises for a file that does not fit the job
 
 
 @dataclass(frozen=True)
@@ -58,12 +60,17 @@ def _shard_id(file: InputFile, start: int, stop: int | None) -> str:
     return hashlib.sha256(key).hexdigest()[:16]
 
 
-def _parquet_shards(dataset: Dataset, file: InputFile, shard_rows: int | None) -> list[Shard]:
+def _parquet_shards(
+    dataset: Dataset, file: InputFile, shard_rows: int | None, check: FileCheck | None
+) -> list[Shard]:
     try:
         with dataset.filesystem.open_input_file(file.path) as f:
             meta = pq.read_metadata(f)
+        schema = meta.schema.to_arrow_schema()
     except (pa.ArrowException, OSError) as exc:
         raise InputError(f"{file.path}: not a readable Parquet file ({exc})") from None
+    if check is not None:
+        check(file.path, schema)
     groups = [
         (meta.row_group(i).num_rows, meta.row_group(i).total_byte_size)
         for i in range(meta.num_row_groups)
@@ -141,10 +148,13 @@ def _taper(shards: list[Shard]) -> list[Shard]:
     return shards
 
 
-def plan_shards(dataset: Dataset, shard_rows: int | None) -> list[Shard]:
-    """Every row of the input in exactly one shard, in file order."""
+def plan_shards(
+    dataset: Dataset, shard_rows: int | None, check: FileCheck | None = None
+) -> list[Shard]:
+    """Every row of the input in exactly one shard, in file order. `check(path, schema)` is
+    given each Parquet file's schema, read with its footer (`JobPlan.check_file`)."""
     if dataset.format != "parquet":
         return [Shard(_shard_id(f, 0, None), f) for f in dataset.files]
     with ThreadPoolExecutor(max_workers=16) as pool:
-        per_file = pool.map(lambda f: _parquet_shards(dataset, f, shard_rows), dataset.files)
+        per_file = pool.map(lambda f: _parquet_shards(dataset, f, shard_rows, check), dataset.files)
         return _taper([s for shards in per_file for s in shards])
