@@ -363,3 +363,34 @@ def test_a_run_that_fails_ends_its_actors(tmp_path):
     while alive := [a for a in ray.util.list_named_actors() if a.startswith("batch-infer:")]:
         assert time.time() < deadline, alive
         time.sleep(0.2)
+
+
+def test_a_file_that_changes_after_planning_fails_its_shards_in_few_lines(tmp_path):
+    """A file replaced while the run goes on (its shards were planned from the old one):
+    its shards are not read, or rows of two versions would mix, and the run's error lists a
+    few of the failures, not hundreds of lines."""
+    from batch_infer.data.reading import open_dataset, read_rows
+    from batch_infer.data.sharding import plan_shards
+    from batch_infer.errors import InputError, JobFailedError
+    from batch_infer.sink.manifest import OutputSink, RunRecord
+
+    data = _big_input(tmp_path / "in", files=1, rows=400)
+    dataset = open_dataset(str(data), "parquet")
+    shard = plan_shards(dataset, 100)[0]
+    pq.write_table(make_table(500, seed=7), data / "f0.parquet", row_group_size=100)
+    with pytest.raises(InputError, match=r"f0\.parquet: changed since the run planned its shards"):
+        read_rows(dataset, shard.file, ["a"], set(), shard.row_groups, shard.first_row)
+    (data / "f0.parquet").unlink()
+    with pytest.raises(InputError, match=r"f0\.parquet: is gone since the run planned"):
+        read_rows(dataset, shard.file, ["a"], set(), shard.row_groups, shard.first_row)
+
+    sink = OutputSink(str(tmp_path / "out"))
+    sink.on_write_start("r1", {}, {})
+    record = RunRecord("r1", "job", shards_failed=25, errors=[f"shard {i}: no" for i in range(25)])
+    with pytest.raises(JobFailedError) as err:
+        sink.on_write_complete(record, [], 0)
+    lines = str(err.value).splitlines()
+    assert lines[1:] == [
+        *(f"  shard {i}: no" for i in range(10)),
+        "  ... and 15 more, in the run's record (_runs/)",
+    ]

@@ -168,6 +168,13 @@ def read_rows(
     fs = dataset.filesystem
     file_columns = [c for c in columns if c not in dataset.partition_schema.names]
     try:
+        now = fs.get_file_info(file.path)
+        if (now.size, now.mtime_ns) != (file.size, file.mtime_ns):  # the shards' plan is off
+            state = "is gone" if now.type == pafs.FileType.NotFound else "changed"
+            raise InputError(
+                f"{file.path}: {state} since the run planned its shards; rows of two versions "
+                "of it would mix: rerun once it has stopped changing"
+            )
         if dataset.format == "parquet":
             with fs.open_input_file(file.path) as f:
                 pfile = pq.ParquetFile(f)

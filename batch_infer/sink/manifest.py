@@ -248,6 +248,8 @@ class OutputLock:
                 self._filelock.release()
 
 
+SHOWN_ERRORS = 10  # shard failures an error message lists; the run's record has them all
+
 # OS errors of the output that no retry fixes: the run stops at the first one.
 FATAL_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.ENOTDIR}
 
@@ -499,9 +501,12 @@ class OutputSink:
             record.backend = entries[-1].backend
         if record.shards_failed:
             record.status = "failed"
+            shown = record.errors[:SHOWN_ERRORS]
+            more = len(record.errors) - len(shown)
+            shown += [f"... and {more} more, in the run's record ({RUNS}/)"] if more else []
             raise JobFailedError(
                 f"{record.shards_failed} shard(s) failed; the {len(entries)} committed shard(s) "
-                "are kept and a rerun resumes from them:\n  " + "\n  ".join(record.errors)
+                "are kept and a rerun resumes from them:\n  " + "\n  ".join(shown)
             )
         if record.bad_rows > max_bad_rows:
             record.status = "failed"
