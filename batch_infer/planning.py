@@ -57,8 +57,8 @@ class JobPlan:
     def check_file(self, path: str, schema: pa.Schema) -> None:
         """An input file must fit as the first one did (`build_plan` checked that one): a
         later file with a float where the model takes integers, or without a column, would
-        be truncated or fail shards mid-run. Its kept columns must have the same types: the
-        output's parts share one schema. Partition columns come from the path."""
+        be truncated or fail shards mid-run. Its kept columns must cast to the first file's
+        types: the output's parts share one schema. Partition columns come from the path."""
         for f in self.dataset.partition_schema:
             if f.name not in schema.names:
                 schema = schema.append(f)

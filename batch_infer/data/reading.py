@@ -39,7 +39,12 @@ class InputFile:
 
     @property
     def fingerprint(self) -> str:
-        return f"{self.size}:{self.mtime_ns}"
+        return _fingerprint(self.size, self.mtime_ns)
+
+
+def _fingerprint(size: int | None, mtime_ns: int | None) -> str:
+    """What tells a file's versions apart: a committed shard names its input's."""
+    return f"{size}:{mtime_ns}"
 
 
 @dataclass(frozen=True)
@@ -169,7 +174,7 @@ def read_rows(
     file_columns = [c for c in columns if c not in dataset.partition_schema.names]
     try:
         now = fs.get_file_info(file.path)
-        if (now.size, now.mtime_ns) != (file.size, file.mtime_ns):  # the shards' plan is off
+        if _fingerprint(now.size, now.mtime_ns) != file.fingerprint:  # the shards' plan is off
             state = "is gone" if now.type == pafs.FileType.NotFound else "changed"
             raise InputError(
                 f"{file.path}: {state} since the run planned its shards; rows of two versions "

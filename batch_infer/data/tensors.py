@@ -186,10 +186,10 @@ def _value_problems(values: pa.Array, target: np.dtype) -> list[tuple[np.ndarray
     if _is_stringy(values.type):
         ok = pc.match_substring_regex(values, _INTEGER if info else _NUMBER, ignore_case=True)
         ok = pc.fill_null(ok, True)
-        problems = [(~ok.to_numpy(zero_copy_only=False), "is not a number")]
+        why = "is not an integer" if info else "is not a number"
+        problems = [(~ok.to_numpy(zero_copy_only=False), why)]
         if info is None:
             return problems
-        problems[0] = (problems[0][0], "is not an integer")
         # in range? Text may hold any number of digits: parsed as float64, exact below 2**53,
         # and the few values past that compared as Python ints
         text = pc.if_else(ok, pc.utf8_trim_whitespace(pc.fill_null(values, "0")), "0")
