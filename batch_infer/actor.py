@@ -61,6 +61,13 @@ class ShardRunner:
         self.backend, self.why = load_backend(
             plan.signature, plan.backend, device=device, threads=threads, gpu=cuda_device
         )
+        try:
+            self.backend.warm_up(plan.signature.inputs[0].fixed_batch or plan.spec.batch_size)
+        except CudaError:  # the device is in doubt: this runner is not ready
+            self.backend.close()
+            raise
+        except Exception as exc:  # zeros are not real rows: the model may refuse them
+            log.info("warm-up skipped: the model failed on zeros (%s)", exc)
         self.ready_at = time.time()
 
     def stats(self) -> dict[str, Any]:

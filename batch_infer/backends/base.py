@@ -64,6 +64,19 @@ class Backend(ABC):
         return self.name
 
     @abstractmethod
+    def warm_up(self, rows: int) -> None:
+        """Pay the first run's costs (allocations, kernel set-up) on zeros of `rows` rows
+        before the first shard arrives: while the shards are planned, or while an actor
+        waits for its first one. Not counted as busy time."""
+
+    def zeros(self, rows: int) -> Feeds | None:
+        """Zeros of `rows` rows for every input; None when a row dimension is dynamic."""
+        shapes = {t.name: (rows, *t.item_shape) for t in self.inputs}
+        if any(d < 0 for shape in shapes.values() for d in shape):
+            return None
+        return {t.name: np.zeros(shapes[t.name], t.dtype) for t in self.inputs}
+
+    @abstractmethod
     def busy_seconds(self) -> float:
         """Seconds the device has spent computing so far (overlaps counted once)."""
 

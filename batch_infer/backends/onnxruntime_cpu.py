@@ -51,6 +51,11 @@ class OnnxRuntimeCPU(Backend):
                         self._busy += time.perf_counter() - self._since
             yield dict(zip(self._output_names, values, strict=True))
 
+    def warm_up(self, rows: int) -> None:
+        feeds = self.zeros(rows)
+        if feeds is not None and self._session is not None:
+            self._session.run(self._output_names, feeds)
+
     def describe(self) -> str:
         return f"onnxruntime {ort.__version__} CPU ({self.threads} thread(s))"
 

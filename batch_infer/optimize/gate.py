@@ -125,6 +125,9 @@ class _Emulated(Backend):
         for feeds in self.checked(batches):
             yield dict(zip(self._names, self._session.run(self._names, feeds), strict=True))
 
+    def warm_up(self, rows: int) -> None:
+        """The gate runs a few batches once: nothing to warm ahead."""
+
     def busy_seconds(self) -> float:
         return 0.0
 
