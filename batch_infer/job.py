@@ -217,14 +217,16 @@ class _Lane:
     keep it as busy as an actor does: docs/gpu.md). With several GPUs it runs while Ray
     starts, and stops once an actor has loaded the model: Ray's actors drive every GPU.
 
-    It stops when the queue is empty or `stop()` is called (the shards it has taken but not
-    run go back to the queue), or on an error that is not the data's: the shard goes back,
-    and the run falls back to Ray's actors."""
+    It starts loading (and warming up) the model at once, while the shards are planned, and
+    runs shards once `begin` hands it the run's work. It stops when the queue is empty or
+    `stop()` is called (the shards it has taken but not run go back to the queue), or on an
+    error that is not the data's: the shard goes back, and the run falls back to Ray's
+    actors."""
 
-    def __init__(
-        self, plan: JobPlan, sink: OutputSink, work: _Work, device: str, gpu: int | None
-    ) -> None:
-        self.plan, self.sink, self.work, self.device, self.gpu = plan, sink, work, device, gpu
+    def __init__(self, plan: JobPlan, sink: OutputSink, device: str, gpu: int | None) -> None:
+        self.plan, self.sink, self.device, self.gpu = plan, sink, device, gpu
+        self._work: _Work | None = None
+        self.given = threading.Event()  # set by `begin` or `stop`
         self.stopping = threading.Event()
         self.stats: dict[str, Any] | None = None
         self.error: UserError | None = None  # the model cannot load here (nor in an actor)
@@ -245,8 +247,19 @@ class _Lane:
     def running(self) -> bool:
         return not self.done.is_set()
 
+    @property
+    def work(self) -> _Work:
+        assert self._work is not None, "the lane runs shards only after begin()"
+        return self._work
+
+    def begin(self, work: _Work) -> None:
+        """The run's shards are planned: run them once the model is loaded."""
+        self._work = work
+        self.given.set()
+
     def stop(self) -> None:
         self.stopping.set()
+        self.given.set()
 
     def wait(self) -> None:
         """Until the lane has ended (its last commits done)."""
@@ -272,6 +285,9 @@ class _Lane:
             log.warning("this process cannot load the model (%s); Ray's actors will", exc)
             return
         try:
+            self.given.wait()
+            if self.stopping.is_set():
+                return
             with (
                 ThreadPoolExecutor(self.readers, "batch-infer-read") as readers,
                 ThreadPoolExecutor(2, "batch-infer-commit") as committers,
@@ -746,22 +762,39 @@ def run(
     # compete with it for the cores. Several GPUs: Ray's actors take over, one per GPU.
     wants_ray = here is None or (here == "gpu" and local_gpus() > 1)
 
-    def prepare_output() -> tuple[list[Shard], dict[str, ShardEntry], _Work, _Lane | None]:
-        """Plan the shards, take the output, and start this process's lane on them."""
+    def prepare_output() -> tuple[list[Shard], dict[str, ShardEntry], _Work]:
+        """Plan the shards and take the output."""
         shards = plan_shards(plan.dataset, spec.shard_rows, plan.check_file)  # every footer
         fingerprints = {s.id: s.fingerprint for s in shards}
         done = sink.on_write_start(record.run_id, plan.config(), fingerprints, overwrite)
         record.mark("planned")
         todo = [s for s in shards if s.id not in done]
-        work = _Work(todo, record, _Progress(spec.name, len(todo), progress))
-        gpu = 0 if device == "gpu" else None
-        lane = _Lane(plan, sink, work, device, gpu) if todo and here else None
-        return shards, done, work, lane
+        return shards, done, _Work(todo, record, _Progress(spec.name, len(todo), progress))
 
-    ray_start = None
-    if wants_ray and _likely_work(sink, plan.config(), overwrite):
-        ray_start = _RayStart(address)  # starts meanwhile
-    shards, done, work, lane = prepare_output()
+    # What starts before the plan is made, so that it is ready when the plan is: Ray, and
+    # this process's lane loading the model (not when the output is complete already).
+    ray_start, lane = None, None
+    if (wants_ray or here) and _likely_work(sink, plan.config(), overwrite):
+        if wants_ray:
+            ray_start = _RayStart(address)
+        if here:
+            lane = _Lane(plan, sink, device, 0 if device == "gpu" else None)
+    try:
+        shards, done, work = prepare_output()
+    except BaseException:
+        if lane is not None:  # a process that exits while a library loads the model aborts
+            lane.stop()
+            lane.wait()
+        raise
+    if lane is None and work.pending and here:
+        lane = _Lane(plan, sink, device, 0 if device == "gpu" else None)
+    if lane is not None:
+        if work.pending:
+            lane.begin(work)
+        else:  # nothing to run after all: the model was loaded in vain
+            lane.stop()
+            lane.wait()
+            lane = None
     try:
         with work.bar.bar:
             try:
