@@ -199,10 +199,20 @@ def timed(argv: list[str], log: Path, env: dict | None = None) -> float:
     return time.perf_counter() - start
 
 
-def job(name: str, w: dict, work: Path, out_dir: Path, env: dict | None = None) -> dict:
-    """`batch-infer run` as a whole process; `env` for e.g. CUDA_VISIBLE_DEVICES."""
+def job(
+    name: str,
+    w: dict,
+    work: Path,
+    out_dir: Path,
+    env: dict | None = None,
+    extra: dict | None = None,
+    prefix: tuple[str, ...] = (),
+) -> dict:
+    """`batch-infer run` as a whole process; `env` for e.g. CUDA_VISIBLE_DEVICES, `extra`
+    spec keys (e.g. slots), `prefix` a command it runs under (a profiler)."""
     out = work / f"out-{name}"
     spec = {
+        **(extra or {}),
         "name": name,
         "input": {"path": str(w["data"])},
         "model": {"onnx": str(w["model"]), "inputs": w["inputs"]},
@@ -212,7 +222,7 @@ def job(name: str, w: dict, work: Path, out_dir: Path, env: dict | None = None) 
     path = work / f"{name}.yaml"
     path.write_text(json.dumps(spec))
     sampler = GpuSampler(out_dir / f"smi-{name}-job.csv")
-    argv = ["batch-infer", "run", str(path), "--overwrite"]
+    argv = [*prefix, "batch-infer", "run", str(path), "--overwrite"]
     seconds = timed(argv, out_dir / f"{name}-job.log", env)
     util = sampler.stop()
     (run,) = [json.loads(p.read_text()) for p in (out / "_runs").glob("*.json")]
