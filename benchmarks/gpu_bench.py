@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -192,10 +193,20 @@ class GpuSampler:
         return round(float(np.mean(busy)), 1) if busy else 0.0
 
 
-def timed(argv: list[str], log: Path, env: dict | None = None) -> float:
+def timed(argv: list[str], log: Path, env: dict | None = None, limit: float = 900) -> float:
+    """Seconds `argv` took. Past `limit`, SIGABRT: a Python started with `-X faulthandler`
+    writes every thread's stack into `log` (where a run hangs), then this raises."""
     start = time.perf_counter()
     with log.open("w") as f:
-        subprocess.run(argv, check=True, stdout=f, stderr=subprocess.STDOUT, env=env)
+        proc = subprocess.Popen(argv, stdout=f, stderr=subprocess.STDOUT, env=env)
+        try:
+            rc = proc.wait(limit)
+        except subprocess.TimeoutExpired:
+            proc.send_signal(signal.SIGABRT)
+            proc.wait()
+            raise RuntimeError(f"{argv} ran past {limit:.0f} s: stacks in {log}") from None
+    if rc != 0:
+        raise RuntimeError(f"{argv} exited {rc}: see {log}")
     return time.perf_counter() - start
 
 
@@ -207,9 +218,11 @@ def job(
     env: dict | None = None,
     extra: dict | None = None,
     prefix: tuple[str, ...] = (),
+    limit: float = 240,
 ) -> dict:
     """`batch-infer run` as a whole process; `env` for e.g. CUDA_VISIBLE_DEVICES, `extra`
-    spec keys (e.g. slots), `prefix` a command it runs under (a profiler)."""
+    spec keys (e.g. slots), `prefix` a command it runs under (a profiler), `limit` seconds
+    before it is stopped with its threads' stacks in its log."""
     out = work / f"out-{name}"
     spec = {
         **(extra or {}),
@@ -222,8 +235,9 @@ def job(
     path = work / f"{name}.yaml"
     path.write_text(json.dumps(spec))
     sampler = GpuSampler(out_dir / f"smi-{name}-job.csv")
-    argv = [*prefix, "batch-infer", "run", str(path), "--overwrite"]
-    seconds = timed(argv, out_dir / f"{name}-job.log", env)
+    cli = (sys.executable, "-X", "faulthandler", "-m", "batch_infer.cli", "-v")
+    argv = [*prefix, *cli, "run", str(path), "--overwrite"]
+    seconds = timed(argv, out_dir / f"{name}-job.log", env, limit)
     util = sampler.stop()
     (run,) = [json.loads(p.read_text()) for p in (out / "_runs").glob("*.json")]
     entries = sorted(

@@ -5,9 +5,9 @@ ResNet-50 fp16 on raw bytes, side by side in one run:
   2 streams  two resident batches on two slots, launched alternately: what the run's two
              slots can reach at best;
   first run  the first launch of a freshly loaded session against a warm one;
-  jobs       `batch-infer run` whole processes with `slots` 2 and 4, and one under py-spy
-             (speedscope file with every thread, idle included) for the phases before the
-             first batch and what the inference threads wait on.
+  jobs       `batch-infer run` whole processes with `slots` 2 and 4; each shard's prepare,
+             inference and commit times in the first (where the time before the first batch
+             and between batches goes).
 
     python benchmarks/gpu_probe.py --images 50000 --out $OUT
 """
@@ -82,12 +82,7 @@ def main() -> None:
         j.pop("shard_rates")
         res[f"job_slots{slots}"] = j
         print(slots, json.dumps(j), flush=True)
-    spy = ("py-spy", "record", "--idle", "--threads", "--rate", "200", "--format", "speedscope",
-           "-o", str(args.out / "probe.speedscope.json"), "--")  # fmt: skip
-    j = job("probe-spy", w, args.work, args.out, prefix=spy)
-    j.pop("shard_rates")
-    res["job_pyspy"] = j
-    out = args.work / "out-probe-spy" / "_manifest" / "shards"
+    out = args.work / "out-probe-s2" / "_manifest" / "shards"
     entries = sorted(
         (json.loads(p.read_text()) for p in out.glob("*.json")), key=lambda e: e["infer_started"]
     )
@@ -98,7 +93,7 @@ def main() -> None:
          round(e["committed_at"] - start, 3), e["rows"]]
         for e in entries
     ]  # fmt: skip
-    print(json.dumps(j), flush=True)
+    print(json.dumps(res["shards"]), flush=True)
     (args.out / "gpu-probe.json").write_text(json.dumps(res, indent=1))
 
 
