@@ -106,13 +106,18 @@ def workloads(names: list[str], work: Path, images: int, texts: int) -> dict[str
         if name == "resnet50":
             if not fp32.exists():
                 export_resnet50(fp32)
-            make_images(work / "images", images)
-            data, inputs, rows, output = work / "images", {"pixels": "pixels"}, images, "logits"
+            data, inputs, rows, output = (
+                work / f"images-{images}",
+                {"pixels": "pixels"},
+                images,
+                "logits",
+            )
+            make_images(data, images)
         else:
             if not fp32.exists():
                 export_bert(fp32, seq=SEQ)
-            make_tokens(work / "tokens", texts)
-            data, inputs, rows = work / "tokens", {"ids": "ids", "mask": "mask"}, texts
+            data, inputs, rows = work / f"tokens-{texts}", {"ids": "ids", "mask": "mask"}, texts
+            make_tokens(data, texts)
             output = "pooled"
         if not fp16.exists():
             to_fp16(fp32, fp16)
