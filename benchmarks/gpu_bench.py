@@ -11,6 +11,7 @@ For each workload, side by side in one run, ONNX Runtime CUDA, batch 256:
             whole process with its own `ray.init()`.
 fp16 models come from ONNX Runtime's converter with fp32 inputs and outputs kept (a torch
 `.half()` export gives wrong answers); their agreement with fp32 is measured and printed.
+`--cudnn-search` also times cuDNN's three searches (the backend's HEURISTIC came from them).
 
     python benchmarks/gpu_bench.py --workloads resnet50 bert --images 100000 --texts 131072 \
         --out $OUT
@@ -307,6 +308,7 @@ def main() -> None:
     ap.add_argument("--texts", type=int, default=131_072)
     ap.add_argument("--seconds", type=float, default=5.0)
     ap.add_argument("--no-ray-data", action="store_true")
+    ap.add_argument("--cudnn-search", action="store_true", help="also time cuDNN's 3 searches")
     ap.add_argument("--work", type=Path, default=Path("/tmp/bench"))
     ap.add_argument("--out", type=Path, default=Path(os.environ.get("OUT", "benchmarks/results")))
     args = ap.parse_args()
@@ -321,7 +323,7 @@ def main() -> None:
         res["fp16_vs_fp32"] = agreement(w, feeds)
         res["compute_fp32"] = compute_rate(w["fp32"], feeds, args.seconds)
         res["compute"] = compute_rate(w["model"], feeds, args.seconds)
-        for search in ("EXHAUSTIVE", "HEURISTIC", "DEFAULT"):
+        for search in ("EXHAUSTIVE", "HEURISTIC", "DEFAULT") if args.cudnn_search else ():
             started = time.perf_counter()
             rate = compute_rate(w["model"], feeds, args.seconds, cudnn_conv_algo_search=search)
             res[f"compute_{search}"] = {"rate": rate, "seconds": time.perf_counter() - started}
