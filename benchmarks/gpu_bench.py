@@ -181,22 +181,27 @@ def agreement(w: dict, feeds: dict[str, np.ndarray]) -> dict[str, float]:
 
 
 class GpuSampler:
-    """nvidia-smi utilization every 200 ms while something runs."""
+    """nvidia-smi utilization every 200 ms while the `with` block runs; `util` after it. It
+    stops on an error too: left running, it held the benchmark's output pipe open, and a
+    probe whose first job failed at once looked like a job that hung (2026-12-05)."""
 
     def __init__(self, path: Path) -> None:
-        self.path = path
+        self.path, self.util = path, 0.0
+
+    def __enter__(self) -> GpuSampler:
         self.proc = subprocess.Popen(
             ["nvidia-smi", "--query-gpu=utilization.gpu", "--format=csv,noheader,nounits",
              "-lms", "200"],
-            stdout=path.open("w"),
+            stdout=self.path.open("w"), stderr=subprocess.DEVNULL,
         )  # fmt: skip
+        return self
 
-    def stop(self) -> float:
+    def __exit__(self, *exc: object) -> None:
         self.proc.terminate()
         self.proc.wait()
         samples = [float(x) for x in self.path.read_text().split() if x.strip().isdigit()]
         busy = [u for u in samples if u > 0]
-        return round(float(np.mean(busy)), 1) if busy else 0.0
+        self.util = round(float(np.mean(busy)), 1) if busy else 0.0
 
 
 def timed(argv: list[str], log: Path, env: dict | None = None, limit: float = 900) -> float:
@@ -240,11 +245,10 @@ def job(
     }
     path = work / f"{name}.yaml"
     path.write_text(json.dumps(spec))
-    sampler = GpuSampler(out_dir / f"smi-{name}-job.csv")
     cli = (sys.executable, "-X", "faulthandler", "-m", "batch_infer.cli", "-v")
     argv = [*prefix, *cli, "run", str(path), "--overwrite"]
-    seconds = timed(argv, out_dir / f"{name}-job.log", env, limit)
-    util = sampler.stop()
+    with GpuSampler(out_dir / f"smi-{name}-job.csv") as sampler:
+        seconds = timed(argv, out_dir / f"{name}-job.log", env, limit)
     (run,) = [json.loads(p.read_text()) for p in (out / "_runs").glob("*.json")]
     entries = sorted(
         (json.loads(p.read_text()) for p in (out / "_manifest" / "shards").glob("*.json")),
@@ -254,7 +258,7 @@ def job(
     return {"seconds": round(seconds, 2), "rows": run["rows"], "timeline": run["timeline"],
             "shard_rates": shard_rates,
             "actors": run["actor_stats"], "shards": run["shards_total"],
-            "gpu_util_busy": util, "backend": run["backend"]}  # fmt: skip
+            "gpu_util_busy": sampler.util, "backend": run["backend"]}  # fmt: skip
 
 
 RAY_DATA = """
@@ -293,12 +297,12 @@ ds.write_parquet(out)
 def ray_data(name: str, w: dict, work: Path, out_dir: Path) -> dict:
     out = work / f"raydata-{name}"
     subprocess.run(["rm", "-rf", str(out)], check=True)
-    sampler = GpuSampler(out_dir / f"smi-{name}-raydata.csv")
     argv = [sys.executable, "-c", RAY_DATA, str(w["data"]), str(w["model"]), str(out),
             ",".join(w["inputs"])]  # fmt: skip
-    seconds = timed(argv, out_dir / f"{name}-raydata.log")
+    with GpuSampler(out_dir / f"smi-{name}-raydata.csv") as sampler:
+        seconds = timed(argv, out_dir / f"{name}-raydata.log")
     rows = pq.ParquetDataset(str(out)).read(columns=["id"]).num_rows
-    return {"seconds": round(seconds, 2), "rows": rows, "gpu_util_busy": sampler.stop()}
+    return {"seconds": round(seconds, 2), "rows": rows, "gpu_util_busy": sampler.util}
 
 
 def main() -> None:
