@@ -36,7 +36,6 @@ import yaml
 import batch_infer
 from batch_infer.errors import STALL_NOTICE_SECONDS, ClusterError, SpecError, UserError
 from batch_infer.location import is_uri
-from batch_infer.model import external_data_files, load_graph
 from batch_infer.ops import drop_stdout, json_rows, note
 from batch_infer.spec import (
     add_spec_arguments,
@@ -88,6 +87,10 @@ def _check_carry(what: str, size: int) -> None:
 
 def model_files(model: Path) -> list[tuple[Path, str]]:
     """(local file, path in the working_dir) for the model and its external-data files."""
+    # Here, not at the top: `onnx` takes 0.2-0.6 s to import (ml_dtypes), and every command
+    # (`--help`, query, schedule, inspect) imports this module to register itself.
+    from batch_infer.model import external_data_files, load_graph
+
     if not model.is_file():
         raise SpecError(
             f"model.onnx: {model}: no such file here (a submitted job carries the model from "
