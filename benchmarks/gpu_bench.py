@@ -36,6 +36,9 @@ import pyarrow.parquet as pq
 BATCH = 256
 SEQ = 128
 IMAGE = 224 * 224 * 3
+# How the benchmarks start `batch-infer`: the GPU machine's pack carries no scripts, so no
+# `batch-infer` on its PATH; faulthandler lets `timed` get the stacks of a run that hangs.
+CLI = (sys.executable, "-X", "faulthandler", "-m", "batch_infer.cli")
 
 
 def _image_file(args: tuple[Path, int, int]) -> None:
@@ -107,13 +110,9 @@ def workloads(names: list[str], work: Path, images: int, texts: int) -> dict[str
         if name == "resnet50":
             if not fp32.exists():
                 export_resnet50(fp32)
-            data, inputs, rows, output = (
-                work / f"images-{images}",
-                {"pixels": "pixels"},
-                images,
-                "logits",
-            )
+            data, inputs, rows = work / f"images-{images}", {"pixels": "pixels"}, images
             make_images(data, images)
+            output = "logits"
         else:
             if not fp32.exists():
                 export_bert(fp32, seq=SEQ)
@@ -228,12 +227,11 @@ def job(
     out_dir: Path,
     env: dict | None = None,
     extra: dict | None = None,
-    prefix: tuple[str, ...] = (),
     limit: float = 240,
 ) -> dict:
     """`batch-infer run` as a whole process; `env` for e.g. CUDA_VISIBLE_DEVICES, `extra`
-    spec keys (e.g. slots), `prefix` a command it runs under (a profiler), `limit` seconds
-    before it is stopped with its threads' stacks in its log."""
+    spec keys (e.g. slots), `limit` seconds before it is stopped with its threads' stacks in
+    its log."""
     out = work / f"out-{name}"
     spec = {
         **(extra or {}),
@@ -245,8 +243,7 @@ def job(
     }
     path = work / f"{name}.yaml"
     path.write_text(json.dumps(spec))
-    cli = (sys.executable, "-X", "faulthandler", "-m", "batch_infer.cli", "-v")
-    argv = [*prefix, *cli, "run", str(path), "--overwrite"]
+    argv = [*CLI, "-v", "run", str(path), "--overwrite"]
     with GpuSampler(out_dir / f"smi-{name}-job.csv") as sampler:
         seconds = timed(argv, out_dir / f"{name}-job.log", env, limit)
     (run,) = [json.loads(p.read_text()) for p in (out / "_runs").glob("*.json")]
@@ -351,10 +348,11 @@ def main() -> None:
             )
         print(line, flush=True)
         print(f"  timeline {j['timeline']}\n  actors {j['actors']}", flush=True)
-        print("  cudnn search: " + ", ".join(
-            f"{k[8:]} {v['rate']:,.0f}/s ({v['seconds']:.1f} s with load and warm-up)"
-            for k, v in res.items() if k.startswith("compute_") and isinstance(v, dict)
-        ), flush=True)  # fmt: skip
+        if args.cudnn_search:
+            print("  cudnn search: " + ", ".join(
+                f"{k[8:]} {v['rate']:,.0f}/s ({v['seconds']:.1f} s with load and warm-up)"
+                for k, v in res.items() if k.startswith("compute_") and isinstance(v, dict)
+            ), flush=True)  # fmt: skip
         print(f"  per-shard rows/s: {j['shard_rates']}", flush=True)
         (args.out / f"gpu-{name}.json").write_text(json.dumps(res, indent=1))
 

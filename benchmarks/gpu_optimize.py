@@ -26,7 +26,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -36,7 +35,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.gpu_bench import BATCH, SEQ, make_images, make_tokens  # noqa: E402
+from benchmarks.gpu_bench import BATCH, CLI, SEQ, make_images, make_tokens, timed  # noqa: E402
 
 BERT_SIZES = {  # name -> (layers, hidden, heads, intermediate)
     "base": (12, 768, 12, 3072),
@@ -144,12 +143,7 @@ def job(doc: dict, work: Path, out: Path) -> dict:
     """`batch-infer run` as a whole process, timed from outside, with its run record."""
     path = work / f"{doc['name']}.yaml"
     path.write_text(json.dumps(doc))
-    log = out / f"{doc['name']}-job.log"
-    started = time.perf_counter()
-    with log.open("w") as f:
-        subprocess.run(["batch-infer", "run", str(path), "--overwrite", "-q"], check=True,
-                       stdout=f, stderr=subprocess.STDOUT)  # fmt: skip
-    seconds = time.perf_counter() - started
+    seconds = timed([*CLI, "run", str(path), "--overwrite", "-q"], out / f"{doc['name']}-job.log")
     output = Path(doc["output"]["path"])
     (run,) = [json.loads(p.read_text()) for p in (output / "_runs").glob("*.json")]
     t = run["timeline"]
