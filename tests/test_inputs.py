@@ -35,6 +35,7 @@ from batch_infer.data.decode.images import (
     NvImageCodecDecoder,
     PillowDecoder,
     _gpu_here,
+    _luma,
     crop_box,
     decode_images,
     decode_processes,
@@ -283,19 +284,25 @@ def test_cli_bad_spec_is_one_line_exit_2(tmp_path):
 # --------------------------------------------------------------------------- the decoders
 
 
-def test_resize_by_matrices_is_pillows_within_one_level():
-    """The GPU decoder's resize, run with NumPy: Pillow's coefficients as two products."""
+def test_resize_taps_are_pillows_to_the_pixel():
+    """The GPU decoder's resize arithmetic, run with NumPy: Pillow's own coefficients and
+    fixed-point rounding, so equal to Pillow's resize (shrinking, enlarging, both crops)."""
     rng = np.random.default_rng(1)
-    d = ImageDecode("c", 224, 224, "shorter_side_crop", "NHWC", "RGB", "cpu", False)
-    worst = 0
-    for w, h in ((500, 375), (375, 500), (640, 480), (300, 300), (200, 150)):
-        im = Image.fromarray(photo(rng, w, h))
-        box, ow, oh = crop_box(w, h, d)
-        ref = np.asarray(im.resize((ow, oh), Image.Resampling.BILINEAR, box=box))
-        got = resize_batch(np.asarray(im)[None], d)[0]
-        assert got.shape == ref.shape == (224, 224, 3)
-        worst = max(worst, int(np.abs(got.astype(int) - ref).max()))
-    assert worst <= 1
+    for resize in ("shorter_side_crop", "stretch"):
+        d = ImageDecode("c", 224, 224, resize, "NHWC", "RGB", "cpu", False)
+        for w, h in ((500, 375), (375, 500), (640, 480), (300, 300), (200, 150), (224, 224)):
+            im = Image.fromarray(photo(rng, w, h))
+            box, ow, oh = crop_box(w, h, d)
+            ref = np.asarray(im.resize((ow, oh), Image.Resampling.BILINEAR, box=box))
+            got = resize_batch(np.asarray(im)[None], d)[0]
+            assert got.shape == ref.shape == (224, 224, 3)
+            np.testing.assert_array_equal(got, ref, err_msg=f"{w}x{h} {resize}")
+
+
+def test_luma_is_pillows():
+    rgb = np.random.default_rng(2).integers(0, 256, (64, 48, 3), np.uint8)
+    want = np.asarray(Image.fromarray(rgb).convert("L"))
+    np.testing.assert_array_equal(_luma(rgb)[..., 0], want)
 
 
 def test_decoding_on_processes_equals_decoding_in_place(monkeypatch):

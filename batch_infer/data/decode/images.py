@@ -3,7 +3,7 @@
 On the CPU: Pillow (libjpeg-turbo inside), measured against OpenCV, simplejpeg and
 Pillow-SIMD in docs/inputs.md; its antialiased bilinear resize is what models trained with
 torchvision saw. On the GPU: nvImageCodec (nvJPEG, the hardware decoder where the GPU has
-one) with the same resize as two matrix products in CuPy, used where this process sees a GPU
+one) with Pillow's own resize arithmetic in a CuPy kernel, used where this process sees a GPU
 and both import; anything it cannot decode is retried on the CPU, so a reason is Pillow's.
 
 An image that cannot be read or decoded is a bad row with its reason, never a failed shard.
@@ -11,6 +11,7 @@ An image that cannot be read or decoded is a bad row with its reason, never a fa
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import logging
 import multiprocessing
@@ -90,6 +91,13 @@ def decode_pillow(data: bytes, d: ImageDecode) -> np.ndarray:
         out = np.asarray(im.resize((w, h), Image.Resampling.BILINEAR, box=box))
     out = out.reshape(h, w, -1)
     return out[..., ::-1] if d.channels == "BGR" else out
+
+
+def _luma(rgb: Any, xp: Any = np) -> Any:
+    """[..., 3] uint8 RGB -> [..., 1] luma, in Pillow's integer arithmetic (Convert.c L24)."""
+    x = rgb.astype(xp.int32)
+    luma = (x[..., 0] * 19595 + x[..., 1] * 38470 + x[..., 2] * 7471 + 0x8000) >> 16
+    return luma.astype(xp.uint8)[..., None]
 
 
 def _reason(exc: BaseException) -> str:
@@ -247,45 +255,98 @@ class PillowDecoder:
         return reasons
 
 
-def resize_weights(size: int, start: float, stop: float, out: int) -> np.ndarray:
-    """Pillow's bilinear (triangle, widened when shrinking) weights as an [out, size] matrix,
-    so a resize is two matrix products: the same coefficients Pillow computes."""
-    scale = (stop - start) / out
+# Pillow's fixed-point resampling (Resample.c): coefficients scaled by 2**22, sums rounded
+# and clipped to 8 bits after each pass, the horizontal pass first.
+PRECISION_BITS = 22
+
+
+def resize_taps(size: int, start: float, stop: float, out: int) -> tuple[np.ndarray, np.ndarray]:
+    """Pillow's bilinear weights (a triangle, widened when shrinking) for one axis, as Pillow
+    computes them: (first source index [out] int32, fixed-point weights [out, taps] int32);
+    output i is sum_k weights[i, k] * source[first[i] + k]. The box is single precision, as
+    in Pillow; every first + taps stays within the source."""
+    lo32, hi32 = np.float32(start), np.float32(stop)
+    scale = float(np.float32(hi32 - lo32)) / out
     filterscale = max(scale, 1.0)
     support = filterscale
-    weights = np.zeros((out, size), np.float64)
+    spans = []
     for i in range(out):
-        center = start + (i + 0.5) * scale
+        center = float(lo32) + (i + 0.5) * scale
         lo = max(int(center - support + 0.5), 0)
         hi = min(int(center + support + 0.5), size)
         x = np.arange(lo, hi)
         w = np.maximum(0.0, 1.0 - np.abs((x - center + 0.5) / filterscale))
         total = w.sum()
-        weights[i, lo:hi] = w / total if total else w
-    return weights
+        spans.append((lo, w / total if total else w))
+    taps = max(len(w) for _, w in spans)
+    first = np.zeros(out, np.int32)
+    weights = np.zeros((out, taps), np.int32)
+    for i, (lo, w) in enumerate(spans):
+        first[i] = min(lo, size - taps)  # the row of taps stays inside the source
+        at = lo - first[i]
+        weights[i, at : at + len(w)] = np.floor(0.5 + w * (1 << PRECISION_BITS))
+    return first, weights
 
 
-def resize_batch(pixels: Any, d: ImageDecode, xp: Any = np, cache: dict | None = None) -> Any:
-    """[B, H, W, C] uint8 images of one size -> [B, h, w, C] uint8 with `resize_weights`, in
-    `xp` (NumPy or CuPy): the GPU decoder's resize, two batched matrix products, within a
-    level or two of Pillow's (which rounds between its passes)."""
-    height, width = pixels.shape[1:3]
+def _resample_numpy(x: np.ndarray, first: np.ndarray, weights: np.ndarray, axis: int) -> np.ndarray:
+    """One pass along `axis` of a uint8 array, in NumPy: the reference the GPU kernel follows."""
+    index = first[:, None] + np.arange(weights.shape[1])  # [out, taps]
+    taken = np.take(x, index, axis=axis).astype(np.int64)  # axis -> (out, taps)
+    shape = [1] * taken.ndim
+    shape[axis], shape[axis + 1] = weights.shape
+    acc = (taken * weights.reshape(shape)).sum(axis=axis + 1) + (1 << (PRECISION_BITS - 1))
+    return np.clip(acc >> PRECISION_BITS, 0, 255).astype(np.uint8)
+
+
+def _axes(height: int, width: int, d: ImageDecode) -> tuple[tuple, tuple]:
     box, w, h = crop_box(width, height, d)
+    return resize_taps(width, box[0], box[2], w), resize_taps(height, box[1], box[3], h)
+
+
+def resize_batch(pixels: np.ndarray, d: ImageDecode) -> np.ndarray:
+    """[B, H, W, C] uint8 images of one size -> [B, h, w, C], in NumPy, with Pillow's own
+    arithmetic: equal to `Image.resize(BILINEAR, box=crop_box(...))` pixel for pixel."""
+    (fx, wx), (fy, wy) = _axes(pixels.shape[1], pixels.shape[2], d)
+    return _resample_numpy(_resample_numpy(pixels, fx, wx, 2), fy, wy, 1)
+
+
+# One pass of the resize on the GPU, over the output [outer, n_out, inner]: each element sums
+# `taps` source elements `inner` apart (the same arithmetic as `_resample_numpy`).
+_RESAMPLE = (
+    "raw uint8 src, raw int32 first, raw int32 weights, int32 taps, int32 n_out, int32 n_in, "
+    "int32 inner",
+    "uint8 dst",
+    """
+    long long q = i / inner;
+    long long r = i - q * inner;
+    int j = (int)(q % n_out);
+    long long base = ((q / n_out) * n_in + first[j]) * inner + r;
+    int acc = 1 << 21;
+    for (int k = 0; k < taps; k++) acc += (int)src[base + k * inner] * weights[j * taps + k];
+    acc >>= 22;
+    dst = (unsigned char)(acc < 0 ? 0 : (acc > 255 ? 255 : acc));
+    """,
+    "batch_infer_resample",
+)
+
+
+def _resize_gpu(batch: Any, d: ImageDecode, cache: dict) -> Any:
+    """`resize_batch` in CuPy: two kernel passes that read only each output's few taps."""
+    import cupy as cp
+
+    kernel = cache.get("kernel")
+    if kernel is None:
+        kernel = cache["kernel"] = cp.ElementwiseKernel(*_RESAMPLE)
+    b, height, width, c = batch.shape
     key = (height, width, d.height, d.width, d.resize)
-    got = cache.get(key) if cache is not None else None
-    if got is None:
-        wy = xp.asarray(resize_weights(height, box[1], box[3], h), dtype=xp.float32)
-        wx = xp.asarray(resize_weights(width, box[0], box[2], w), dtype=xp.float32)
-        got = (wy, wx.T.copy())
-        if cache is not None:
-            cache[key] = got
-    wy, wxt = got
-    b, c = pixels.shape[0], pixels.shape[3]
-    x = pixels.astype(xp.float32).reshape(b, height, width * c)
-    rows = xp.matmul(wy, x).reshape(b, h, width, c)  # [B, h, W, C]
-    cols = xp.matmul(rows.transpose(0, 1, 3, 2), wxt)  # [B, h, C, w]
-    both = cols.transpose(0, 1, 3, 2)
-    return xp.clip(xp.rint(both), 0, 255).astype(xp.uint8)
+    if key not in cache:
+        cache[key] = [tuple(cp.asarray(a) for a in axis) for axis in _axes(height, width, d)]
+    (fx, wx), (fy, wy) = cache[key]
+    rows = cp.empty((b, height, d.width, c), cp.uint8)
+    kernel(batch, fx, wx, wx.shape[1], d.width, width, c, rows)
+    out = cp.empty((b, d.height, d.width, c), cp.uint8)
+    kernel(rows, fy, wy, wy.shape[1], d.height, height, d.width * c, out)
+    return out
 
 
 class NvImageCodecDecoder:
@@ -320,7 +381,7 @@ class NvImageCodecDecoder:
             allow_any_depth=False,
             sample_format=nvimgcodec.SampleFormat.I_RGB,
         )
-        self.weights: dict = {}
+        self.resizing: dict = {}  # the kernel, and the taps per image size
         self.host: np.ndarray | None = None
 
     def describe(self) -> str:
@@ -379,9 +440,8 @@ class NvImageCodecDecoder:
             for group in shapes.values():  # images of one size: resized as one batch
                 batch = cp.stack([pixels for _, pixels in group])
                 if d.channels == "L":  # ITU-R 601-2 luma, as Pillow's convert("L")
-                    weights = cp.asarray([0.299, 0.587, 0.114], cp.float32)
-                    batch = cp.rint(batch.astype(cp.float32) @ weights)[..., None]
-                small = resize_batch(batch, d, cp, self.weights)
+                    batch = _luma(batch, cp)
+                small = _resize_gpu(batch, d, self.resizing)
                 host = self._pinned(small.shape)
                 small.get(stream=self.stream, out=host)  # page-locked: a full-speed copy
                 out[[i for i, _ in group]] = host[..., ::-1] if d.channels == "BGR" else host
@@ -404,6 +464,16 @@ class GpuDecoders:
 
     def describe(self, rows: int | None = None) -> str:
         return self.about
+
+    def warm_up(self, blob: bytes, d: ImageDecode) -> None:
+        """Each decoder's first decode (and the resize kernel's compile), on `blob`."""
+        taken = [self.free.get() for _ in range(self.free.qsize())]
+        try:
+            for decoder in taken:
+                decoder.decode([blob], d, np.zeros((1, *item_shape(d)), np.uint8))
+        finally:
+            for decoder in taken:
+                self.free.put(decoder)
 
     def decode(
         self, data: Sequence[bytes | None], d: ImageDecode, out: np.ndarray
@@ -460,6 +530,19 @@ def decoder_for(device: str) -> tuple[Any, str]:
         log.info("image decoder: %s (%s)", chosen[0].describe(), chosen[1])
         _decoders[key] = chosen
         return chosen
+
+
+def warm_up_images(d: ImageDecode) -> None:
+    """Start this process's decoder for `d` ahead of the first shard: on a GPU, creating the
+    decoders and their first decode (the resize kernel compiles) take a second or more."""
+    decoder, _ = decoder_for(d.device)
+    if decoder.name == "pillow":
+        return
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.new("RGB", (320, 240), (90, 120, 150)).save(buf, "JPEG")
+    decoder.warm_up(buf.getvalue(), dataclasses.replace(d, layout="NHWC"))
 
 
 def decode_images(
