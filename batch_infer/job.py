@@ -37,6 +37,7 @@ from batch_infer.backends import (
     local_gpus,
     ray_initialized,
 )
+from batch_infer.data.decode import warm_up
 from batch_infer.data.sharding import Shard, plan_shards
 from batch_infer.errors import STALL_NOTICE_SECONDS, JobFailedError, OutputFailedError, UserError
 from batch_infer.planning import JobPlan, build_plan
@@ -274,6 +275,10 @@ class _Lane:
 
     def _run(self) -> None:
         gpu = None if self.gpu is None else str(self.gpu)
+        # Image decoders and tokenizers get ready beside the model, joined before this
+        # thread can end (a process that exits while CUDA starts may abort).
+        inputs = threading.Thread(target=warm_up, args=(self.plan.decoded,), daemon=True)
+        inputs.start()
         try:
             runner = ShardRunner(
                 self.plan, self.device, self.threads, -1, "driver", gpu, self.gpu or 0
@@ -284,6 +289,8 @@ class _Lane:
         except Exception as exc:  # Ray's actors will load it, or say why they cannot
             log.warning("this process cannot load the model (%s); Ray's actors will", exc)
             return
+        finally:
+            inputs.join()
         try:
             self.given.wait()
             if self.stopping.is_set():
@@ -742,6 +749,7 @@ def run(
     record = RunRecord(run_id=run_id, name="")
     if started_at is not None:
         record.started_at = started_at
+    record.mark("imported")
     spec = resolve_spec(spec, overrides, date)
     plan = build_plan(spec)  # spec, model and input schema checked: nothing started yet
     record.name, record.date, record.output = spec.name, spec.date, spec.output.path

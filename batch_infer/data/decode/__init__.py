@@ -9,6 +9,7 @@ prepare stage and turns a shard into arrays plus bad rows with their reasons.
 from __future__ import annotations
 
 import hashlib
+import logging
 import posixpath
 from dataclasses import dataclass
 from typing import Any
@@ -17,7 +18,13 @@ import numpy as np
 import pyarrow as pa
 
 from batch_infer.data.decode.hooks import check_array, load_hook, run_hook, split_result
-from batch_infer.data.decode.images import ImageDecode, decode_images, describe_size, item_shape
+from batch_infer.data.decode.images import (
+    ImageDecode,
+    decode_images,
+    describe_size,
+    item_shape,
+    warm_up_images,
+)
 from batch_infer.data.decode.text import (
     TextEncode,
     encode,
@@ -28,6 +35,8 @@ from batch_infer.data.decode.text import (
 from batch_infer.errors import HookError, SpecError
 from batch_infer.location import absolute, open_location
 from batch_infer.model import TensorInfo
+
+log = logging.getLogger("batch_infer")
 
 
 @dataclass(frozen=True)
@@ -197,6 +206,19 @@ def read_labels(path: str) -> tuple[str, ...]:
     if not labels:
         raise SpecError(f"model.postprocess.labels: {path}: holds no labels")
     return tuple(labels)
+
+
+def warm_up(decoded: tuple[DecodedInput, ...]) -> None:
+    """Ready this process's image decoders and tokenizers before its first shard (the run's
+    own process does it while the model loads). A failure is left to the shards to report."""
+    for d in decoded:
+        try:
+            if isinstance(d.source, ImageDecode):
+                warm_up_images(d.source)
+            elif isinstance(d.source, TextEncode):
+                encode(pa.array(["warm up"]), d.source)
+        except Exception as exc:
+            log.info("input warm-up skipped (%s: %s)", type(exc).__name__, exc)
 
 
 def decode_shard(
