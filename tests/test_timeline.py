@@ -104,7 +104,7 @@ def test_run_records_its_timeline_and_each_actors_lane(tmp_path):
     order = ["backend_ready", "first_batch", "first_commit", "last_commit", "finished"]
     assert [timeline[p] for p in order] == sorted(timeline[p] for p in order)
     assert timeline["ray_ready"] <= timeline["backend_ready"]
-    assert 0 <= timeline["planned"] <= timeline["first_batch"]
+    assert 0 <= timeline["imported"] <= timeline["planned"] <= timeline["first_batch"]
     assert saved["nodes"] == [ray_node()] and record.nodes == saved["nodes"]
     lanes = saved["actor_stats"]
     assert [lane["actor"] for lane in lanes] == [0, 1]

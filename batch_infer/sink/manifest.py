@@ -146,6 +146,7 @@ class RunRecord(_Record):
 
 # The phases of a run, in the order they happen (RunRecord.timeline's keys).
 PHASES = (
+    "imported",  # the interpreter started, batch-infer imported: the run's first step
     "planned",  # spec, model, input schema, shards and the output checked
     "ray_ready",
     "backend_ready",  # the first inference actor loaded the model
