@@ -330,13 +330,19 @@ _RESAMPLE = (
 )
 
 
-def _resize_gpu(batch: Any, d: ImageDecode, cache: dict) -> Any:
-    """`resize_batch` in CuPy: two kernel passes that read only each output's few taps."""
+@lru_cache(maxsize=1)
+def _resample_kernel() -> Any:
     import cupy as cp
 
-    kernel = cache.get("kernel")
-    if kernel is None:
-        kernel = cache["kernel"] = cp.ElementwiseKernel(*_RESAMPLE)
+    return cp.ElementwiseKernel(*_RESAMPLE)
+
+
+def _resize_gpu(batch: Any, d: ImageDecode, cache: dict) -> Any:
+    """`resize_batch` in CuPy: two kernel passes that read only each output's few taps.
+    `cache` keeps the taps of each image size on the device."""
+    import cupy as cp
+
+    kernel = _resample_kernel()
     b, height, width, c = batch.shape
     key = (height, width, d.height, d.width, d.resize)
     if key not in cache:
@@ -354,7 +360,11 @@ class NvImageCodecDecoder:
     JPEG decoder first, then CUDA), resized on the same GPU, and copied back already small.
     Images it cannot decode (formats without a GPU codec, corrupt files) come back as
     failures, and the caller retries them on the CPU. Its work goes on a stream of its own
-    that does not wait on the model's streams."""
+    that does not wait on the model's streams, at the highest priority: its few small
+    kernels feed the model, so they run ahead of the model's own rather than behind them."""
+
+    # Clamped by CUDA to the device's highest stream priority.
+    PRIORITY = -1000
 
     name = "nvimgcodec"
 
@@ -366,7 +376,7 @@ class NvImageCodecDecoder:
         self.cupy, self.codec = cupy, nvimgcodec
         kinds = nvimgcodec.BackendKind
         with cupy.cuda.Device(device):
-            self.stream = cupy.cuda.Stream(non_blocking=True)
+            self.stream = cupy.cuda.Stream(non_blocking=True, priority=self.PRIORITY)
             self.decoder = nvimgcodec.Decoder(
                 device_id=device,
                 backends=[
@@ -381,7 +391,7 @@ class NvImageCodecDecoder:
             allow_any_depth=False,
             sample_format=nvimgcodec.SampleFormat.I_RGB,
         )
-        self.resizing: dict = {}  # the kernel, and the taps per image size
+        self.resizing: dict = {}  # the resize taps of each image size, on the device
         self.host: np.ndarray | None = None
 
     def describe(self) -> str:
@@ -437,48 +447,77 @@ class NvImageCodecDecoder:
                 else:
                     pixels = cp.asarray(image)
                     shapes.setdefault(pixels.shape, []).append((i, pixels))
+            done = sorted(i for group in shapes.values() for i, _ in group)
+            if not done:
+                return retry
+            at = {i: k for k, i in enumerate(done)}
+            small = None
             for group in shapes.values():  # images of one size: resized as one batch
                 batch = cp.stack([pixels for _, pixels in group])
                 if d.channels == "L":  # ITU-R 601-2 luma, as Pillow's convert("L")
                     batch = _luma(batch, cp)
-                small = _resize_gpu(batch, d, self.resizing)
-                host = self._pinned(small.shape)
-                small.get(stream=self.stream, out=host)  # page-locked: a full-speed copy
-                out[[i for i, _ in group]] = host[..., ::-1] if d.channels == "BGR" else host
+                resized = _resize_gpu(batch, d, self.resizing)
+                if len(shapes) == 1:  # rows in order already
+                    small = resized
+                    break
+                if small is None:
+                    small = cp.empty((len(done), *resized.shape[1:]), cp.uint8)
+                small[cp.asarray([at[i] for i, _ in group])] = resized
+            assert small is not None
+            if d.channels == "BGR":
+                small = cp.ascontiguousarray(small[..., ::-1])
+            if len(done) == len(out):  # every row: copied straight into `out`
+                small.get(stream=self.stream, out=out)
+            else:
+                host = self._pinned(small.shape)  # page-locked: a full-speed copy
+                small.get(stream=self.stream, out=host)
+                out[done] = host
         return retry
 
 
 class GpuDecoders:
-    """A few `NvImageCodecDecoder`s, each with a stream of its own, handed to one thread at
-    a time: the run's own process prepares several shards at once, so one shard's resize
-    and copies overlap another's decode. BATCH_INFER_GPU_DECODERS sets how many (3)."""
+    """Up to a few `NvImageCodecDecoder`s, each with a stream of its own, handed to one
+    thread at a time: the run's own process prepares several shards at once, so one shard's
+    resize and copies overlap another's decode. One is made at once; the others (a second
+    or so each) when shards wait for one, so the first shard does not wait for them.
+    BATCH_INFER_GPU_DECODERS sets how many (3)."""
 
     name = "nvimgcodec"
 
     def __init__(self, device: int) -> None:
-        count = max(1, int(os.environ.get("BATCH_INFER_GPU_DECODERS", "3")))
+        self.device = device
+        self.count = max(1, int(os.environ.get("BATCH_INFER_GPU_DECODERS", "3")))
         self.free: queue.Queue[NvImageCodecDecoder] = queue.Queue()
-        for _ in range(count):
-            self.free.put(NvImageCodecDecoder(device))
-        self.about = f"{self.free.queue[0].describe()} ({count} decoders)"
+        first = NvImageCodecDecoder(device)
+        self.free.put(first)
+        self.made, self.lock = 1, threading.Lock()
+        self.about = f"{first.describe()} ({self.count} decoders)"
 
     def describe(self, rows: int | None = None) -> str:
         return self.about
 
-    def warm_up(self, blob: bytes, d: ImageDecode) -> None:
-        """Each decoder's first decode (and the resize kernel's compile), on `blob`."""
-        taken = [self.free.get() for _ in range(self.free.qsize())]
+    def _take(self) -> NvImageCodecDecoder:
         try:
-            for decoder in taken:
-                decoder.decode([blob], d, np.zeros((1, *item_shape(d)), np.uint8))
+            return self.free.get_nowait()
+        except queue.Empty:
+            with self.lock:
+                grow = self.made < self.count
+                if grow:
+                    self.made += 1
+            return NvImageCodecDecoder(self.device) if grow else self.free.get()
+
+    def warm_up(self, blob: bytes, d: ImageDecode) -> None:
+        """The first decoder's first decode (and the resize kernel's compile), on `blob`."""
+        decoder = self._take()
+        try:
+            decoder.decode([blob], d, np.zeros((1, *item_shape(d)), np.uint8))
         finally:
-            for decoder in taken:
-                self.free.put(decoder)
+            self.free.put(decoder)
 
     def decode(
         self, data: Sequence[bytes | None], d: ImageDecode, out: np.ndarray
     ) -> dict[int, str]:
-        decoder = self.free.get()
+        decoder = self._take()
         try:
             return decoder.decode(data, d, out)
         finally:
