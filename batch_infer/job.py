@@ -33,8 +33,8 @@ from batch_infer.actor import InferenceActor, ShardRunner, prepare_shard, thread
 from batch_infer.backends import (
     actor_concurrency,
     check_request,
-    local_device,
     local_gpus,
+    prepare_local,
     ray_initialized,
 )
 from batch_infer.data.decode import warm_up
@@ -751,7 +751,21 @@ def run(
         record.started_at = started_at
     record.mark("imported")
     spec = resolve_spec(spec, overrides, date)
-    plan = build_plan(spec)  # spec, model and input schema checked: nothing started yet
+    # A local run drives this machine's device in its own process (`_Lane`); Ray starts
+    # only for more: the other GPUs of a multi-GPU machine, or a cluster it was told to join.
+    # Which device, CUDA's start and ONNX Runtime's import: found while the plan is made.
+    finding: Future[str | None] | None = None
+    if starts_local_ray(address) and spec.num_actors is None:
+        finder = ThreadPoolExecutor(1, "batch-infer-device")
+        finding = finder.submit(prepare_local, spec.backend, spec.device)
+        finder.shutdown(wait=False)
+    try:
+        plan = build_plan(spec)  # spec, model and input schema checked: nothing started yet
+    except BaseException:
+        if finding is not None:  # a process that exits while CUDA starts may abort
+            with contextlib.suppress(Exception):
+                finding.result()
+        raise
     record.name, record.date, record.output = spec.name, spec.date, spec.output.path
     # A submitted run reads the copy Ray uploaded; `batch-infer submit` names the original.
     origin = os.environ.get("BATCH_INFER_MODEL_ORIGIN")
@@ -759,11 +773,8 @@ def run(
     if plan.optimized is not None:
         record.optimized = {**plan.optimized.record, "path": plan.signature.path}
     sink = OutputSink(spec.output.path, spec.output.row_group_rows)
-    # A local run drives this machine's device in its own process (`_Lane`); Ray starts
-    # only for more: the other GPUs of a multi-GPU machine, or a cluster it was told to join.
-    here = None  # what the lane drives: this machine's device, unless Ray's actors are asked for
-    if starts_local_ray(address) and spec.num_actors is None:
-        here = local_device(spec.backend, spec.device)
+    # What the lane drives: this machine's device, unless Ray's actors are asked for.
+    here = None if finding is None else finding.result()
     device = here or ""
     # The lane is the whole run on the CPU, like a hand-written loop, and on one GPU: it keeps
     # the GPU as busy as an actor does, and Ray's start (10 s of a 16-core machine) would only

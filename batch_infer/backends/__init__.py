@@ -63,6 +63,19 @@ def local_device(requested: str, device: str) -> str | None:
     return "cpu"
 
 
+def prepare_local(requested: str, device: str) -> str | None:
+    """`local_device`, and on a GPU the CUDA context and ONNX Runtime's import started for
+    the lane that will load the model: a local run does this beside its planning."""
+    here = local_device(requested, device)
+    if here == "gpu":
+        from batch_infer.backends.cuda_streams import start_context
+
+        start_context(0)
+    if here is not None and requested in ("auto", "onnxruntime") and _has("onnxruntime"):
+        import onnxruntime  # noqa: F401  (its import is most of a session's start)
+    return here
+
+
 def _has(module: str) -> bool:
     try:
         return importlib.util.find_spec(module) is not None
