@@ -23,7 +23,6 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from croniter import croniter
 
 from batch_infer.errors import OutputError, SpecError, UserError
 from batch_infer.location import is_uri, open_location
@@ -55,6 +54,8 @@ def next_runs(
     """The next `count` run times strictly after `after` (default: now; naive: read in the
     schedule's time zone), in that zone. A wall-clock time that happens twice (summer time
     ends) runs once, at its first pass, as cron and systemd do; croniter alone gives both."""
+    from croniter import croniter  # imported by the commands that need it: not `run`
+
     tz = schedule.tz
     base = after or dt.datetime.now(tz)
     base = base.replace(tzinfo=tz) if base.tzinfo is None else base.astimezone(tz)
@@ -89,6 +90,8 @@ def changing_hours(tz: dt.tzinfo, year: int) -> list[int]:
 def dst_caveat(schedule: ScheduleSpec) -> str | None:
     """A warning when the schedule can fire in an hour in which the clocks change in its
     zone: cron, systemd and Kubernetes treat skipped and repeated times apart."""
+    from croniter import croniter
+
     hours = croniter.expand(schedule.cron)[0][1]
     changing = changing_hours(schedule.tz, dt.datetime.now(schedule.tz).year)
     if not changing or not (hours == ["*"] or set(changing) & {int(h) for h in hours}):
@@ -133,6 +136,8 @@ def oncalendar(schedule: ScheduleSpec) -> list[str]:
     """systemd OnCalendar= expressions that fire exactly when the cron expression does. cron
     runs when the day of month *or* the day of week matches if both are restricted; systemd
     wants both, so that case becomes two expressions (a timer fires on their union)."""
+    from croniter import croniter
+
     (minute, hour, dom, month, dow), _ = croniter.expand(schedule.cron)
     time = f"{_calendar_field(hour, 23)}:{_calendar_field(minute, 59)}:00 {schedule.timezone}"
     months = _calendar_field(month, 12)
