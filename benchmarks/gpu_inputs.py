@@ -2,20 +2,22 @@
 ResNet-50 fp16 and raw text into BERT-base fp16, decoders' rates next to the model's.
 
 Images: >= 50,000 photo-like JPEGs of about 500x375 (q90, a quarter portrait), generated on
-every core into Parquet (a binary column, 1,024 images a file). Measured, side by side:
+every core into Parquet (a binary column, 1,024 images a file); for a longer job, the same
+files linked --image-copies times (4: 200,000 rows, each image 4 times). Side by side:
   cpu_decode   Pillow's decode + resize to 224x224 on every core (processes), rows/s;
   gpu_decode   nvImageCodec's batch decode + the GPU resize (the job's GPU decoder), rows/s;
   compute      ResNet-50 fp16 on one batch resident on the GPU (gpu_bench.compute_rate);
   job          `python3 -m batch_infer.cli run` as a whole process, timed from outside: with
-               the decoder batch-infer picks (`device: auto`), and with `device: cpu`.
+               the decoder batch-infer picks (`device: auto`), and with `device: cpu`; and
+               `device: auto` over the linked copies.
 Text: sentences of 10-150 words (a random vocabulary), a BERT WordPiece tokenizer trained on
 them here with `tokenizers`; tokenization rate (the job's own `encode`, all cores), BERT-base
-fp16 compute at seq 128, and the whole job.
+fp16 compute at seq 128, and the whole job on each of --texts rows (65,536 and 262,144).
 
 fp16 models come from ONNX Runtime's converter (inputs and outputs kept fp32/int), as in
 gpu_bench.py. Writes gpu-inputs.json and gpu-inputs.md under --out ($OUT).
 
-    python3 benchmarks/gpu_inputs.py --images 50000 --texts 65536 --out $OUT
+    python3 benchmarks/gpu_inputs.py --images 50000 --out $OUT
 """
 
 from __future__ import annotations
@@ -201,6 +203,20 @@ def run_job(name: str, spec: dict, work: Path, out_dir: Path) -> dict:
     }
 
 
+def linked_copies(root: Path, copies: int) -> Path:
+    """`root`'s files, each linked `copies` times under another name: a job `copies` times as
+    long over the same distinct images (generating them is the slow part here)."""
+    out = root.with_name(f"{root.name}-x{copies}")
+    if not out.exists():
+        tmp = out.with_suffix(".tmp")
+        tmp.mkdir(parents=True, exist_ok=True)
+        for k in range(copies):
+            for f in sorted(root.glob("*.parquet")):
+                os.link(f, tmp / f"copy{k}-{f.name}")
+        tmp.rename(out)
+    return out
+
+
 def images(args: argparse.Namespace, res: dict) -> None:
     from benchmarks.gpu_bench import compute_rate, to_fp16
     from tests.gpu_models import export_resnet50
@@ -222,67 +238,78 @@ def images(args: argparse.Namespace, res: dict) -> None:
     res["compute"] = compute_rate(fp16, {"pixels": pixels}, args.seconds)
     print(f"images: ResNet-50 fp16 compute {res['compute']:,.0f}/s", flush=True)
     inputs = {"pixels": {"column": "image", "decode": "image", "size": [224, 224]}}
-    for device in ("auto", "cpu"):
+    runs = [("auto", args.work / "images"), ("cpu", args.work / "images")]
+    if args.image_copies > 1:
+        runs.append(("auto", linked_copies(args.work / "images", args.image_copies)))
+    res["jobs"] = []
+    for device, root in runs:
         inputs["pixels"]["device"] = device
-        spec = {"input": {"path": str(args.work / "images")},
+        spec = {"input": {"path": str(root)},
                 "model": {"onnx": str(fp16), "inputs": inputs}}  # fmt: skip
-        job = run_job(f"resnet50-decode-{device}", spec, args.work, args.out)
-        res[f"job_decode_{device}"] = job
-        print(f"images: job (decode {device}) {job}", flush=True)
+        job = run_job(f"resnet50-decode-{device}-{root.name}", spec, args.work, args.out)
+        res["jobs"].append({"device": device, **job})
+        print(f"images: job (decode {device}, {root.name}) {job}", flush=True)
 
 
 def text(args: argparse.Namespace, res: dict) -> None:
     from benchmarks.gpu_bench import compute_rate, to_fp16
     from tests.gpu_models import export_bert
 
-    make_texts(args.work / "texts", args.texts)
+    for rows in args.texts:
+        make_texts(args.work / f"texts-{rows}", rows)
+    first = args.work / f"texts-{args.texts[0]}"
     tokenizer = args.work / "bert-tokenizer.json"
-    make_tokenizer(args.work / "texts", tokenizer)
+    make_tokenizer(first, tokenizer)
     fp32, fp16 = args.work / "bert-fp32.onnx", args.work / "bert-fp16.onnx"
     if not fp16.exists():
         export_bert(fp32, seq=SEQ)
         to_fp16(fp32, fp16)
-    res["tokenize"], feeds = tokenize_rate(args.work / "texts", tokenizer, 32768)
+    res["tokenize"], feeds = tokenize_rate(first, tokenizer, 32768)
     print(f"text: tokenization {res['tokenize']:,.0f}/s", flush=True)
     res["compute"] = compute_rate(fp16, feeds, args.seconds)
     print(f"text: BERT-base fp16 compute {res['compute']:,.0f}/s", flush=True)
     form = {"column": "text", "tokenizer": str(tokenizer), "max_length": SEQ}
     inputs = {"ids": form | {"field": "input_ids"}, "mask": form | {"field": "attention_mask"}}
-    spec = {
-        "input": {"path": str(args.work / "texts")},
-        "model": {"onnx": str(fp16), "inputs": inputs},
-    }
-    res["job"] = run_job("bert-text", spec, args.work, args.out)
-    print(f"text: job {res['job']}", flush=True)
+    res["jobs"] = []
+    for rows in args.texts:
+        spec = {
+            "input": {"path": str(args.work / f"texts-{rows}")},
+            "model": {"onnx": str(fp16), "inputs": inputs},
+        }
+        job = run_job(f"bert-text-{rows}", spec, args.work, args.out)
+        res["jobs"].append(job)
+        print(f"text: job ({rows:,} rows) {job}", flush=True)
 
 
 def markdown(results: dict) -> str:
     lines = [
         "| workload | rows | decode or tokenize (rows/s) | compute (rows/s) | job wall clock "
-        "| job rows/s | job / compute | decoder |",
-        "|---|---:|---:|---:|---:|---:|---:|---|",
+        "| job rows/s | job / compute | first batch | decoder |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---|",
     ]
+
+    def row(name: str, j: dict, rates: str, compute: float) -> str:
+        first = (j.get("timeline") or {}).get("first_batch")
+        return (
+            f"| {name} | {j['rows']:,} | {rates} | {compute:,.0f} | {j['seconds']:.1f} s | "
+            f"{j['rate']:,.0f} | {j['rate'] / compute:.2f} | "
+            f"{'-' if first is None else f'{first:.1f} s'} | {'; '.join(j['decoders'])} |"
+        )
+
     img = results.get("images")
     if img:
         gpu = img["gpu_decode"]
         rates = f"CPU {img['cpu_decode']:,.0f}; GPU " + (
             f"{gpu['rate']:,.0f}" if gpu["available"] else "not available"
         )
-        for device in ("auto", "cpu"):
-            j = img[f"job_decode_{device}"]
-            lines.append(
-                f"| ResNet-50 fp16, JPEG (decode: {device}) | {j['rows']:,} | {rates} | "
-                f"{img['compute']:,.0f} | {j['seconds']:.1f} s | {j['rate']:,.0f} | "
-                f"{j['rate'] / img['compute']:.2f} | {'; '.join(j['decoders'])} |"
-            )
+        for j in img["jobs"]:
+            name = f"ResNet-50 fp16, JPEG (decode: {j['device']})"
+            lines.append(row(name, j, rates, img["compute"]))
     txt = results.get("text")
     if txt:
-        j = txt["job"]
-        lines.append(
-            f"| BERT-base fp16, raw text | {j['rows']:,} | {txt['tokenize']:,.0f} | "
-            f"{txt['compute']:,.0f} | {j['seconds']:.1f} s | {j['rate']:,.0f} | "
-            f"{j['rate'] / txt['compute']:.2f} | {'; '.join(j['decoders'])} |"
-        )
+        for j in txt["jobs"]:
+            rate = f"{txt['tokenize']:,.0f}"
+            lines.append(row("BERT-base fp16, raw text", j, rate, txt["compute"]))
     return "\n".join(lines) + "\n"
 
 
@@ -290,7 +317,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--workloads", nargs="+", default=["images", "text"])
     ap.add_argument("--images", type=int, default=50_000)
-    ap.add_argument("--texts", type=int, default=65_536)
+    ap.add_argument("--image-copies", type=int, default=4, help="also a job over each file K times")
+    ap.add_argument("--texts", type=int, nargs="+", default=[65_536, 262_144])
     ap.add_argument("--decode-sample", type=int, default=16_384)
     ap.add_argument("--seconds", type=float, default=5.0)
     ap.add_argument("--work", type=Path, default=Path("/tmp/gpu-inputs"))
