@@ -504,15 +504,14 @@ class GpuDecoders:
                 grow = self.made < self.count
                 if grow:
                     self.made += 1
-            return NvImageCodecDecoder(self.device) if grow else self.free.get()
-
-    def warm_up(self, blob: bytes, d: ImageDecode) -> None:
-        """The first decoder's first decode (and the resize kernel's compile), on `blob`."""
-        decoder = self._take()
-        try:
-            decoder.decode([blob], d, np.zeros((1, *item_shape(d)), np.uint8))
-        finally:
-            self.free.put(decoder)
+            if not grow:
+                return self.free.get()
+            try:
+                return NvImageCodecDecoder(self.device)
+            except BaseException:  # not made: a later shard may try again
+                with self.lock:
+                    self.made -= 1
+                raise
 
     def decode(
         self, data: Sequence[bytes | None], d: ImageDecode, out: np.ndarray
@@ -573,7 +572,7 @@ def decoder_for(device: str) -> tuple[Any, str]:
 
 def warm_up_images(d: ImageDecode) -> None:
     """Start this process's decoder for `d` ahead of the first shard: on a GPU, creating the
-    decoders and their first decode (the resize kernel compiles) take a second or more."""
+    first decoder and its first decode (the resize kernel compiles) take a second or more."""
     decoder, _ = decoder_for(d.device)
     if decoder.name == "pillow":
         return
@@ -581,7 +580,8 @@ def warm_up_images(d: ImageDecode) -> None:
 
     buf = io.BytesIO()
     Image.new("RGB", (320, 240), (90, 120, 150)).save(buf, "JPEG")
-    decoder.warm_up(buf.getvalue(), dataclasses.replace(d, layout="NHWC"))
+    nhwc = dataclasses.replace(d, layout="NHWC")
+    decoder.decode([buf.getvalue()], nhwc, np.zeros((1, *item_shape(nhwc)), np.uint8))
 
 
 def decode_images(
