@@ -278,7 +278,8 @@ class _Lane:
         # Image decoders and tokenizers get ready beside the model, joined before this
         # thread can end (a process that exits while CUDA starts may abort).
         inputs = threading.Thread(target=warm_up, args=(self.plan.decoded,), daemon=True)
-        inputs.start()
+        if self.plan.decoded:
+            inputs.start()
         try:
             runner = ShardRunner(
                 self.plan, self.device, self.threads, -1, "driver", gpu, self.gpu or 0
@@ -290,7 +291,8 @@ class _Lane:
             log.warning("this process cannot load the model (%s); Ray's actors will", exc)
             return
         finally:
-            inputs.join()
+            if inputs.is_alive():
+                inputs.join()
         try:
             self.given.wait()
             if self.stopping.is_set():
