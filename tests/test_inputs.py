@@ -36,10 +36,12 @@ from batch_infer.data.decode.images import (
     PillowDecoder,
     _gpu_here,
     _luma,
+    _truncated_jpeg,
     crop_box,
     decode_images,
     decode_processes,
     decoder_for,
+    fetch,
     resize_batch,
 )
 from batch_infer.errors import BackendError, JobFailedError, SpecError
@@ -349,6 +351,25 @@ def test_decoding_while_another_thread_imports_ray(monkeypatch):
     monkeypatch.setitem(sys.modules, "ray", types.ModuleType("ray"))
     monkeypatch.setattr(os, "cpu_count", lambda: 16)  # as on the H100 machine
     assert decode_processes() == 14
+
+
+def test_image_bytes_are_views_of_the_column():
+    """Bytes in a column reach the decoders as views of the column's buffer (no copy per
+    image): the same bytes as to_pylist for binary and large_binary, sliced, with nulls and
+    empty values; a JPEG is truncated when its end marker is missing, zero padding aside."""
+    values = [b"\xff\xd8abc\xff\xd9", None, b"", b"\xff\xd8x\xff\xd9" + b"\0" * 100, b"zz"]
+    for t in (pa.binary(), pa.large_binary()):
+        for column in (pa.array(values, t), pa.array([b"pad", *values], t).slice(1)):
+            data, reasons = fetch(column, False, pafs.LocalFileSystem(), "/")
+            assert all(isinstance(v, memoryview) for v in data if v is not None)
+            assert [None if v is None else bytes(v) for v in data] == [
+                None if i in (1, 2) else v for i, v in enumerate(values)
+            ]
+            assert reasons == {1: "null", 2: "empty (0 bytes)"}
+    complete, cut = values[0], values[0][:-1]
+    assert not _truncated_jpeg(memoryview(complete)) and _truncated_jpeg(memoryview(cut))
+    assert not _truncated_jpeg(values[3]) and _truncated_jpeg(cut + b"\0" * 100)
+    assert not _truncated_jpeg(b"\x89PNG no end marker needed")
 
 
 @pytest.mark.skipif(_gpu_here() is not None, reason="this machine has a GPU decoder")
