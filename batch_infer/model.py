@@ -84,6 +84,8 @@ class ModelSignature:
     sha256: str
     inputs: tuple[TensorInfo, ...]
     outputs: tuple[TensorInfo, ...]
+    # The graph convolves (Conv, ConvTranspose): backends may pick a layout for it.
+    convolutional: bool = False
 
     def input(self, name: str) -> TensorInfo:
         return next(t for t in self.inputs if t.name == name)
@@ -181,4 +183,5 @@ def read_signature(path: str) -> ModelSignature:
     outputs = tuple(_tensor_info(v, path) for v in model.graph.output)
     if not inputs or not outputs:
         raise SpecError(f"model.onnx: {path}: the graph has no inputs or no outputs")
-    return ModelSignature(path, model_sha256(path, model), inputs, outputs)
+    convolutional = any(n.op_type in ("Conv", "ConvTranspose") for n in model.graph.node)
+    return ModelSignature(path, model_sha256(path, model), inputs, outputs, convolutional)

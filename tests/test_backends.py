@@ -107,3 +107,10 @@ def test_cpu_actor_resolves_to_onnxruntime_on_the_cpu(signature):
     with backend:
         assert isinstance(backend, OnnxRuntimeCPU)
         assert "CPU (1 thread(s))" in backend.describe()
+
+
+def test_signature_says_whether_the_model_convolves():
+    """ONNX Runtime CUDA gives models that convolve NHWC convolutions (faster on tensor
+    cores, same outputs: docs/gpu.md); a model without convolutions keeps its layout."""
+    assert not read_signature(DIGITS).convolutional
+    assert read_signature(str(ROOT / "models" / "scenes.onnx")).convolutional
