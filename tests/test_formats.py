@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 
 import numpy as np
 import pyarrow as pa
@@ -79,6 +80,12 @@ def test_single_file_and_glob(tmp_path, models):
     assert sorted(read_output(out2)["id"].to_pylist()) == list(range(0, 120)) + list(
         range(240, 360)
     )
+    # a folder whose name holds glob characters is read as it is
+    odd = tmp_path / "run[1]"
+    shutil.copytree(data / "part=0", odd)
+    out3 = tmp_path / "odd"
+    batch_infer.run(two_io_spec(odd, out3, models["two_io"]))
+    assert read_output(out3).num_rows == 240
 
 
 def test_ipc_input(tmp_path, models):

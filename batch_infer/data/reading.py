@@ -67,13 +67,14 @@ def _hidden(rel: str) -> bool:
 
 
 def _list_files(fs: pafs.FileSystem, path: str, fmt: str) -> tuple[str, list[pafs.FileInfo]]:
-    """(base directory, files): a file, a directory walked recursively, or a glob."""
-    if any(c in path for c in _GLOB_CHARS):
+    """(base directory, files): a file, a directory walked recursively, or a glob. A path
+    that exists is taken as it is, even with glob characters in its name (`run[1]/`)."""
+    info = fs.get_file_info(path)
+    if info.type == pafs.FileType.NotFound and any(c in path for c in _GLOB_CHARS):
         cut = min(path.index(c) for c in _GLOB_CHARS if c in path)
         base = posixpath.dirname(path[:cut]) or "."
         pattern = path
     else:
-        info = fs.get_file_info(path)
         if info.type == pafs.FileType.NotFound:
             raise InputError(f"input.path: {path}: no such file or directory")
         if info.type == pafs.FileType.File:
