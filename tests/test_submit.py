@@ -752,6 +752,10 @@ def test_relative_paths_warned_and_unreachable_cluster(tmp_path: Path) -> None:
     assert "warning: input.path: 'digits' is relative" in r.stderr
     assert "warning: output.path: 'out/digits' is relative" in r.stderr
     assert f"cannot reach the Ray dashboard at http://127.0.0.1:{port}" in r.stderr
+    bad = cli("submit", "rel.yaml", "--address", "http://127.0.0.1:99999", env=_clean_env(),
+              cwd=tmp_path)  # fmt: skip
+    assert bad.returncode == 2  # a typo in the address, not a cluster to retry later
+    assert "--address http://127.0.0.1:99999: Port out of range 0-65535" in bad.stderr
 
 
 def test_dry_run_prints_what_would_be_sent_and_sends_nothing(tmp_path: Path) -> None:

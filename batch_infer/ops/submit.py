@@ -26,6 +26,7 @@ import socket
 import sys
 import tempfile
 import time
+import urllib.parse
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -313,8 +314,13 @@ def resolve_address(address: str | None) -> str | None:
     if not (address := address or os.environ.get("RAY_API_SERVER_ADDRESS") or http):
         return None
     address = address if "://" in address else "http://" + address
+    expected = "expected the dashboard's, e.g. http://HEAD:8265"
     if address.split("://", 1)[0] not in ("http", "https"):
-        raise UserError(f"--address {address}: expected the dashboard's, e.g. http://HEAD:8265")
+        raise UserError(f"--address {address}: {expected}")
+    try:
+        urllib.parse.urlsplit(address).port  # noqa: B018 - raises for a port out of range
+    except ValueError as exc:
+        raise UserError(f"--address {address}: {exc}; {expected}") from None
     return address.rstrip("/")
 
 
