@@ -84,8 +84,9 @@ class ModelSignature:
     sha256: str
     inputs: tuple[TensorInfo, ...]
     outputs: tuple[TensorInfo, ...]
-    # The graph convolves (Conv, ConvTranspose): backends may pick a layout for it.
-    convolutional: bool = False
+    # The graph convolves in fp16 (Conv/ConvTranspose weights in float16): the layout that
+    # suits the GPU's tensor cores is worth choosing for it (measured on fp16 only).
+    half_convolutions: bool = False
 
     def input(self, name: str) -> TensorInfo:
         return next(t for t in self.inputs if t.name == name)
@@ -183,5 +184,12 @@ def read_signature(path: str) -> ModelSignature:
     outputs = tuple(_tensor_info(v, path) for v in model.graph.output)
     if not inputs or not outputs:
         raise SpecError(f"model.onnx: {path}: the graph has no inputs or no outputs")
-    convolutional = any(n.op_type in ("Conv", "ConvTranspose") for n in model.graph.node)
-    return ModelSignature(path, model_sha256(path, model), inputs, outputs, convolutional)
+    weights = {i.name: i.data_type for i in model.graph.initializer}
+    half = onnx_proto().TensorProto.FLOAT16
+    half_convolutions = any(
+        n.op_type in ("Conv", "ConvTranspose")
+        and len(n.input) > 1
+        and weights.get(n.input[1]) == half
+        for n in model.graph.node
+    )
+    return ModelSignature(path, model_sha256(path, model), inputs, outputs, half_convolutions)

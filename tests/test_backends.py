@@ -9,6 +9,7 @@ from __future__ import annotations
 import threading
 
 import numpy as np
+import onnx
 import onnxruntime as ort
 import pytest
 
@@ -109,8 +110,14 @@ def test_cpu_actor_resolves_to_onnxruntime_on_the_cpu(signature):
         assert "CPU (1 thread(s))" in backend.describe()
 
 
-def test_signature_says_whether_the_model_convolves():
-    """ONNX Runtime CUDA gives models that convolve NHWC convolutions (faster on tensor
-    cores, same outputs: docs/gpu.md); a model without convolutions keeps its layout."""
-    assert not read_signature(DIGITS).convolutional
-    assert read_signature(str(ROOT / "models" / "scenes.onnx")).convolutional
+def test_signature_says_whether_the_model_convolves_in_fp16(tmp_path):
+    """ONNX Runtime CUDA gives models that convolve in fp16 NHWC convolutions (faster on
+    tensor cores, same outputs: docs/gpu.md); other models keep their layout."""
+    from onnxruntime.transformers.float16 import convert_float_to_float16
+
+    scenes = ROOT / "models" / "scenes.onnx"
+    half = tmp_path / "scenes-fp16.onnx"
+    onnx.save(convert_float_to_float16(onnx.load(str(scenes)), keep_io_types=True), str(half))
+    assert not read_signature(DIGITS).half_convolutions  # no convolutions
+    assert not read_signature(str(scenes)).half_convolutions  # fp32 convolutions
+    assert read_signature(str(half)).half_convolutions

@@ -23,13 +23,14 @@ from batch_infer.model import ModelSignature
 CUDA_OPTIONS: dict[str, str] = {"cudnn_conv_algo_search": "HEURISTIC"}
 # Convolutions in NHWC, the layout the GPU's tensor cores take: ResNet-50 fp16 on an H100
 # ran 10,776 images/s against 8,555 in NCHW, with the same outputs to the bit; BERT-base
-# (no convolutions) ran 4% slower with it (docs/gpu.md). Models that convolve get it.
+# (no convolutions) ran 4% slower with it (docs/gpu.md). Measured on fp16 only: models that
+# convolve in fp16 get it.
 CONV_OPTIONS: dict[str, str] = {"prefer_nhwc": "1"}
 
 
 def provider_options(signature: ModelSignature) -> dict[str, str]:
     """The CUDA execution provider options this backend gives the model's sessions."""
-    return {**CUDA_OPTIONS, **(CONV_OPTIONS if signature.convolutional else {})}
+    return {**CUDA_OPTIONS, **(CONV_OPTIONS if signature.half_convolutions else {})}
 
 
 def cuda_available() -> bool:
