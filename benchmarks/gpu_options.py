@@ -20,16 +20,20 @@ from pathlib import Path
 
 import numpy as np
 
-from benchmarks.gpu_bench import compute_rate, fuse_to_fp16, sample_feeds, workloads
+from benchmarks.gpu_bench import compute_rate, sample_feeds, to_fp16, workloads
 
 GRID = [{}, {"prefer_nhwc": "1"}, {"enable_cuda_graph": "1"},
         {"prefer_nhwc": "1", "enable_cuda_graph": "1"}]  # fmt: skip
 
 
 def outputs(model: Path, feeds: dict, **options: str) -> np.ndarray:
+    """The model's first output on `feeds` from a plain session with the backend's base
+    CUDA options plus `options`."""
     import onnxruntime as ort
 
-    provider = ("CUDAExecutionProvider", {"cudnn_conv_algo_search": "HEURISTIC", **options})
+    from batch_infer.backends.onnxruntime_cuda import CUDA_OPTIONS
+
+    provider = ("CUDAExecutionProvider", {**CUDA_OPTIONS, **options})
     return ort.InferenceSession(str(model), providers=[provider]).run(None, feeds)[0]
 
 
@@ -56,25 +60,22 @@ def options(ws: dict, seconds: float) -> dict:
 
 
 def bert_forms(w: dict, work: Path, seconds: float) -> dict:
+    """gpu_bench's fused BERT (`w["model"]`) against the same fp32 model converted without
+    fusion, and in packing mode."""
+    import onnx
     from onnxruntime.transformers.convert_to_packing_mode import PackingMode
     from onnxruntime.transformers.onnx_model import OnnxModel
 
-    feeds = sample_feeds(w)
-    fused = work / "bert-fused-fp16.onnx"
-    if not fused.exists():
-        fuse_to_fp16(w["fp32"], fused)
-    import onnx
-
+    feeds, fused = sample_feeds(w), w["model"]
+    unfused = work / "bert-unfused-fp16.onnx"
+    if not unfused.exists():
+        to_fp16(w["fp32"], unfused)
     packing = PackingMode(OnnxModel(onnx.load(str(fused))))
     packing.convert()
     packed = work / "bert-packed-fp16.onnx"
     packing.model.save_model_to_file(str(packed))
     ref, res = outputs(w["fp32"], feeds), {}
-    for form, model in [("fp16", work / "bert-fp16.onnx"), ("fused", fused), ("packed", packed)]:
-        if form == "fp16" and not model.exists():
-            from benchmarks.gpu_bench import to_fp16
-
-            to_fp16(w["fp32"], model)
+    for form, model in [("fp16", unfused), ("fused", fused), ("packed", packed)]:
         rate = compute_rate(model, feeds, seconds)
         res[f"bert {form}"] = {"rate": round(rate), "rel_vs_fp32": rel(outputs(model, feeds), ref)}
         print(f"bert {form}", res[f"bert {form}"], flush=True)

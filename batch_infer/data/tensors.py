@@ -261,6 +261,13 @@ def _leaf_numpy(values: pa.Array, dtype: np.dtype) -> np.ndarray:
     return values.to_numpy(zero_copy_only=False).astype(dtype, copy=False)
 
 
+def binary_offsets(arr: pa.Array) -> np.ndarray:
+    """Where each row of a binary or large_binary array starts in its data buffer, and
+    where the last ends (len + 1 values; a sliced array's own rows)."""
+    width = np.int64 if pa.types.is_large_binary(arr.type) else np.int32
+    return np.frombuffer(arr.buffers()[1], dtype=width)[arr.offset : arr.offset + len(arr) + 1]
+
+
 def _binary_numpy(arr: pa.Array, dtype: np.dtype) -> np.ndarray:
     """The bytes of a (fixed-size) binary column as one array, without a per-row loop."""
     if pa.types.is_fixed_size_binary(arr.type):
@@ -268,10 +275,7 @@ def _binary_numpy(arr: pa.Array, dtype: np.dtype) -> np.ndarray:
         data = np.frombuffer(arr.buffers()[1], dtype=np.uint8)
         raw = data[arr.offset * width : (arr.offset + len(arr)) * width]
     else:
-        offsets = np.frombuffer(
-            arr.buffers()[1], dtype=np.int64 if pa.types.is_large_binary(arr.type) else np.int32
-        )
-        offsets = offsets[arr.offset : arr.offset + len(arr) + 1]
+        offsets = binary_offsets(arr)
         raw = np.frombuffer(arr.buffers()[2], dtype=np.uint8)[offsets[0] : offsets[-1]]
     return raw.view(dtype)
 

@@ -30,6 +30,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.fs as pafs
 
+from batch_infer.data.tensors import binary_offsets
+
 log = logging.getLogger("batch_infer")
 
 # Reading files named in a column: a pool per process, so object stores' latency overlaps.
@@ -158,10 +160,8 @@ def _views(column: pa.Array) -> list[Any]:
     t = column.type
     if not (pa.types.is_binary(t) or pa.types.is_large_binary(t)):
         return column.to_pylist()  # strings (paths) and binary_view
-    _, offsets_buffer, data_buffer = column.buffers()
-    width = np.int64 if pa.types.is_large_binary(t) else np.int32
-    stop = column.offset + len(column) + 1
-    offsets = np.frombuffer(offsets_buffer, width)[column.offset : stop].tolist()
+    offsets = binary_offsets(column).tolist()
+    data_buffer = column.buffers()[2]
     data = memoryview(data_buffer if data_buffer is not None else b"")
     valid = column.is_valid().to_numpy(zero_copy_only=False) if column.null_count else None
     return [
