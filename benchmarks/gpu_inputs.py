@@ -28,7 +28,7 @@ import os
 import subprocess
 import sys
 import time
-from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -116,6 +116,137 @@ def gpu_decode_rate(blobs: list[bytes], batch: int = 2048) -> dict:
             "decoder": decoder.describe(), "retried": retried,
             "max_abs_diff_vs_pillow": int(diff.max()),
             "mean_abs_diff_vs_pillow": float(diff.mean())}  # fmt: skip
+
+
+def _decoder_setups() -> list[tuple[str, list | None, bool, int]]:
+    """(name, nvImageCodec back-end list or None for the job's own, whether decoded images'
+    buffers are reused, decoder threads) to compare."""
+    from nvidia import nvimgcodec
+
+    k, b = nvimgcodec.BackendKind, nvimgcodec.Backend
+    hw, hybrid = b(k.HW_GPU_ONLY), b(k.HYBRID_CPU_GPU)
+    return [
+        ("job", None, True, 3),
+        ("job, new buffers each batch", None, False, 3),
+        ("job", None, True, 6),
+        ("hw only", [hw], True, 3),
+        ("hw only, new buffers each batch", [hw], False, 3),
+        ("hybrid only", [hybrid], True, 3),
+        ("hw 0.5 + hybrid", [b(k.HW_GPU_ONLY, load_hint=0.5), hybrid], True, 3),
+        ("hw 0.3 + hybrid", [b(k.HW_GPU_ONLY, load_hint=0.3), hybrid], True, 3),
+    ]
+
+
+def _decode_for(blobs: list[bytes], decoders: list, seconds: float, batch: int = 512) -> float:
+    """Rows/s of `decoders`, one thread each, decoding batches of `blobs` for `seconds`."""
+    import threading
+
+    stop, counts = time.perf_counter() + seconds, [0] * len(decoders)
+
+    def work(k: int) -> None:
+        out = np.zeros((batch, 224, 224, 3), np.uint8)
+        i = k * batch
+        while time.perf_counter() < stop:
+            part = [blobs[(i + j) % len(blobs)] for j in range(batch)]
+            decoders[k].decode(part, D, out)
+            counts[k] += batch
+            i += len(decoders) * batch
+
+    threads = [threading.Thread(target=work, args=(k,)) for k in range(len(decoders))]
+    start = time.perf_counter()
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return sum(counts) / (time.perf_counter() - start)
+
+
+def decode_under_load(blobs: list[bytes], model: Path, pixels: np.ndarray, seconds: float) -> list:
+    """Each decoder set-up's rate alone and while the model runs flat out on the same GPU in
+    the same process (as in a job's own process), with the model's rate meanwhile; also
+    Pillow's process pool, alone-GPU-busy and beside the job's GPU decoders."""
+    import threading
+
+    from nvidia import nvimgcodec
+
+    from batch_infer.backends.onnxruntime_cuda import OnnxRuntimeCUDA
+    from batch_infer.data.decode.images import NvImageCodecDecoder
+    from batch_infer.model import read_signature
+
+    def decoders(backends: list | None, n: int, reuse: bool = True) -> list:
+        made = []
+        for _ in range(n):
+            d = NvImageCodecDecoder(0)
+            d.reuse = reuse
+            if backends is not None:
+                d.decoder = nvimgcodec.Decoder(device_id=0, backends=backends)
+            d.decode(blobs[:64], D, np.zeros((64, 224, 224, 3), np.uint8))  # warm up
+            made.append(d)
+        return made
+
+    rows: list[dict] = []
+    with (
+        OnnxRuntimeCUDA(read_signature(str(model)), slots=1) as backend,
+        backend.resident({"pixels": pixels}) as batch,
+    ):
+        busy = threading.Event()
+        done = [0]
+
+        def model_loop() -> None:
+            while busy.is_set():
+                batch.launch(1)
+                batch.wait()
+                done[0] += batch.rows
+
+        def measure(name: str, threads: int, decode) -> None:
+            for load in (False, True):
+                if load:
+                    done[0] = 0
+                    busy.set()
+                    runner = threading.Thread(target=model_loop)
+                    runner.start()
+                    time.sleep(0.5)
+                    done[0] = 0
+                start = time.perf_counter()
+                rate = decode()
+                model_rate = done[0] / (time.perf_counter() - start) if load else None
+                if load:
+                    busy.clear()
+                    runner.join()
+                row = {"setup": name, "threads": threads, "model_busy": load, "decode": round(rate)}
+                row["model"] = model_rate and round(model_rate)
+                rows.append(row)
+                print(f"decode under load: {row}", flush=True)
+
+        for name, backends, reuse, n in _decoder_setups():
+            try:
+                ds = decoders(backends, n, reuse)
+            except Exception as exc:
+                rows.append({"setup": name, "error": f"{type(exc).__name__}: {exc}"})
+                continue
+            measure(name, n, lambda ds=ds: _decode_for(blobs, ds, seconds))
+            del ds
+        chunks = [blobs[i : i + 64] for i in range(0, len(blobs), 64)]
+        with ProcessPoolExecutor(CORES - 2) as pool:
+            list(pool.map(_decode_chunk, chunks[:CORES]))
+
+            def pillow() -> float:
+                start, n = time.perf_counter(), 0
+                while time.perf_counter() - start < seconds:
+                    n += sum(pool.map(_decode_chunk, chunks[: 4 * CORES]))
+                return n / (time.perf_counter() - start)
+
+            measure(f"pillow ({CORES - 2} processes)", CORES - 2, pillow)
+            gpu = decoders(None, 3)
+
+            def both() -> float:
+                with ThreadPoolExecutor(1) as side:
+                    cpu = side.submit(pillow)
+                    rate = _decode_for(blobs, gpu, seconds)
+                    return rate + cpu.result()
+
+            measure("pillow + job's gpu decoders", CORES + 1, both)
+    return rows
 
 
 WORDS = 20000
@@ -237,6 +368,10 @@ def images(args: argparse.Namespace, res: dict) -> None:
     pixels = np.stack([decode_pillow(b, D) for b in blobs[:BATCH]])
     res["compute"] = compute_rate(fp16, {"pixels": pixels}, args.seconds)
     print(f"images: ResNet-50 fp16 compute {res['compute']:,.0f}/s", flush=True)
+    if args.decode_load:
+        res["decode_under_load"] = decode_under_load(blobs, fp16, pixels, args.seconds / 2)
+        if args.decode_load == "only":
+            return
     inputs = {"pixels": {"column": "image", "decode": "image", "size": [224, 224]}}
     runs = [("auto", args.work / "images"), ("cpu", args.work / "images")]
     if args.image_copies > 1:
@@ -302,9 +437,24 @@ def markdown(results: dict) -> str:
         rates = f"CPU {img['cpu_decode']:,.0f}; GPU " + (
             f"{gpu['rate']:,.0f}" if gpu["available"] else "not available"
         )
-        for j in img["jobs"]:
+        for j in img.get("jobs", []):
             name = f"ResNet-50 fp16, JPEG (decode: {j['device']})"
             lines.append(row(name, j, rates, img["compute"]))
+    if img and img.get("decode_under_load"):
+        lines += ["", "| decoder set-up | threads | decode alone | decode, model busy "
+                  "| model meanwhile |", "|---|---:|---:|---:|---:|"]  # fmt: skip
+        pairs: dict[tuple, dict] = {}
+        for r in img["decode_under_load"]:
+            pairs.setdefault((r["setup"], r.get("threads")), {}).update(
+                {r.get("model_busy"): r} if "decode" in r else {"error": r["error"]}
+            )
+        for (setup, threads), p in pairs.items():
+            if "error" in p:
+                lines.append(f"| {setup} | - | {p['error']} | | |")
+            else:
+                alone, busy = p[False], p[True]
+                lines.append(f"| {setup} | {threads} | {alone['decode']:,} | {busy['decode']:,} "
+                             f"| {busy['model']:,} |")  # fmt: skip
     txt = results.get("text")
     if txt:
         for j in txt["jobs"]:
@@ -321,6 +471,11 @@ def main() -> None:
     ap.add_argument("--texts", type=int, nargs="+", default=[65_536, 262_144])
     ap.add_argument("--decode-sample", type=int, default=16_384)
     ap.add_argument("--seconds", type=float, default=5.0)
+    ap.add_argument(
+        "--decode-load",
+        choices=["also", "only"],
+        help="decoder set-ups alone and beside the running model (only: no jobs)",
+    )
     ap.add_argument("--work", type=Path, default=Path("/tmp/gpu-inputs"))
     ap.add_argument("--out", type=Path, default=Path(os.environ.get("OUT", "benchmarks/results")))
     args = ap.parse_args()
