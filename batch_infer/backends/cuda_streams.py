@@ -24,6 +24,7 @@ import threading
 from abc import abstractmethod
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -392,9 +393,15 @@ class StreamBackend(Backend):
         if feeds is None:
             return
         slots = [ring.acquire() for _ in ring.slots]
-        try:
-            for slot in slots:
-                ring.launch(slot, ring.stage(slot, feeds), self.enqueue)
+
+        def first_run(slot: Slot) -> None:
+            check(cudart.cudaSetDevice(ring.device), "cudaSetDevice")
+            ring.launch(slot, ring.stage(slot, feeds), self.enqueue)
+
+        try:  # side by side: most of a first run is the host's setup, one session per slot
+            with ThreadPoolExecutor(len(slots), "batch-infer-warm-up") as pool:
+                for launched in [pool.submit(first_run, slot) for slot in slots]:
+                    launched.result()
         finally:  # also after a failed launch: no slot goes back with work in flight
             synced = [cudart.cudaStreamSynchronize(slot.stream) for slot in slots]
             for slot in slots:
