@@ -118,9 +118,9 @@ def gpu_decode_rate(blobs: list[bytes], batch: int = 2048) -> dict:
             "mean_abs_diff_vs_pillow": float(diff.mean())}  # fmt: skip
 
 
-def _decoder_setups() -> list[tuple[str, list | None, bool, int]]:
-    """(name, nvImageCodec back-end list or None for the job's own, whether decoded images'
-    buffers are reused, decoder threads) to compare."""
+def _decoder_setups() -> list[tuple[str, dict | None, bool, int]]:
+    """(name, nvimgcodec.Decoder arguments or None for the job's own, whether decoded
+    images' buffers are reused, decoder threads) to compare."""
     from nvidia import nvimgcodec
 
     k, b = nvimgcodec.BackendKind, nvimgcodec.Backend
@@ -129,11 +129,17 @@ def _decoder_setups() -> list[tuple[str, list | None, bool, int]]:
         ("job", None, True, 3),
         ("job, new buffers each batch", None, False, 3),
         ("job", None, True, 6),
-        ("hw only", [hw], True, 3),
-        ("hw only, new buffers each batch", [hw], False, 3),
-        ("hybrid only", [hybrid], True, 3),
-        ("hw 0.5 + hybrid", [b(k.HW_GPU_ONLY, load_hint=0.5), hybrid], True, 3),
-        ("hw 0.3 + hybrid", [b(k.HW_GPU_ONLY, load_hint=0.3), hybrid], True, 3),
+        (
+            "job, 4 CPU threads a decoder",
+            {"backends": [hw, hybrid], "max_num_cpu_threads": 4},
+            True,
+            3,
+        ),
+        ("hw only", {"backends": [hw]}, True, 3),
+        ("hw only, new buffers each batch", {"backends": [hw]}, False, 3),
+        ("hybrid only", {"backends": [hybrid]}, True, 3),
+        ("hw 0.5 + hybrid", {"backends": [b(k.HW_GPU_ONLY, load_hint=0.5), hybrid]}, True, 3),
+        ("hw 0.3 + hybrid", {"backends": [b(k.HW_GPU_ONLY, load_hint=0.3), hybrid]}, True, 3),
     ]
 
 
@@ -173,13 +179,13 @@ def decode_under_load(blobs: list[bytes], model: Path, pixels: np.ndarray, secon
     from batch_infer.data.decode.images import NvImageCodecDecoder
     from batch_infer.model import read_signature
 
-    def decoders(backends: list | None, n: int, reuse: bool = True) -> list:
+    def decoders(kwargs: dict | None, n: int, reuse: bool = True) -> list:
         made = []
         for _ in range(n):
             d = NvImageCodecDecoder(0)
             d.reuse = reuse
-            if backends is not None:
-                d.decoder = nvimgcodec.Decoder(device_id=0, backends=backends)
+            if kwargs is not None:
+                d.decoder = nvimgcodec.Decoder(device_id=0, **kwargs)
             d.decode(blobs[:64], D, np.zeros((64, 224, 224, 3), np.uint8))  # warm up
             made.append(d)
         return made
@@ -218,9 +224,9 @@ def decode_under_load(blobs: list[bytes], model: Path, pixels: np.ndarray, secon
                 rows.append(row)
                 print(f"decode under load: {row}", flush=True)
 
-        for name, backends, reuse, n in _decoder_setups():
+        for name, kwargs, reuse, n in _decoder_setups():
             try:
-                ds = decoders(backends, n, reuse)
+                ds = decoders(kwargs, n, reuse)
             except Exception as exc:
                 rows.append({"setup": name, "error": f"{type(exc).__name__}: {exc}"})
                 continue
