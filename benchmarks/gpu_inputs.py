@@ -118,28 +118,20 @@ def gpu_decode_rate(blobs: list[bytes], batch: int = 2048) -> dict:
             "mean_abs_diff_vs_pillow": float(diff.mean())}  # fmt: skip
 
 
-def _decoder_setups() -> list[tuple[str, dict | None, bool, int]]:
-    """(name, nvimgcodec.Decoder arguments or None for the job's own, whether decoded
-    images' buffers are reused, decoder threads) to compare."""
+def _decoder_setups() -> list[tuple[str, dict | None, int]]:
+    """(name, nvimgcodec.Decoder arguments or None for the job's own, decoder threads)."""
     from nvidia import nvimgcodec
 
     k, b = nvimgcodec.BackendKind, nvimgcodec.Backend
     hw, hybrid = b(k.HW_GPU_ONLY), b(k.HYBRID_CPU_GPU)
     return [
-        ("job", None, True, 3),
-        ("job, new buffers each batch", None, False, 3),
-        ("job", None, True, 6),
-        (
-            "job, 4 CPU threads a decoder",
-            {"backends": [hw, hybrid], "max_num_cpu_threads": 4},
-            True,
-            3,
-        ),
-        ("hw only", {"backends": [hw]}, True, 3),
-        ("hw only, new buffers each batch", {"backends": [hw]}, False, 3),
-        ("hybrid only", {"backends": [hybrid]}, True, 3),
-        ("hw 0.5 + hybrid", {"backends": [b(k.HW_GPU_ONLY, load_hint=0.5), hybrid]}, True, 3),
-        ("hw 0.3 + hybrid", {"backends": [b(k.HW_GPU_ONLY, load_hint=0.3), hybrid]}, True, 3),
+        ("job", None, 3),
+        ("job", None, 6),
+        ("job, 4 CPU threads a decoder", {"backends": [hw, hybrid], "max_num_cpu_threads": 4}, 3),
+        ("hw only", {"backends": [hw]}, 3),
+        ("hybrid only", {"backends": [hybrid]}, 3),
+        ("hw 0.5 + hybrid", {"backends": [b(k.HW_GPU_ONLY, load_hint=0.5), hybrid]}, 3),
+        ("hw 0.3 + hybrid", {"backends": [b(k.HW_GPU_ONLY, load_hint=0.3), hybrid]}, 3),
     ]
 
 
@@ -179,11 +171,10 @@ def decode_under_load(blobs: list[bytes], model: Path, pixels: np.ndarray, secon
     from batch_infer.data.decode.images import NvImageCodecDecoder
     from batch_infer.model import read_signature
 
-    def decoders(kwargs: dict | None, n: int, reuse: bool = True) -> list:
+    def decoders(kwargs: dict | None, n: int) -> list:
         made = []
         for _ in range(n):
             d = NvImageCodecDecoder(0)
-            d.reuse = reuse
             if kwargs is not None:
                 d.decoder = nvimgcodec.Decoder(device_id=0, **kwargs)
             d.decode(blobs[:64], D, np.zeros((64, 224, 224, 3), np.uint8))  # warm up
@@ -224,9 +215,9 @@ def decode_under_load(blobs: list[bytes], model: Path, pixels: np.ndarray, secon
                 rows.append(row)
                 print(f"decode under load: {row}", flush=True)
 
-        for name, kwargs, reuse, n in _decoder_setups():
+        for name, kwargs, n in _decoder_setups():
             try:
-                ds = decoders(kwargs, n, reuse)
+                ds = decoders(kwargs, n)
             except Exception as exc:
                 rows.append({"setup": name, "error": f"{type(exc).__name__}: {exc}"})
                 continue

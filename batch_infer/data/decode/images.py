@@ -426,9 +426,6 @@ class NvImageCodecDecoder:
         )
         self.resizing: dict = {}  # the resize taps of each image size, on the device
         self.host: np.ndarray | None = None
-        # The last batch's decoded images, whose device buffers the next batch decodes into:
-        # nvImageCodec otherwise allocates and frees each image's buffer per batch.
-        self.reuse, self.kept = True, []
 
     def describe(self) -> str:
         return f"nvImageCodec {getattr(self.codec, '__version__', '')} on GPU {self.device}"
@@ -475,13 +472,7 @@ class NvImageCodecDecoder:
         if not streams:
             return retry
         with cp.cuda.Device(self.device), self.stream:
-            reused = self.kept[: len(streams)] if len(self.kept) >= len(streams) else None
-            images = self.decoder.decode(
-                streams, images=reused, params=self.params, cuda_stream=self.stream.ptr
-            )
-            decoded = [image for image in images if image is not None]
-            if self.reuse and len(decoded) >= len(self.kept):
-                self.kept = decoded
+            images = self.decoder.decode(streams, params=self.params, cuda_stream=self.stream.ptr)
             shapes: dict[tuple[int, ...], list[tuple[int, Any]]] = {}
             for i, image in zip(rows, images, strict=True):
                 if image is None:
