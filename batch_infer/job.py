@@ -218,8 +218,9 @@ class _Lane:
     keep it as busy as an actor does: docs/gpu.md). With several GPUs it runs while Ray
     starts, and stops once an actor has loaded the model: Ray's actors drive every GPU.
 
-    It starts loading (and warming up) the model at once, while the shards are planned, and
-    runs shards once `begin` hands it the run's work. It stops when the queue is empty or
+    It starts loading (and warming up) the model at once, while the shards are planned;
+    once `begin` hands it the run's work it reads (and decodes) the first shards while the
+    model may still load, and runs them when it is ready. It stops when the queue is empty or
     `stop()` is called (the shards it has taken but not run go back to the queue), or on an
     error that is not the data's: the shard goes back, and the run falls back to Ray's
     actors."""
@@ -274,12 +275,35 @@ class _Lane:
             self.done.set()
 
     def _run(self) -> None:
-        gpu = None if self.gpu is None else str(self.gpu)
-        # Image decoders and tokenizers get ready beside the model, joined before this
-        # thread can end (a process that exits while CUDA starts may abort).
+        # Image decoders and tokenizers get ready beside the model, and the first shards are
+        # read (and decoded) as soon as the work is given, while the model still loads.
         inputs = threading.Thread(target=warm_up, args=(self.plan.decoded,), daemon=True)
         if self.plan.decoded:
             inputs.start()
+        try:
+            with (
+                ThreadPoolExecutor(self.readers, "batch-infer-read") as readers,
+                ThreadPoolExecutor(2, "batch-infer-commit") as committers,
+            ):
+                ahead = threading.Thread(target=self._read_ahead, args=(readers,), daemon=True)
+                ahead.start()
+                try:
+                    self._drive(readers, committers)
+                finally:  # stopped, failed or done: what was taken but not run goes back
+                    self.stop()
+                    ahead.join()
+                    with self.lock:
+                        while self.prepared:
+                            shard, attempt, future = self.prepared.pop()
+                            future.cancel()
+                            self.work.put_back(shard, attempt)
+        finally:  # joined before this thread can end (a process that exits while CUDA
+            if inputs.is_alive():  # starts may abort)
+                inputs.join()
+
+    def _drive(self, readers: ThreadPoolExecutor, committers: ThreadPoolExecutor) -> None:
+        """Load the model, then run shards on it until the work is done or stopped."""
+        gpu = None if self.gpu is None else str(self.gpu)
         try:
             runner = ShardRunner(
                 self.plan, self.device, self.threads, -1, "driver", gpu, self.gpu or 0
@@ -290,44 +314,45 @@ class _Lane:
         except Exception as exc:  # Ray's actors will load it, or say why they cannot
             log.warning("this process cannot load the model (%s); Ray's actors will", exc)
             return
-        finally:
-            if inputs.is_alive():
-                inputs.join()
         try:
             self.given.wait()
             if self.stopping.is_set():
                 return
-            with (
-                ThreadPoolExecutor(self.readers, "batch-infer-read") as readers,
-                ThreadPoolExecutor(2, "batch-infer-commit") as committers,
-            ):
-                workers = [
-                    threading.Thread(target=self._loop, args=(runner, readers, committers))
-                    for _ in range(runner.backend.concurrency)
-                ]
-                for w in workers:
-                    w.start()
-                for w in workers:
-                    w.join()
-                with self.lock:  # taken but not run (a stop): back to the queue
-                    while self.prepared:
-                        shard, attempt, _ = self.prepared.pop()
-                        self.work.put_back(shard, attempt)
+            workers = [
+                threading.Thread(target=self._loop, args=(runner, readers, committers))
+                for _ in range(runner.backend.concurrency)
+            ]
+            for w in workers:
+                w.start()
+            for w in workers:
+                w.join()
             self.stats = runner.stats()
         finally:
             runner.close()
 
+    def _read_ahead(self, readers: ThreadPoolExecutor) -> None:
+        """Once the work is given, start reading its first shards (the model may still load)."""
+        self.given.wait()
+        if self.stopping.is_set():
+            return
+        with self.lock:
+            self._fill(readers)
+
+    def _fill(self, readers: ThreadPoolExecutor) -> None:
+        """Read ahead up to one shard per reader, and two more (`self.lock` held)."""
+        run_id = self.work.record.run_id
+        while not self.stopping.is_set() and len(self.prepared) < self.readers + 2:
+            item = self.work.take()
+            if item is None:
+                break
+            shard, attempt = item
+            future = readers.submit(prepare_shard, self.plan, shard, run_id, attempt)
+            self.prepared.append((shard, attempt, future))
+
     def _next(self, readers: ThreadPoolExecutor) -> tuple[Shard, int, Future] | None:
         """The next prepared shard, reading ahead up to one per reader (and two more)."""
-        run_id = self.work.record.run_id
         with self.lock:
-            while not self.stopping.is_set() and len(self.prepared) < self.readers + 2:
-                item = self.work.take()
-                if item is None:
-                    break
-                shard, attempt = item
-                future = readers.submit(prepare_shard, self.plan, shard, run_id, attempt)
-                self.prepared.append((shard, attempt, future))
+            self._fill(readers)
             if self.stopping.is_set() or not self.prepared:
                 return None
             return self.prepared.popleft()

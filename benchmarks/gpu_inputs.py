@@ -473,12 +473,17 @@ def main() -> None:
         choices=["also", "only"],
         help="decoder set-ups alone and beside the running model (only: no jobs)",
     )
+    ap.add_argument("--cuda-connections", type=int,
+                    help="CUDA_DEVICE_MAX_CONNECTIONS for this process and its jobs (default 8): "
+                    "how many hardware queues the streams share")  # fmt: skip
     ap.add_argument("--work", type=Path, default=Path("/tmp/gpu-inputs"))
     ap.add_argument("--out", type=Path, default=Path(os.environ.get("OUT", "benchmarks/results")))
     args = ap.parse_args()
+    if args.cuda_connections:  # read when CUDA starts: nothing here has started it yet
+        os.environ["CUDA_DEVICE_MAX_CONNECTIONS"] = str(args.cuda_connections)
     args.work.mkdir(parents=True, exist_ok=True)
     args.out.mkdir(parents=True, exist_ok=True)
-    results: dict = {"cores": CORES}
+    results: dict = {"cores": CORES, "cuda_connections": args.cuda_connections or 8}
     for name in args.workloads:
         res: dict = {}
         (images if name == "images" else text)(args, res)

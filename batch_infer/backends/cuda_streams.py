@@ -398,7 +398,10 @@ class StreamBackend(Backend):
             check(cudart.cudaSetDevice(ring.device), "cudaSetDevice")
             ring.launch(slot, ring.stage(slot, feeds), self.enqueue)
 
-        try:  # side by side: most of a first run is the host's setup, one session per slot
+        # Side by side: most of a first run is the host's setup, one session per slot
+        # (ResNet-50 fp16's load and warm-up on an H100: 1.71 s with the first runs one after
+        # the other, 0.75 s side by side; docs/gpu.md).
+        try:
             with ThreadPoolExecutor(len(slots), "batch-infer-warm-up") as pool:
                 for launched in [pool.submit(first_run, slot) for slot in slots]:
                     launched.result()

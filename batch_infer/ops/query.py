@@ -221,8 +221,8 @@ def _empty_views(con: duckdb.DuckDBPyConnection, layout: _Layout) -> None:
     job: dict[str, Any] = {}
     for out in reversed(layout.outputs):
         with contextlib.suppress(OSError, ValueError):
-            with layout.root.filesystem.open_input_stream(f"{out.path}/_manifest/job.json") as f:
-                job = json.loads(f.read())
+            where = Location(layout.root.filesystem, out.path, out.path)
+            job = where.read_json("_manifest/job.json")
             break
     keep = list(job.get("keep_columns", []))
     keys = dict.fromkeys((k for o in layout.outputs for k in _hive(o.path)), "VARCHAR")
