@@ -260,8 +260,18 @@ class _Lane:
         self.given.set()
 
     def stop(self) -> None:
+        """Run no more shards: those read ahead but not started go back to the queue now
+        (not once the model has loaded), for Ray's actors or a rerun."""
         self.stopping.set()
         self.given.set()
+        self._put_back()
+
+    def _put_back(self) -> None:
+        with self.lock:
+            while self.prepared:
+                shard, attempt, future = self.prepared.pop()
+                future.cancel()
+                self.work.put_back(shard, attempt)
 
     def wait(self) -> None:
         """Until the lane has ended (its last commits done)."""
@@ -292,11 +302,7 @@ class _Lane:
                 finally:  # stopped, failed or done: what was taken but not run goes back
                     self.stop()
                     ahead.join()
-                    with self.lock:
-                        while self.prepared:
-                            shard, attempt, future = self.prepared.pop()
-                            future.cancel()
-                            self.work.put_back(shard, attempt)
+                    self._put_back()
         finally:  # joined before this thread can end (a process that exits while CUDA
             if inputs.is_alive():  # starts may abort)
                 inputs.join()

@@ -313,3 +313,45 @@ def test_the_lane_reads_its_first_shards_while_the_model_loads(tmp_path):
 
     want = ort.InferenceSession(model).run(None, {"x": x})[0]
     np.testing.assert_allclose(got["y"].to_numpy(), want, rtol=1e-5)
+
+
+def test_a_stopped_lane_hands_back_what_it_read_ahead_at_once(tmp_path):
+    """Stopped while its model still loads (an actor was ready first, or the run ended), the
+    run's own process gives the shards it read ahead back to the queue at once, not after
+    its load: Ray's actors get them now."""
+    import time
+
+    from batch_infer.data.sharding import plan_shards
+    from batch_infer.job import _Lane, _Progress, _Work
+    from batch_infer.planning import build_plan
+    from batch_infer.sink.manifest import OutputSink, RunRecord
+    from batch_infer.spec import resolve_spec
+
+    (tmp_path / "in").mkdir()
+    x = np.zeros((96, 512), np.float32)
+    column = pa.FixedSizeListArray.from_arrays(pa.array(x.ravel()), 512)
+    pq.write_table(pa.table({"id": np.arange(96), "x": column}), tmp_path / "in" / "x.parquet")
+    spec = resolve_spec({
+        "name": "handback", "input": {"path": str(tmp_path / "in")},
+        "model": {"onnx": _slow_to_warm(tmp_path / "slow.onnx"), "inputs": {"x": "x"}},
+        "batch_size": 65536, "shard_rows": 32,
+        "output": {"path": str(tmp_path / "out"), "keep_columns": ["id"]},
+    })  # fmt: skip
+    plan = build_plan(spec)
+    sink = OutputSink(spec.output.path)
+    lane = _Lane(plan, sink, "cpu", None)  # a warm-up on 65,536 rows: a second or more here
+    shards = plan_shards(plan.dataset, spec.shard_rows)
+    record = RunRecord(run_id="handback", name="handback")
+    sink.on_write_start(record.run_id, plan.config(), {s.id: s.fingerprint for s in shards})
+    work = _Work(shards, record, _Progress("handback", len(shards), False))
+    lane.begin(work)
+    deadline = time.time() + 10
+    while len(work.pending) == len(shards) and time.time() < deadline:
+        time.sleep(0.001)  # until the lane has taken shards to read
+    assert len(work.pending) < len(shards) and lane.running
+    lane.stop()
+    assert [s.id for s, _ in work.pending] == [s.id for s in shards]  # all back, in order
+    lane.wait()
+    assert record.shards_committed == 0 and len(work.pending) == len(shards)
+    sink.on_write_failed(record, KeyboardInterrupt())
+    sink.record_run(record)
