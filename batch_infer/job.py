@@ -302,7 +302,6 @@ class _Lane:
                 finally:  # stopped, failed or done: what was taken but not run goes back
                     self.stop()
                     ahead.join()
-                    self._put_back()
         finally:  # joined before this thread can end (a process that exits while CUDA
             if inputs.is_alive():  # starts may abort)
                 inputs.join()

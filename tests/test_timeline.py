@@ -274,35 +274,45 @@ def _slow_to_warm(path: Path, width: int = 512, layers: int = 8) -> str:
     return str(path)
 
 
-def test_the_lane_reads_its_first_shards_while_the_model_loads(tmp_path):
-    """The run's own process reads (and decodes) its first shards as soon as they are
-    planned, beside the model's load and warm-up, not after them: here a warm-up of a few
-    tenths of a second (16,384 rows of zeros), and every shard read before it was ready."""
+def _lane_on_slow_model(tmp_path: Path, name: str, x: np.ndarray, batch_size: int) -> tuple:
+    """A lane loading `_slow_to_warm` (its warm-up on `batch_size` rows of zeros), handed
+    `x` as shards of 32 rows, as a run does: (lane, work, shards, record, sink, model)."""
     from batch_infer.data.sharding import plan_shards
-    from batch_infer.job import _execute, _Lane, _Progress, _Work
+    from batch_infer.job import _Lane, _Progress, _Work
     from batch_infer.planning import build_plan
     from batch_infer.sink.manifest import OutputSink, RunRecord
     from batch_infer.spec import resolve_spec
 
     (tmp_path / "in").mkdir()
-    x = np.random.default_rng(1).standard_normal((96, 512)).astype(np.float32)
-    column = pa.FixedSizeListArray.from_arrays(pa.array(x.ravel()), 512)
-    pq.write_table(pa.table({"id": np.arange(96), "x": column}), tmp_path / "in" / "x.parquet")
-    model = _slow_to_warm(tmp_path / "slow.onnx")
+    column = pa.FixedSizeListArray.from_arrays(pa.array(x.ravel()), x.shape[1])
+    ids = np.arange(len(x))
+    pq.write_table(pa.table({"id": ids, "x": column}), tmp_path / "in" / "x.parquet")
+    model = _slow_to_warm(tmp_path / "slow.onnx", width=x.shape[1])
     spec = resolve_spec({
-        "name": "early", "input": {"path": str(tmp_path / "in")},
-        "model": {"onnx": model, "inputs": {"x": "x"}}, "batch_size": 16384, "shard_rows": 32,
-        "output": {"path": str(tmp_path / "out"), "keep_columns": ["id"]},
+        "name": name, "input": {"path": str(tmp_path / "in")},
+        "model": {"onnx": model, "inputs": {"x": "x"}}, "batch_size": batch_size,
+        "shard_rows": 32, "output": {"path": str(tmp_path / "out"), "keep_columns": ["id"]},
     })  # fmt: skip
     plan = build_plan(spec)
     sink = OutputSink(spec.output.path)
     lane = _Lane(plan, sink, "cpu", None)  # starts loading the model at once, as a run does
     shards = plan_shards(plan.dataset, spec.shard_rows)
-    record = RunRecord(run_id="early", name="early")
+    record = RunRecord(run_id=name, name=name)
     sink.on_write_start(record.run_id, plan.config(), {s.id: s.fingerprint for s in shards})
-    work = _Work(shards, record, _Progress("early", len(shards), False))
+    work = _Work(shards, record, _Progress(name, len(shards), False))
     lane.begin(work)
-    _execute(plan, sink, work, lane, None, None)
+    return lane, work, shards, record, sink, model
+
+
+def test_the_lane_reads_its_first_shards_while_the_model_loads(tmp_path):
+    """The run's own process reads (and decodes) its first shards as soon as they are
+    planned, beside the model's load and warm-up, not after them: here a warm-up of a few
+    tenths of a second (16,384 rows of zeros), and every shard read before it was ready."""
+    from batch_infer.job import _execute
+
+    x = np.random.default_rng(1).standard_normal((96, 512)).astype(np.float32)
+    lane, work, shards, record, sink, model = _lane_on_slow_model(tmp_path, "early", x, 16384)
+    _execute(lane.plan, sink, work, lane, None, None)
     assert lane.stats is not None and record.shards_committed == len(shards) == 3
     entries = [json.loads(p.read_text()) for p in (tmp_path / "out/_manifest/shards").glob("*")]
     assert max(e["prepare_started"] for e in entries) < lane.stats["ready_at"]
@@ -321,30 +331,8 @@ def test_a_stopped_lane_hands_back_what_it_read_ahead_at_once(tmp_path):
     its load: Ray's actors get them now."""
     import time
 
-    from batch_infer.data.sharding import plan_shards
-    from batch_infer.job import _Lane, _Progress, _Work
-    from batch_infer.planning import build_plan
-    from batch_infer.sink.manifest import OutputSink, RunRecord
-    from batch_infer.spec import resolve_spec
-
-    (tmp_path / "in").mkdir()
-    x = np.zeros((96, 512), np.float32)
-    column = pa.FixedSizeListArray.from_arrays(pa.array(x.ravel()), 512)
-    pq.write_table(pa.table({"id": np.arange(96), "x": column}), tmp_path / "in" / "x.parquet")
-    spec = resolve_spec({
-        "name": "handback", "input": {"path": str(tmp_path / "in")},
-        "model": {"onnx": _slow_to_warm(tmp_path / "slow.onnx"), "inputs": {"x": "x"}},
-        "batch_size": 65536, "shard_rows": 32,
-        "output": {"path": str(tmp_path / "out"), "keep_columns": ["id"]},
-    })  # fmt: skip
-    plan = build_plan(spec)
-    sink = OutputSink(spec.output.path)
-    lane = _Lane(plan, sink, "cpu", None)  # a warm-up on 65,536 rows: a second or more here
-    shards = plan_shards(plan.dataset, spec.shard_rows)
-    record = RunRecord(run_id="handback", name="handback")
-    sink.on_write_start(record.run_id, plan.config(), {s.id: s.fingerprint for s in shards})
-    work = _Work(shards, record, _Progress("handback", len(shards), False))
-    lane.begin(work)
+    x = np.zeros((96, 512), np.float32)  # a warm-up on 65,536 rows: a second or more here
+    lane, work, shards, record, sink, _ = _lane_on_slow_model(tmp_path, "handback", x, 65536)
     deadline = time.time() + 10
     while len(work.pending) == len(shards) and time.time() < deadline:
         time.sleep(0.001)  # until the lane has taken shards to read
