@@ -8,6 +8,7 @@ fp32 (cuDNN/cuBLAS may use TF32 on Hopper); the predicted classes must agree.
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import subprocess
@@ -184,7 +185,8 @@ def _cpu_logits(pixels: np.ndarray) -> np.ndarray:
 
 def test_slot_ring_backend_threads_errors_and_close():
     """ORT CUDA on the slot ring, directly: two threads share the slots and each gets its own
-    outputs in order; a failing batch stream hands every slot back; close is idempotent."""
+    outputs in order, the model's runs one after another on the device; a failing batch
+    stream hands every slot back; close is idempotent."""
     import threading
 
     from batch_infer.backends.onnxruntime_cuda import OnnxRuntimeCUDA
@@ -209,6 +211,9 @@ def test_slot_ring_backend_threads_errors_and_close():
         got, want = np.concatenate(results[t]), _cpu_logits(np.concatenate(inputs[t]))
         assert _rel(got, want) < 1e-3
     assert backend.busy_seconds() > 0
+    spans = sorted(ring._busy)  # the model's runs went one after another on the device
+    assert len(spans) == 60
+    assert all(b[0] >= a[1] - 1e-3 for a, b in itertools.pairwise(spans)), spans
 
     def failing():
         yield {"pixels": inputs[0][0]}

@@ -9,6 +9,12 @@ its host-to-device copy, and slot i-1's results come back device-to-host: the co
 and the compute engine work on different slots at once. Only a slot's own event is ever
 waited on; nothing in the loop synchronizes the whole device.
 
+The model's runs themselves go one after another, in the order they were launched (each
+stream waits on the previous launch's end event on the device, not on the host). Left to
+run side by side, two full batches share the GPU, end together, and the GPU idles while
+the host refills both: a batch of 256 images takes every SM anyway, so nothing is gained by
+overlapping them, while in order one slot is refilled as the other computes.
+
 Two timing events per slot bracket the model's launch, so the ring knows when the device
 was computing (`busy_seconds`): the run's timeline shows it per actor.
 
@@ -145,6 +151,8 @@ class SlotRing:
         self._free: queue.Queue[Slot] = queue.Queue()
         self._busy: list[tuple[float, float]] = []  # (start, end) ms after `_origin`
         self._busy_lock = threading.Lock()
+        self._order = threading.Lock()  # held from a launch's wait to its end event
+        self._last_end: Any = None  # the end event of the latest launch: the next waits on it
         self._origin: Any = None
         try:
             self._origin = _event(timing=True)
@@ -221,9 +229,23 @@ class SlotRing:
         check(cudart.cudaEventRecord(slot.ended, slot.stream), "cudaEventRecord")
         return produced
 
+    def launch_in_order(
+        self, slot: Slot, shapes: dict[str, tuple[int, ...]], enqueue: Enqueue
+    ) -> Any:
+        """`launch`, to start on the device once the previous launch (any slot) has ended."""
+        with self._order:
+            if self._last_end is not None:
+                check(
+                    cudart.cudaStreamWaitEvent(slot.stream, self._last_end, 0),
+                    "cudaStreamWaitEvent",
+                )
+            produced = self.launch(slot, shapes, enqueue)
+            self._last_end = slot.ended
+        return produced
+
     def _submit(self, slot: Slot, feeds: Feeds, enqueue: Enqueue) -> None:
         copy = cudart.cudaMemcpyKind
-        produced = self.launch(slot, self.stage(slot, feeds), enqueue)
+        produced = self.launch_in_order(slot, self.stage(slot, feeds), enqueue)
         slot.out_shapes = {}
         for t in self.outputs:
             shape, ptr = produced[t.name]
@@ -313,6 +335,7 @@ class SlotRing:
                 cudart.cudaStreamDestroy(slot.stream)
                 slot.stream = None
         self.slots = []
+        self._last_end = None
         if self._origin is not None:
             cudart.cudaEventDestroy(self._origin)
             self._origin = None
