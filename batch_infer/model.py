@@ -151,16 +151,18 @@ def external_data_files(model: onnx.ModelProto) -> list[str]:
 def _mapped(path: str) -> Iterator[memoryview]:
     """The model file's bytes, mapped rather than read: parsing and hashing read the page
     cache directly (a 220 MB model: 0.13 s less than `read()` on the 2-core machine)."""
+    mapped = None
     try:
         with open(path, "rb") as f:
-            if os.fstat(f.fileno()).st_size == 0:
-                yield memoryview(b"")
-                return
-            mapped = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+            if os.fstat(f.fileno()).st_size:  # an empty file cannot be mapped
+                mapped = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
     except FileNotFoundError:
         raise SpecError(f"model.onnx: {path}: no such file") from None
     except OSError as exc:
         raise SpecError(f"model.onnx: {path}: cannot be read ({exc})") from None
+    if mapped is None:
+        yield memoryview(b"")
+        return
     with mapped, memoryview(mapped) as view:
         yield view
 

@@ -282,6 +282,22 @@ def test_corrupt_model_file(tmp_path: Path, data: Path):
     assert not out.exists()
 
 
+def test_empty_model_file_and_a_folder_named_as_the_model(tmp_path: Path, data: Path):
+    """The model file is mapped to be read: an empty one (which cannot be mapped) and a
+    folder still get one line each."""
+    empty = tmp_path / "empty.onnx"
+    empty.write_bytes(b"")
+    folder = tmp_path / "folder.onnx"
+    folder.mkdir()
+    for model, says in ((empty, "the graph has no inputs or no outputs"),
+                        (folder, "cannot be read")):  # fmt: skip
+        out = tmp_path / f"out-{model.stem}"
+        with pytest.raises(SpecError) as err:
+            batch_infer.run(two_io_spec(data, out, str(model)))
+        assert str(err.value).startswith(f"model.onnx: {model}: {says}"), str(err.value)
+        assert not out.exists()
+
+
 def test_corrupt_parquet_file(tmp_path: Path, models):
     d = tmp_path / "data"
     d.mkdir()
