@@ -182,15 +182,14 @@ def load_graph(path: str) -> onnx.ModelProto:
         return _parse_model(data, path)
 
 
-def model_sha256(path: str, model: onnx.ModelProto, file_digest: str | None = None) -> str:
-    """The .onnx file's sha256 (`file_digest` where known), extended with its external weight
-    files: large models keep their weights outside the .onnx, and changed weights must
-    change the digest."""
-    own = file_digest or file_sha256(path)
+def model_sha256(path: str, model: onnx.ModelProto, file_digest: str) -> str:
+    """The .onnx file's sha256 (`file_digest`), extended with its external weight files:
+    large models keep their weights outside the .onnx, and changed weights must change the
+    digest."""
     files = external_data_files(model)
     if not files:
-        return own
-    digest = hashlib.sha256(own.encode())
+        return file_digest
+    digest = hashlib.sha256(file_digest.encode())
     for name in files:
         weights = os.path.join(os.path.dirname(path), name)
         if not os.path.isfile(weights):
