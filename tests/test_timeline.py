@@ -16,7 +16,7 @@ import batch_infer
 from batch_infer.data.reading import open_dataset, read_rows
 from batch_infer.data.sharding import TAPER, TAPER_MIN_BYTES, plan_shards
 from batch_infer.sink.manifest import PHASES
-from tests.conftest import ROOT, read_output, run_records
+from tests.conftest import ROOT, _save, read_output, run_records
 
 WIDTH = 1 << 16  # 64 KiB per row: a few hundred rows make a shard worth tapering
 
@@ -71,12 +71,7 @@ def _model(path: Path) -> str:
         [helper.make_tensor_value_info("px", TensorProto.UINT8, ["N", WIDTH])],
         [helper.make_tensor_value_info("total", TensorProto.INT64, ["N"])],
     )
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 11)])
-    model.ir_version = 8
-    import onnx
-
-    onnx.save(model, path)
-    return str(path)
+    return _save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 11)]), path)
 
 
 @pytest.mark.usefixtures("ray_start_regular")
@@ -266,12 +261,7 @@ def _slow_to_warm(path: Path, width: int = 512, layers: int = 8) -> str:
         nodes, "slow", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", width])],
         [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N"])], weights,
     )  # fmt: skip
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 11)])
-    model.ir_version = 8
-    import onnx
-
-    onnx.save(model, path)
-    return str(path)
+    return _save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 11)]), path)
 
 
 def _lane_on_slow_model(tmp_path: Path, name: str, x: np.ndarray, batch_size: int) -> tuple:
