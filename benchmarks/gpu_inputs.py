@@ -9,9 +9,7 @@ files linked --image-copies times (4: 200,000 rows, each image 4 times). Side by
   compute      ResNet-50 fp16 on one batch resident on the GPU (gpu_bench.compute_rate);
   job          `python3 -m batch_infer.cli run` as a whole process, timed from outside: with
                the decoder batch-infer picks (`device: auto`), and with `device: cpu`; and
-               over the linked copies `device: auto` (the hardware JPEG decoder spilling to
-               Pillow), `device: gpu` (every nvImageCodec decoder, no spill) and `auto`
-               with BATCH_INFER_GPU_DECODE_BACKENDS=all (every decoder, spilling).
+               `device: auto` over the linked copies.
 Text: sentences of 10-150 words (a random vocabulary), a BERT WordPiece tokenizer trained on
 them here with `tokenizers`; tokenization rate (the job's own `encode`, all cores), BERT-base
 fp16 compute at seq 128, and the whole job on each of --texts rows (65,536 and 262,144).
@@ -311,9 +309,8 @@ def tokenize_rate(texts: Path, tokenizer: Path, rows: int) -> tuple[float, dict]
     return rate, feeds
 
 
-def run_job(name: str, spec: dict, work: Path, out_dir: Path, env: dict | None = None) -> dict:
-    """`python3 -m batch_infer.cli run` as a whole process (`env` added to its environment),
-    timed from outside."""
+def run_job(name: str, spec: dict, work: Path, out_dir: Path) -> dict:
+    """`python3 -m batch_infer.cli run` as a whole process, timed from outside."""
     out = work / f"out-{name}"
     spec = {"name": name, "batch_size": BATCH, **spec,
             "output": {"path": str(out), "keep_columns": ["id"]}}  # fmt: skip
@@ -322,9 +319,7 @@ def run_job(name: str, spec: dict, work: Path, out_dir: Path, env: dict | None =
     argv = [sys.executable, "-m", "batch_infer.cli", "run", str(path), "--overwrite", "-q"]
     start = time.perf_counter()
     with (out_dir / f"{name}.log").open("w") as log:
-        proc = subprocess.run(
-            argv, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})}
-        )
+        proc = subprocess.run(argv, stdout=log, stderr=subprocess.STDOUT)
     seconds = time.perf_counter() - start
     runs = [json.loads(p.read_text()) for p in (out / "_runs").glob("*.json")]
     run = max(runs, key=lambda r: r["started_at"]) if runs else {}
@@ -380,23 +375,17 @@ def images(args: argparse.Namespace, res: dict) -> None:
         if args.decode_load == "only":
             return
     inputs = {"pixels": {"column": "image", "decode": "image", "size": [224, 224]}}
-    one = args.work / "images"
-    runs: list[tuple[str, Path, dict]] = [("auto", one, {}), ("cpu", one, {})]
+    runs = [("auto", args.work / "images"), ("cpu", args.work / "images")]
     if args.image_copies > 1:
-        copies = linked_copies(one, args.image_copies)
-        # auto: the hardware decoder, spilling to Pillow; gpu: every nvImageCodec decoder,
-        # no spill (what auto did before); auto with every decoder, spilling.
-        all_backends = {"BATCH_INFER_GPU_DECODE_BACKENDS": "all"}
-        runs += [("auto", copies, {}), ("gpu", copies, {}), ("auto", copies, all_backends)]
+        runs.append(("auto", linked_copies(args.work / "images", args.image_copies)))
     res["jobs"] = []
-    for device, root, env in runs:
+    for device, root in runs:
         inputs["pixels"]["device"] = device
         spec = {"input": {"path": str(root)},
                 "model": {"onnx": str(fp16), "inputs": inputs}}  # fmt: skip
-        name = f"resnet50-decode-{device}-{root.name}" + ("-all" if env else "")
-        job = run_job(name, spec, args.work, args.out, env)
-        res["jobs"].append({"device": device, "env": env, **job})
-        print(f"images: job (decode {device}, {root.name}, {env}) {job}", flush=True)
+        job = run_job(f"resnet50-decode-{device}-{root.name}", spec, args.work, args.out)
+        res["jobs"].append({"device": device, **job})
+        print(f"images: job (decode {device}, {root.name}) {job}", flush=True)
 
 
 def text(args: argparse.Namespace, res: dict) -> None:
@@ -451,8 +440,7 @@ def markdown(results: dict) -> str:
             f"{gpu['rate']:,.0f}" if gpu["available"] else "not available"
         )
         for j in img.get("jobs", []):
-            env = "".join(f", {v}" for v in (j.get("env") or {}).values())
-            name = f"ResNet-50 fp16, JPEG (decode: {j['device']}{env})"
+            name = f"ResNet-50 fp16, JPEG (decode: {j['device']})"
             lines.append(row(name, j, rates, img["compute"]))
     if img and img.get("decode_under_load"):
         lines += ["", "| decoder set-up | threads | decode alone | decode, model busy "

@@ -31,7 +31,6 @@ from tokenizers import Tokenizer
 import batch_infer
 from batch_infer.data.decode.hooks import first_failing_row
 from batch_infer.data.decode.images import (
-    GpuDecoders,
     ImageDecode,
     NvImageCodecDecoder,
     PillowDecoder,
@@ -383,17 +382,15 @@ def test_no_gpu_here_means_pillow_and_gpu_demanded_is_refused():
 
 @pytest.mark.gpu
 @pytest.mark.skipif(_gpu_here() is None, reason="needs a GPU, nvImageCodec and CuPy")
-@pytest.mark.parametrize("hardware_only", [False, True])
-def test_gpu_decoder_is_within_two_levels_of_pillow(image_files, hardware_only):
-    """On the GPU machine (python -m pytest -m gpu tests/test_inputs.py): nvImageCodec
-    (all its decoders, or the hardware JPEG decoder alone) and the GPU resize against
-    Pillow; what it cannot decode (PNG, corrupt files) it hands back to be retried on the
-    CPU, and decode_images says so."""
+def test_gpu_decoder_is_within_two_levels_of_pillow(image_files):
+    """On the GPU machine (python -m pytest -m gpu tests/test_inputs.py): nvImageCodec and
+    the GPU resize against Pillow; what it cannot decode (PNG, corrupt files) it hands back
+    to be retried on the CPU, and decode_images says so."""
     paths = pq.read_table(image_files / "index.parquet")["path"].to_pylist()
     blobs = [(image_files / p).read_bytes() for p in paths]
     d = ImageDecode("img", SIZE, SIZE, "shorter_side_crop", "NHWC", "RGB", "gpu", False)
     out = np.zeros((len(blobs), SIZE, SIZE, 3), np.uint8)
-    retry = NvImageCodecDecoder(0, hardware_only).decode(blobs, d, out)
+    retry = NvImageCodecDecoder(0).decode(blobs, d, out)
     assert {9, 17} <= set(retry) <= {3, 9, 11, 17}  # corrupt always; PNG where no GPU codec
     done = [i for i in range(len(blobs)) if i not in retry]
     want = np.stack([pillow_pixels(blobs[i]) for i in done])
@@ -401,28 +398,6 @@ def test_gpu_decoder_is_within_two_levels_of_pillow(image_files, hardware_only):
     pixels, bad, how = decode_images(pa.array(blobs, pa.binary()), d, pafs.LocalFileSystem(), "/")
     assert sorted(bad) == [9, 17] and how.startswith("nvImageCodec")
     np.testing.assert_array_equal(pixels[done], out[done])
-
-
-@pytest.mark.gpu
-@pytest.mark.skipif(_gpu_here() is None, reason="needs a GPU, nvImageCodec and CuPy")
-def test_busy_gpu_decoders_spill_to_pillow_processes(image_files, monkeypatch):
-    """With its one GPU decoder lent out, `device: auto` decodes the next shard with Pillow's
-    processes rather than wait; `device: gpu` never spills."""
-    monkeypatch.setenv("BATCH_INFER_GPU_DECODERS", "1")
-    monkeypatch.setenv("BATCH_INFER_DECODE_PROCESSES", "2")
-    paths = pq.read_table(image_files / "index.parquet")["path"].to_pylist()
-    blobs = [(image_files / p).read_bytes() for p in paths]
-    d = ImageDecode("img", SIZE, SIZE, "shorter_side_crop", "NHWC", "RGB", "auto", False)
-    decoders = GpuDecoders(0, spill=True)
-    assert "spills to Pillow" in decoders.describe() and decoders.hardware_only
-    out = np.zeros((len(blobs) * 3, SIZE, SIZE, 3), np.uint8)  # more rows than a chunk
-    with decoders.lease() as gpu, decoders.lease() as cpu:
-        assert gpu.name == "nvimgcodec" and cpu.name == "pillow"
-        reasons = cpu.decode(blobs * 3, d, out)
-    assert sorted(reasons) == sorted(i + k * len(blobs) for i in (9, 17) for k in range(3))
-    want = [pillow_pixels(b) for i, b in enumerate(blobs) if i not in (9, 17)]
-    np.testing.assert_array_equal(out[[i for i in range(len(blobs)) if i not in (9, 17)]], want)
-    assert GpuDecoders(0, spill=False).spill is None
 
 
 def test_first_failing_row_bisects():

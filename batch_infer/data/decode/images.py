@@ -11,7 +11,6 @@ An image that cannot be read or decoded is a bad row with its reason, never a fa
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import io
 import logging
@@ -21,7 +20,7 @@ import posixpath
 import queue
 import sys
 import threading
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
 from dataclasses import dataclass
 from functools import lru_cache
@@ -257,19 +256,6 @@ class PillowDecoder:
         procs = decode_processes() if rows is None or rows > self.CHUNK else 0
         return f"Pillow {PIL.__version__} on the CPU" + (f" ({procs} processes)" if procs else "")
 
-    @contextlib.contextmanager
-    def lease(self) -> Iterator[PillowDecoder]:
-        """This decoder, for one shard (the same interface as `GpuDecoders`)."""
-        yield self
-
-    def start(self) -> None:
-        """Spawn the processes ahead of the first shard (each imports NumPy and Pillow)."""
-        procs = decode_processes()
-        if procs:
-            pool = _process_pool(procs)
-            for _ in range(procs):
-                pool.submit(int)
-
     def decode(
         self, data: Sequence[Blob | None], d: ImageDecode, out: np.ndarray
     ) -> dict[int, str]:
@@ -415,19 +401,22 @@ class NvImageCodecDecoder:
 
     name = "nvimgcodec"
 
-    def __init__(self, device: int, hardware_only: bool = False) -> None:
+    def __init__(self, device: int) -> None:
         import cupy
         from nvidia import nvimgcodec
 
-        self.device, self.hardware_only = device, hardware_only
+        self.device = device
         self.cupy, self.codec = cupy, nvimgcodec
-        kinds = [nvimgcodec.BackendKind.HW_GPU_ONLY]
-        if not hardware_only:
-            kinds += [nvimgcodec.BackendKind.GPU_ONLY, nvimgcodec.BackendKind.HYBRID_CPU_GPU]
+        kinds = nvimgcodec.BackendKind
         with cupy.cuda.Device(device):
             self.stream = cupy.cuda.Stream(non_blocking=True, priority=self.PRIORITY)
             self.decoder = nvimgcodec.Decoder(
-                device_id=device, backends=[nvimgcodec.Backend(k) for k in kinds]
+                device_id=device,
+                backends=[
+                    nvimgcodec.Backend(kinds.HW_GPU_ONLY),
+                    nvimgcodec.Backend(kinds.GPU_ONLY),
+                    nvimgcodec.Backend(kinds.HYBRID_CPU_GPU),
+                ],
             )
         self.params = nvimgcodec.DecodeParams(
             apply_exif_orientation=False,  # as Pillow: pixels as stored
@@ -438,15 +427,8 @@ class NvImageCodecDecoder:
         self.resizing: dict = {}  # the resize taps of each image size, on the device
         self.host: np.ndarray | None = None
 
-    def describe(self, rows: int | None = None) -> str:
-        what = "hardware JPEG decoder" if self.hardware_only else "hardware, CUDA, hybrid"
-        version = getattr(self.codec, "__version__", "")
-        return f"nvImageCodec {version} on GPU {self.device} ({what})"
-
-    def decodes(self, blob: bytes) -> bool:
-        """Whether it decodes `blob` itself (False: it would hand it back to the CPU)."""
-        d = ImageDecode("probe", 8, 8, "stretch", "NHWC", "RGB", "gpu", False)
-        return not self.decode([blob], d, np.zeros((1, 8, 8, 3), np.uint8))
+    def describe(self) -> str:
+        return f"nvImageCodec {getattr(self.codec, '__version__', '')} on GPU {self.device}"
 
     def _pinned(self, shape: tuple[int, ...]) -> np.ndarray:
         """A page-locked host buffer of `shape` (uint8), kept and grown as needed."""
@@ -526,49 +508,28 @@ class NvImageCodecDecoder:
         return retry
 
 
-def gpu_decode_backends(spill: bool) -> str:
-    """`hardware` (the GPU's JPEG decoder alone) or `all` (then CUDA and hybrid decoding).
-    The hardware decoder leaves the model its SMs, and what it cannot keep up with `spill`s
-    to Pillow's processes (docs/inputs.md); with nowhere to spill, `all`.
-    BATCH_INFER_GPU_DECODE_BACKENDS overrides."""
-    env = os.environ.get("BATCH_INFER_GPU_DECODE_BACKENDS")
-    if env in ("hardware", "all"):
-        return env
-    return "hardware" if spill else "all"
-
-
 class GpuDecoders:
-    """Up to a few `NvImageCodecDecoder`s, each with a stream of its own, lent to one thread
-    at a time: the run's own process prepares several shards at once, so one shard's
+    """Up to a few `NvImageCodecDecoder`s, each with a stream of its own, handed to one
+    thread at a time: the run's own process prepares several shards at once, so one shard's
     resize and copies overlap another's decode. One is made at once; the others (a second
-    or so each) when shards wait for one, so the first shard does not wait for them. When
-    all are busy and `spill` allows it (`device: auto`, and this process has Pillow's
-    processes), a shard is decoded there instead of waiting: both decode side by side.
+    or so each) when shards wait for one, so the first shard does not wait for them.
     BATCH_INFER_GPU_DECODERS sets how many (3)."""
 
     name = "nvimgcodec"
 
-    def __init__(self, device: int, spill: bool) -> None:
+    def __init__(self, device: int) -> None:
         self.device = device
         self.count = max(1, int(os.environ.get("BATCH_INFER_GPU_DECODERS", "3")))
-        self.spill = PillowDecoder() if spill and decode_processes() > 0 else None
-        self.hardware_only = gpu_decode_backends(self.spill is not None) == "hardware"
-        first = NvImageCodecDecoder(device, self.hardware_only)
-        if self.hardware_only and not first.decodes(_probe_jpeg()):  # no such unit here
-            self.hardware_only = False
-            first = NvImageCodecDecoder(device)
         self.free: queue.Queue[NvImageCodecDecoder] = queue.Queue()
+        first = NvImageCodecDecoder(device)
         self.free.put(first)
         self.made, self.lock = 1, threading.Lock()
-        spills = f"; spills to {self.spill.describe()}" if self.spill else ""
-        self.about = f"{first.describe()} ({self.count} decoders{spills})"
+        self.about = f"{first.describe()} ({self.count} decoders)"
 
     def describe(self, rows: int | None = None) -> str:
         return self.about
 
-    def _take(self) -> NvImageCodecDecoder | None:
-        """A free decoder, a new one while fewer than `count` exist, else None when the
-        shard can spill to the CPU, else the next one freed."""
+    def _take(self) -> NvImageCodecDecoder:
         try:
             return self.free.get_nowait()
         except queue.Empty:
@@ -577,24 +538,20 @@ class GpuDecoders:
                 if grow:
                     self.made += 1
             if not grow:
-                return None if self.spill else self.free.get()
+                return self.free.get()
             try:
-                return NvImageCodecDecoder(self.device, self.hardware_only)
+                return NvImageCodecDecoder(self.device)
             except BaseException:  # not made: a later shard may try again
                 with self.lock:
                     self.made -= 1
                 raise
 
-    @contextlib.contextmanager
-    def lease(self) -> Iterator[NvImageCodecDecoder | PillowDecoder]:
-        """The decoder for one shard, held while it decodes."""
+    def decode(
+        self, data: Sequence[Blob | None], d: ImageDecode, out: np.ndarray
+    ) -> dict[int, str]:
         decoder = self._take()
-        if decoder is None:
-            assert self.spill is not None
-            yield self.spill
-            return
         try:
-            yield decoder
+            return decoder.decode(data, d, out)
         finally:
             self.free.put(decoder)
 
@@ -632,8 +589,7 @@ def decoder_for(device: str) -> tuple[Any, str]:
         chosen: tuple[Any, str] | None = None
         if gpu is not None:
             try:
-                decoders = GpuDecoders(gpu, spill=device == "auto")
-                chosen = (decoders, f"GPU {gpu} visible, nvImageCodec imports")
+                chosen = (GpuDecoders(gpu), f"GPU {gpu} visible, nvImageCodec imports")
             except Exception as exc:  # not installed, or it cannot start on this GPU
                 why = f"nvImageCodec unusable here ({type(exc).__name__}: {exc})"
         if chosen is None:
@@ -647,28 +603,18 @@ def decoder_for(device: str) -> tuple[Any, str]:
         return chosen
 
 
-@lru_cache(maxsize=1)
-def _probe_jpeg() -> bytes:
-    """A small baseline JPEG, for a decoder's first run."""
+def warm_up_images(d: ImageDecode) -> None:
+    """Start this process's decoder for `d` ahead of the first shard: on a GPU, creating the
+    first decoder and its first decode (the resize kernel compiles) take a second or more."""
+    decoder, _ = decoder_for(d.device)
+    if decoder.name == "pillow":
+        return
     from PIL import Image
 
     buf = io.BytesIO()
     Image.new("RGB", (320, 240), (90, 120, 150)).save(buf, "JPEG")
-    return buf.getvalue()
-
-
-def warm_up_images(d: ImageDecode) -> None:
-    """Start this process's decoder for `d` ahead of the first shard: on a GPU, creating the
-    first decoder and its first decode (the resize kernel compiles) take a second or more,
-    and the Pillow processes it spills to start (spawned: a second or so each)."""
-    decoder, _ = decoder_for(d.device)
-    if decoder.name == "pillow":
-        return
-    if decoder.spill is not None:
-        decoder.spill.start()
     nhwc = dataclasses.replace(d, layout="NHWC")
-    with decoder.lease() as first:
-        first.decode([_probe_jpeg()], nhwc, np.zeros((1, *item_shape(nhwc)), np.uint8))
+    decoder.decode([buf.getvalue()], nhwc, np.zeros((1, *item_shape(nhwc)), np.uint8))
 
 
 def decode_images(
@@ -681,10 +627,9 @@ def decode_images(
     c = 1 if d.channels == "L" else 3
     out = np.zeros((len(data), d.height, d.width, c), np.uint8)
     decoder, _ = decoder_for(d.device)
-    with decoder.lease() as chosen:
-        retry = chosen.decode(data, d, out)
-        used = chosen.describe(len(data))
-    if retry and chosen.name != "pillow":
+    retry = decoder.decode(data, d, out)
+    used = decoder.describe(len(data))
+    if retry and decoder.name != "pillow":
         used += f" ({len(retry)} retried on the CPU)"
         again = [data[i] if i in retry else None for i in range(len(data))]
         retry = PillowDecoder().decode(again, d, out)
