@@ -135,18 +135,31 @@ def _decoder_setups() -> list[tuple[str, dict | None, int]]:
     ]
 
 
-def _decode_for(blobs: list[bytes], decoders: list, seconds: float, batch: int = 512) -> float:
-    """Rows/s of `decoders`, one thread each, decoding batches of `blobs` for `seconds`."""
+def _decode_for(
+    blobs: list[bytes], decoders: list, seconds: float, batch: int = 512, how: str = "job"
+) -> float:
+    """Rows/s of `decoders`, one thread each, decoding batches of `blobs` for `seconds`.
+    `how`: job (decode, GPU resize, copy back), decode (nvImageCodec's decode alone, waited
+    for), reuse (the same into the thread's last batch's image buffers)."""
     import threading
 
     stop, counts = time.perf_counter() + seconds, [0] * len(decoders)
 
     def work(k: int) -> None:
         out = np.zeros((batch, 224, 224, 3), np.uint8)
+        d, images = decoders[k], None
         i = k * batch
         while time.perf_counter() < stop:
             part = [blobs[(i + j) % len(blobs)] for j in range(batch)]
-            decoders[k].decode(part, D, out)
+            if how == "job":
+                d.decode(part, D, out)
+            else:
+                streams = [d.codec.CodeStream(b) for b in part]
+                kwargs = {"images": images} if how == "reuse" and images else {}
+                images = d.decoder.decode(
+                    streams, params=d.params, cuda_stream=d.stream.ptr, **kwargs
+                )
+                d.stream.synchronize()
             counts[k] += batch
             i += len(decoders) * batch
 
@@ -159,10 +172,14 @@ def _decode_for(blobs: list[bytes], decoders: list, seconds: float, batch: int =
     return sum(counts) / (time.perf_counter() - start)
 
 
-def decode_under_load(blobs: list[bytes], model: Path, pixels: np.ndarray, seconds: float) -> list:
+def decode_under_load(
+    blobs: list[bytes], model: Path, pixels: np.ndarray, seconds: float, which: str
+) -> list:
     """Each decoder set-up's rate alone and while the model runs flat out on the same GPU in
     the same process (as in a job's own process), with the model's rate meanwhile; also
-    Pillow's process pool, alone-GPU-busy and beside the job's GPU decoders."""
+    Pillow's process pool, alone-GPU-busy and beside the job's GPU decoders. `which`: hw,
+    only the hardware JPEG decoder, its parts apart (is it the decode that slows beside the
+    model, or the resize and copy after it; do fresh image buffers matter); else all."""
     import threading
 
     from nvidia import nvimgcodec
@@ -215,6 +232,15 @@ def decode_under_load(blobs: list[bytes], model: Path, pixels: np.ndarray, secon
                 rows.append(row)
                 print(f"decode under load: {row}", flush=True)
 
+        if which == "hw":
+            hw_only = {"backends": [nvimgcodec.Backend(nvimgcodec.BackendKind.HW_GPU_ONLY)]}
+            for n in (3, 1):
+                ds = decoders(hw_only, n)
+                for how in ("job", "decode", "reuse"):
+                    measure(f"hw only, {how}", n, lambda ds=ds, h=how: _decode_for(
+                        blobs, ds, seconds, how=h))  # fmt: skip
+                del ds
+            return rows
         for name, kwargs, n in _decoder_setups():
             try:
                 ds = decoders(kwargs, n)
@@ -371,8 +397,9 @@ def images(args: argparse.Namespace, res: dict) -> None:
     res["compute"] = compute_rate(fp16, {"pixels": pixels}, args.seconds)
     print(f"images: ResNet-50 fp16 compute {res['compute']:,.0f}/s", flush=True)
     if args.decode_load:
-        res["decode_under_load"] = decode_under_load(blobs, fp16, pixels, args.seconds / 2)
-        if args.decode_load == "only":
+        which = "hw" if args.decode_load == "hw" else "all"
+        res["decode_under_load"] = decode_under_load(blobs, fp16, pixels, args.seconds / 2, which)
+        if args.decode_load in ("only", "hw"):
             return
     inputs = {"pixels": {"column": "image", "decode": "image", "size": [224, 224]}}
     runs = [("auto", args.work / "images"), ("cpu", args.work / "images")]
@@ -475,8 +502,9 @@ def main() -> None:
     ap.add_argument("--seconds", type=float, default=5.0)
     ap.add_argument(
         "--decode-load",
-        choices=["also", "only"],
-        help="decoder set-ups alone and beside the running model (only: no jobs)",
+        choices=["also", "only", "hw"],
+        help="decoder set-ups alone and beside the running model (only: no jobs; hw: the "
+        "hardware decoder's parts apart, no jobs)",
     )
     ap.add_argument("--cuda-connections", type=int,
                     help="CUDA_DEVICE_MAX_CONNECTIONS for this process and its jobs (default 8): "
