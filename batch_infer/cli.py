@@ -242,6 +242,8 @@ def entry() -> None:
 
         for child in multiprocessing.active_children():  # Pillow's decoding processes
             child.kill()
+        if "batch_infer.data.decode.images" in sys.modules:
+            sys.modules["batch_infer.data.decode.images"].release_processes()
         logging.shutdown()
         sys.stdout.flush()
         sys.stderr.flush()

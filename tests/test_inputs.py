@@ -716,6 +716,31 @@ def test_builtin_postprocess_labels_scores_top_k(tmp_path, image_files, cnn):
         ]
 
 
+def test_cli_decoding_on_processes_exits_clean(tmp_path, image_files, cnn):
+    """A run whose images Pillow decoded on a pool of processes leaves no semaphores behind
+    (the CLI ends with os._exit; Python's resource tracker would report them as leaked)."""
+    paths = pq.read_table(image_files / "index.parquet")["path"].to_pylist()
+    data = tmp_path / "in"
+    data.mkdir()
+    table = pa.table({"id": list(range(len(paths) * 10)),
+                      "path": [str(image_files / p) for p in paths] * 10})  # fmt: skip
+    pq.write_table(table, data / "index.parquet")
+    spec = image_spec(data, tmp_path / "out", cnn) | {"shard_rows": 200, "max_bad_rows": 20}
+    (tmp_path / "job.yaml").write_text(yaml.safe_dump(spec))
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    proc = subprocess.run(
+        [sys.executable, "-m", "batch_infer.cli", "run", str(tmp_path / "job.yaml"), "-q"],
+        cwd=ROOT, capture_output=True, text=True, timeout=240,
+        env=env | {"BATCH_INFER_DECODE_PROCESSES": "2"},
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    assert "processes" in " ".join(e["preprocess"] for e in entries(tmp_path / "out"))
+    assert "leaked" not in proc.stderr, proc.stderr
+    bad = {i + k * len(paths) for i in (9, 17) for k in range(10)}
+    assert set(errors(tmp_path / "out")) == bad
+    assert len(read_output(tmp_path / "out")) + len(bad) == len(table)
+
+
 def test_cli_runs_the_shipped_examples(tmp_path):
     """`python -m batch_infer.cli run` on jobs/images.yaml and jobs/text.yaml (no Ray of the
     test's: the run's own process does the work), exactly once, bad rows in _errors/."""

@@ -12,6 +12,7 @@ An image that cannot be read or decoded is a bad row with its reason, never a fa
 from __future__ import annotations
 
 import dataclasses
+import gc
 import io
 import logging
 import multiprocessing
@@ -240,6 +241,19 @@ def _process_pool(workers: int) -> ProcessPoolExecutor:
             context = multiprocessing.get_context("spawn")
             _processes = ProcessPoolExecutor(workers, mp_context=context)
         return _processes
+
+
+def release_processes() -> None:
+    """Shut the decoding pool down after its processes were killed, so that its queues'
+    semaphores are released here: the CLI leaves with `os._exit`, which runs no
+    finalizers, and Python's resource tracker would report them as leaked."""
+    global _processes
+    with _pool_lock:
+        pool, _processes = _processes, None
+    if pool is not None:
+        pool.shutdown(wait=True, cancel_futures=True)
+        del pool
+        gc.collect()
 
 
 class PillowDecoder:
