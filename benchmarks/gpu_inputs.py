@@ -23,11 +23,13 @@ gpu_bench.py. Writes gpu-inputs.json and gpu-inputs.md under --out ($OUT).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
 from pathlib import Path
 
@@ -148,6 +150,8 @@ def _decode_for(
     def work(k: int) -> None:
         out = np.zeros((batch, 224, 224, 3), np.uint8)
         d, images = decoders[k], None
+        if isinstance(d, GreenDecoder):
+            d.enter()
         i = k * batch
         while time.perf_counter() < stop:
             part = [blobs[(i + j) % len(blobs)] for j in range(batch)]
@@ -172,33 +176,93 @@ def _decode_for(
     return sum(counts) / (time.perf_counter() - start)
 
 
-def decode_under_load(
-    blobs: list[bytes], model: Path, pixels: np.ndarray, seconds: float, which: str
-) -> list:
-    """Each decoder set-up's rate alone and while the model runs flat out on the same GPU in
-    the same process (as in a job's own process), with the model's rate meanwhile; also
-    Pillow's process pool, alone-GPU-busy and beside the job's GPU decoders. `which`: hw,
-    only the hardware JPEG decoder, its parts apart (is it the decode that slows beside the
-    model, or the resize and copy after it; do fresh image buffers matter); else all."""
+def _check(result: tuple) -> object:
+    """cuda.bindings' (error, value...) -> value, raising on an error."""
+    from cuda.bindings import driver as cu
+
+    err, *values = result
+    if err != cu.CUresult.CUDA_SUCCESS:
+        raise RuntimeError(f"CUDA driver: {err}")
+    return values[0] if len(values) == 1 else values
+
+
+class GreenSplit:
+    """The GPU's SMs in two CUDA green contexts' shares: `sms` for JPEG decoders, the rest
+    for the model. Does the decode beside a running model slow because its few kernels wait
+    behind the model's? A decoder in a share of its own cannot wait for SMs."""
+
+    def __init__(self, sms: int) -> None:
+        from cuda.bindings import driver as cu
+
+        self.cu = cu
+        _check(cu.cuInit(0))
+        self.dev = _check(cu.cuDeviceGet(0))
+        self.primary = _check(cu.cuDevicePrimaryCtxRetain(self.dev))
+        whole = _check(
+            cu.cuDeviceGetDevResource(self.dev, cu.CUdevResourceType.CU_DEV_RESOURCE_TYPE_SM)
+        )
+        groups, _, rest = _check(cu.cuDevSmResourceSplitByCount(1, whole, 0, sms))
+        self.decoders = _check(cu.cuDevResourceGenerateDesc([groups[0]], 1))
+        self.model = _check(cu.cuDevResourceGenerateDesc([rest], 1))
+
+    def context(self, desc: object) -> object:
+        """A new green context on `desc` (one per thread: green contexts are not shared)."""
+        cu = self.cu
+        flags = cu.CUgreenCtxCreate_flags.CU_GREEN_CTX_DEFAULT_STREAM
+        green = _check(cu.cuGreenCtxCreate(desc, self.dev, flags))
+        return green, _check(cu.cuCtxFromGreenCtx(green))
+
+    def enter(self, ctx: object) -> None:
+        _check(self.cu.cuCtxSetCurrent(ctx))
+
+
+class GreenDecoder:
+    """A hardware-only nvImageCodec decoder made and run inside a green context of the
+    decoders' share of `split`."""
+
+    def __init__(self, split: GreenSplit) -> None:
+        from nvidia import nvimgcodec
+
+        self.split, self.codec = split, nvimgcodec
+        cu = split.cu
+        green, self.ctx = split.context(split.decoders)
+        non_blocking = cu.CUstream_flags.CU_STREAM_NON_BLOCKING
+        self.handle = _check(cu.cuGreenCtxStreamCreate(green, non_blocking, 0))
+        self.ptr, self.stream = int(self.handle), self
+        self.enter()
+        backends = [nvimgcodec.Backend(nvimgcodec.BackendKind.HW_GPU_ONLY)]
+        try:  # -1: the context current here (nvImageCodec's NVIMGCODEC_DEVICE_CURRENT)
+            self.decoder = nvimgcodec.Decoder(device_id=-1, backends=backends)
+        except (TypeError, ValueError, RuntimeError):
+            self.decoder = nvimgcodec.Decoder(device_id=0, backends=backends)
+        self.params = nvimgcodec.DecodeParams(
+            apply_exif_orientation=False,
+            color_spec=nvimgcodec.ColorSpec.SRGB,
+            allow_any_depth=False,
+            sample_format=nvimgcodec.SampleFormat.I_RGB,
+        )
+        split.enter(split.primary)
+
+    def enter(self) -> None:
+        """Make the green context this thread's current one."""
+        self.split.enter(self.ctx)
+
+    def synchronize(self) -> None:
+        _check(self.split.cu.cuStreamSynchronize(self.handle))
+
+
+@contextlib.contextmanager
+def _beside_model(model: Path, pixels: np.ndarray, rows: list, enter=None) -> Iterator:
+    """`measure(name, threads, decode)`: `decode()`'s rate alone and while ResNet-50 runs flat
+    out in this process (made and run with `enter()` called first, when given), and the
+    model's rate meanwhile; each a row of `rows`."""
     import threading
 
-    from nvidia import nvimgcodec
-
     from batch_infer.backends.onnxruntime_cuda import OnnxRuntimeCUDA
-    from batch_infer.data.decode.images import NvImageCodecDecoder
     from batch_infer.model import read_signature
 
-    def decoders(kwargs: dict | None, n: int) -> list:
-        made = []
-        for _ in range(n):
-            d = NvImageCodecDecoder(0)
-            if kwargs is not None:
-                d.decoder = nvimgcodec.Decoder(device_id=0, **kwargs)
-            d.decode(blobs[:64], D, np.zeros((64, 224, 224, 3), np.uint8))  # warm up
-            made.append(d)
-        return made
-
-    rows: list[dict] = []
+    if enter:
+        enter()
     with (
         OnnxRuntimeCUDA(read_signature(str(model)), slots=1) as backend,
         backend.resident({"pixels": pixels}) as batch,
@@ -207,6 +271,8 @@ def decode_under_load(
         done = [0]
 
         def model_loop() -> None:
+            if enter:
+                enter()
             while busy.is_set():
                 batch.launch(1)
                 batch.wait()
@@ -232,6 +298,60 @@ def decode_under_load(
                 rows.append(row)
                 print(f"decode under load: {row}", flush=True)
 
+        yield measure
+
+
+def _green_rows(blobs: list[bytes], model: Path, pixels: np.ndarray, seconds: float) -> list:
+    """The hardware decoder (decode alone, 3 threads) in green contexts of a few SMs, beside
+    the model on all SMs and beside the model in a green context of the rest."""
+    rows: list[dict] = []
+    for sms in (8, 16, 32):
+        try:
+            split = GreenSplit(sms)
+            greens = [GreenDecoder(split) for _ in range(3)]
+            _decode_for(blobs[:1536], greens, 0.01, how="decode")  # warm up
+            _, model_ctx = split.context(split.model)
+        except Exception as exc:
+            rows.append({"setup": f"hw only, green {sms} SMs", "error": repr(exc)})
+            print(f"decode under load: green {sms} SMs: {exc!r}", flush=True)
+            continue
+        run = lambda gs=greens: _decode_for(blobs, gs, seconds, how="decode")  # noqa: E731
+        in_rest = lambda c=model_ctx, s=split: s.enter(c)  # noqa: E731
+        for label, enter in (("all SMs", None), ("the rest", in_rest)):
+            try:
+                with _beside_model(model, pixels, rows, enter) as measure:
+                    measure(f"hw only, decode, {sms} SMs of its own; model on {label}", 3, run)
+            except Exception as exc:
+                rows.append({"setup": f"green {sms} SMs, model on {label}", "error": repr(exc)})
+                print(f"decode under load: green {sms}, model on {label}: {exc!r}", flush=True)
+            split.enter(split.primary)
+    return rows
+
+
+def decode_under_load(
+    blobs: list[bytes], model: Path, pixels: np.ndarray, seconds: float, which: str
+) -> list:
+    """Each decoder set-up's rate alone and while the model runs flat out on the same GPU in
+    the same process (as in a job's own process), with the model's rate meanwhile; also
+    Pillow's process pool, alone-GPU-busy and beside the job's GPU decoders. `which`: hw,
+    only the hardware JPEG decoder, its parts apart (is it the decode that slows beside the
+    model, or the resize and copy after it; do fresh image buffers matter); else all."""
+    from nvidia import nvimgcodec
+
+    from batch_infer.data.decode.images import NvImageCodecDecoder
+
+    def decoders(kwargs: dict | None, n: int) -> list:
+        made = []
+        for _ in range(n):
+            d = NvImageCodecDecoder(0)
+            if kwargs is not None:
+                d.decoder = nvimgcodec.Decoder(device_id=0, **kwargs)
+            d.decode(blobs[:64], D, np.zeros((64, 224, 224, 3), np.uint8))  # warm up
+            made.append(d)
+        return made
+
+    rows: list[dict] = []
+    with _beside_model(model, pixels, rows) as measure:
         if which == "hw":
             hw_only = {"backends": [nvimgcodec.Backend(nvimgcodec.BackendKind.HW_GPU_ONLY)]}
             for n in (3, 1):
@@ -240,40 +360,42 @@ def decode_under_load(
                     measure(f"hw only, {how}", n, lambda ds=ds, h=how: _decode_for(
                         blobs, ds, seconds, how=h))  # fmt: skip
                 del ds
-            return rows
-        for name, kwargs, n in _decoder_setups():
-            try:
-                ds = decoders(kwargs, n)
-            except Exception as exc:
-                rows.append({"setup": name, "error": f"{type(exc).__name__}: {exc}"})
-                continue
-            measure(name, n, lambda ds=ds: _decode_for(blobs, ds, seconds))
-            del ds
-        chunks = [blobs[i : i + 64] for i in range(0, len(blobs), 64)]
-        with ProcessPoolExecutor(CORES - 2) as pool:
-            list(pool.map(_decode_chunk, chunks[:CORES]))
+        else:
+            for name, kwargs, n in _decoder_setups():
+                try:
+                    ds = decoders(kwargs, n)
+                except Exception as exc:
+                    rows.append({"setup": name, "error": f"{type(exc).__name__}: {exc}"})
+                    continue
+                measure(name, n, lambda ds=ds: _decode_for(blobs, ds, seconds))
+                del ds
+            chunks = [blobs[i : i + 64] for i in range(0, len(blobs), 64)]
+            with ProcessPoolExecutor(CORES - 2) as pool:
+                list(pool.map(_decode_chunk, chunks[:CORES]))
 
-            def pillow() -> float:
-                start, n = time.perf_counter(), 0
-                while time.perf_counter() - start < seconds:
-                    n += sum(pool.map(_decode_chunk, chunks[: 4 * CORES]))
-                return n / (time.perf_counter() - start)
+                def pillow() -> float:
+                    start, n = time.perf_counter(), 0
+                    while time.perf_counter() - start < seconds:
+                        n += sum(pool.map(_decode_chunk, chunks[: 4 * CORES]))
+                    return n / (time.perf_counter() - start)
 
-            measure(f"pillow ({CORES - 2} processes)", CORES - 2, pillow)
+                measure(f"pillow ({CORES - 2} processes)", CORES - 2, pillow)
 
-            def both(gpu: list) -> float:
-                with ThreadPoolExecutor(1) as side:
-                    cpu = side.submit(pillow)
-                    rate = _decode_for(blobs, gpu, seconds)
-                    return rate + cpu.result()
+                def both(gpu: list) -> float:
+                    with ThreadPoolExecutor(1) as side:
+                        cpu = side.submit(pillow)
+                        rate = _decode_for(blobs, gpu, seconds)
+                        return rate + cpu.result()
 
-            # The hardware decoder alone left the model 0.92 of its rate (2026-12-06) and
-            # Pillow's processes all of it: together, shards split between them.
-            hw_only = {"backends": [nvimgcodec.Backend(nvimgcodec.BackendKind.HW_GPU_ONLY)]}
-            for label, kwargs in (("job's", None), ("hw-only", hw_only)):
-                gpu = decoders(kwargs, 3)
-                measure(f"pillow + {label} gpu decoders", CORES + 1, lambda gpu=gpu: both(gpu))
-                del gpu
+                # The hardware decoder alone left the model 0.92 of its rate (2026-12-06) and
+                # Pillow's processes all of it: together, shards split between them.
+                hw_only = {"backends": [nvimgcodec.Backend(nvimgcodec.BackendKind.HW_GPU_ONLY)]}
+                for label, kwargs in (("job's", None), ("hw-only", hw_only)):
+                    gpu = decoders(kwargs, 3)
+                    measure(f"pillow + {label} gpu decoders", CORES + 1, lambda gpu=gpu: both(gpu))
+                    del gpu
+    if which == "hw":
+        rows += _green_rows(blobs, model, pixels, seconds)
     return rows
 
 
