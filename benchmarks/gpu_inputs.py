@@ -328,6 +328,62 @@ def _green_rows(blobs: list[bytes], model: Path, pixels: np.ndarray, seconds: fl
     return rows
 
 
+def _hw_decoders(n: int) -> list:
+    """`n` of the job's GPU decoders limited to the hardware JPEG decoder, warmed up."""
+    from nvidia import nvimgcodec
+
+    from batch_infer.data.decode.images import NvImageCodecDecoder
+
+    made = []
+    for _ in range(n):
+        d = NvImageCodecDecoder(0)
+        d.decoder = nvimgcodec.Decoder(
+            device_id=0, backends=[nvimgcodec.Backend(nvimgcodec.BackendKind.HW_GPU_ONLY)]
+        )
+        made.append(d)
+    return made
+
+
+def _hw_in_process(conn, blobs: list[bytes]) -> None:
+    """A process of its own (its own CUDA context) decoding with the hardware decoder on 3
+    threads, `seconds` at a time as asked through `conn`: does the decode still slow when
+    nothing of the model's is in its context?"""
+    ds = _hw_decoders(3)
+    _decode_for(blobs[:1536], ds, 0.01, how="decode")  # warm up
+    conn.send("ready")
+    while (seconds := conn.recv()) is not None:
+        conn.send(_decode_for(blobs, ds, seconds, how="decode"))
+
+
+def _separate_rows(blobs: list[bytes], model: Path, pixels: np.ndarray, seconds: float) -> list:
+    """The hardware decoder (decode alone, 3 threads) in this process and in a process of its
+    own, each alone and beside the model in this process."""
+    import multiprocessing
+
+    rows: list[dict] = []
+    ours, theirs = multiprocessing.get_context("spawn").Pipe()
+    child = multiprocessing.get_context("spawn").Process(
+        target=_hw_in_process, args=(theirs, blobs[:2048])
+    )
+    child.start()
+    try:
+        ds = _hw_decoders(3)
+        _decode_for(blobs[:1536], ds, 0.01, how="decode")
+        ours.recv()
+
+        def elsewhere() -> float:
+            ours.send(seconds)
+            return ours.recv()
+
+        with _beside_model(model, pixels, rows) as measure:
+            measure("hw only, decode", 3, lambda: _decode_for(blobs, ds, seconds, how="decode"))
+            measure("hw only, decode, in a process of its own", 3, elsewhere)
+    finally:
+        ours.send(None)
+        child.join()
+    return rows
+
+
 def decode_under_load(
     blobs: list[bytes], model: Path, pixels: np.ndarray, seconds: float, which: str
 ) -> list:
@@ -350,6 +406,10 @@ def decode_under_load(
             made.append(d)
         return made
 
+    if which == "green":
+        return _separate_rows(blobs, model, pixels, seconds) + _green_rows(
+            blobs, model, pixels, seconds
+        )
     rows: list[dict] = []
     with _beside_model(model, pixels, rows) as measure:
         if which == "hw":
@@ -394,8 +454,6 @@ def decode_under_load(
                     gpu = decoders(kwargs, 3)
                     measure(f"pillow + {label} gpu decoders", CORES + 1, lambda gpu=gpu: both(gpu))
                     del gpu
-    if which == "hw":
-        rows += _green_rows(blobs, model, pixels, seconds)
     return rows
 
 
@@ -519,9 +577,9 @@ def images(args: argparse.Namespace, res: dict) -> None:
     res["compute"] = compute_rate(fp16, {"pixels": pixels}, args.seconds)
     print(f"images: ResNet-50 fp16 compute {res['compute']:,.0f}/s", flush=True)
     if args.decode_load:
-        which = "hw" if args.decode_load == "hw" else "all"
+        which = args.decode_load if args.decode_load in ("hw", "green") else "all"
         res["decode_under_load"] = decode_under_load(blobs, fp16, pixels, args.seconds / 2, which)
-        if args.decode_load in ("only", "hw"):
+        if args.decode_load in ("only", "hw", "green"):
             return
     inputs = {"pixels": {"column": "image", "decode": "image", "size": [224, 224]}}
     runs = [("auto", args.work / "images"), ("cpu", args.work / "images")]
@@ -624,9 +682,10 @@ def main() -> None:
     ap.add_argument("--seconds", type=float, default=5.0)
     ap.add_argument(
         "--decode-load",
-        choices=["also", "only", "hw"],
+        choices=["also", "only", "hw", "green"],
         help="decoder set-ups alone and beside the running model (only: no jobs; hw: the "
-        "hardware decoder's parts apart, no jobs)",
+        "hardware decoder's parts apart, no jobs; green: the hardware decoder in a process "
+        "of its own and in CUDA green contexts, no jobs)",
     )
     ap.add_argument("--cuda-connections", type=int,
                     help="CUDA_DEVICE_MAX_CONNECTIONS for this process and its jobs (default 8): "
