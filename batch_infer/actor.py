@@ -61,6 +61,7 @@ class ShardRunner:
         self.backend, self.why = load_backend(
             plan.signature, plan.backend, device=device, threads=threads, gpu=cuda_device
         )
+        self.loaded_at = time.time()  # the load and the warm-up apart: which one is long
         try:
             self.backend.warm_up(plan.signature.inputs[0].fixed_batch or plan.spec.batch_size)
         except CudaError:  # the device is in doubt: this runner is not ready
@@ -77,6 +78,7 @@ class ShardRunner:
             "node": self.node,
             "gpu": self.gpu,
             "loading_at": self.loading_at,
+            "loaded_at": self.loaded_at,
             "ready_at": self.ready_at,
             "first_batch_at": self.first_batch_at,
             "last_batch_at": self.last_batch_at,

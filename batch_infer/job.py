@@ -728,8 +728,8 @@ def _record_actors(record: RunRecord, stats: list[dict[str, Any]]) -> None:
     """Each actor's lane, in seconds after the run's start, and the phases they mark."""
     for s in stats:
         lane = dict(s)
-        for key in ("loading_at", "ready_at", "first_batch_at", "last_batch_at"):
-            lane[key] = None if s[key] is None else round(s[key] - record.started_at, 3)
+        for key in ("loading_at", "loaded_at", "ready_at", "first_batch_at", "last_batch_at"):
+            lane[key] = None if s.get(key) is None else round(s[key] - record.started_at, 3)
         span = (s["last_batch_at"] or 0) - (s["first_batch_at"] or 0)
         lane["busy_while_running"] = round(s["busy_seconds"] / span, 3) if span > 0 else None
         lane["busy_seconds"] = round(s["busy_seconds"], 3)

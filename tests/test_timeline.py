@@ -110,7 +110,7 @@ def test_run_records_its_timeline_and_each_actors_lane(tmp_path):
         if lane["actor"] not in worked:
             assert lane["first_batch_at"] is None and lane["busy_seconds"] == 0
             continue
-        assert lane["loading_at"] <= lane["ready_at"] <= lane["first_batch_at"]
+        assert lane["loading_at"] <= lane["loaded_at"] <= lane["ready_at"] <= lane["first_batch_at"]
         assert lane["first_batch_at"] <= lane["last_batch_at"]
         assert lane["busy_seconds"] > 0 and 0 < lane["busy_while_running"] <= 1.0
     for e in entries:
