@@ -111,13 +111,16 @@ class DeviceBuffer:
 
 @dataclass
 class Slot:
-    """One batch in flight: its stream, its buffers and the event that says it is done."""
+    """One batch in flight: its stream, its buffers and the event that says it is done.
+    The model runs on `compute`: the slot's own stream, or one the ring's slots share."""
 
     index: int
     stream: Any
     done: Any
     began: Any  # timing events around the launch: when the device computed this batch
     ended: Any
+    compute: Any = None
+    copied: Any = None  # with a shared compute stream: the slot's inputs are on the device
     host_in: dict[str, PinnedBuffer] = field(default_factory=dict)
     dev_in: dict[str, DeviceBuffer] = field(default_factory=dict)
     host_out: dict[str, PinnedBuffer] = field(default_factory=dict)
@@ -126,17 +129,21 @@ class Slot:
     out_shapes: dict[str, tuple[int, ...]] = field(default_factory=dict)
 
     @property
-    def stream_handle(self) -> int:
-        return int(self.stream)
+    def compute_handle(self) -> int:
+        return int(self.compute)
 
 
-# enqueue(slot, input shapes) launches the model on slot.stream, reading slot.dev_in and
+# enqueue(slot, input shapes) launches the model on slot.compute, reading slot.dev_in and
 # writing slot.dev_out (or its own device memory), and returns {output: (shape, device ptr)}.
 Enqueue = Callable[[Slot, dict[str, tuple[int, ...]]], dict[str, tuple[tuple[int, ...], int]]]
 
 
 class SlotRing:
-    """K slots on one device. Owns every stream, event and buffer; `close()` frees them."""
+    """K slots on one device. Owns every stream, event and buffer; `close()` frees them.
+
+    `shared_compute`: the model runs on one stream for every slot (a backend with one copy
+    of the model, such as one ONNX Runtime session), each slot's copies on its own stream:
+    one slot's copies still overlap the other's compute."""
 
     def __init__(
         self,
@@ -144,10 +151,12 @@ class SlotRing:
         outputs: tuple[TensorInfo, ...],
         slots: int = 2,
         device: int = 0,
+        shared_compute: bool = False,
     ) -> None:
         check(cudart.cudaSetDevice(device), "cudaSetDevice")
         self.inputs, self.outputs, self.device = inputs, outputs, device
         self.slots: list[Slot] = []
+        self.compute: Any = None  # the shared compute stream, if any
         self._free: queue.Queue[Slot] = queue.Queue()
         self._busy: list[tuple[float, float]] = []  # (start, end) ms after `_origin`
         self._busy_lock = threading.Lock()
@@ -157,15 +166,16 @@ class SlotRing:
         try:
             self._origin = _event(timing=True)
             check(cudart.cudaEventRecord(self._origin, 0), "cudaEventRecord")
+            if shared_compute:
+                self.compute = _stream()
             for i in range(slots):
-                stream = check(
-                    cudart.cudaStreamCreateWithFlags(cudart.cudaStreamNonBlocking),
-                    "cudaStreamCreateWithFlags",
-                )
-                self.slots.append(
-                    Slot(i, stream, _event(timing=False), _event(timing=True), _event(timing=True))
-                )
-                self._free.put(self.slots[-1])
+                stream = _stream()
+                slot = Slot(i, stream, _event(timing=False), _event(timing=True), _event(True))
+                slot.compute = self.compute or stream
+                if shared_compute:
+                    slot.copied = _event(timing=False)
+                self.slots.append(slot)
+                self._free.put(slot)
         except CudaError:
             self.close()
             raise
@@ -223,20 +233,28 @@ class SlotRing:
         return shapes
 
     def launch(self, slot: Slot, shapes: dict[str, tuple[int, ...]], enqueue: Enqueue) -> Any:
-        """Enqueue the model on the slot's stream between its two timing events."""
-        check(cudart.cudaEventRecord(slot.began, slot.stream), "cudaEventRecord")
+        """Enqueue the model on the slot's compute stream between its two timing events,
+        after the slot's copies in and before its copies out."""
+        shared = slot.copied is not None
+        if shared:
+            check(cudart.cudaEventRecord(slot.copied, slot.stream), "cudaEventRecord")
+            check(cudart.cudaStreamWaitEvent(slot.compute, slot.copied, 0), "cudaStreamWaitEvent")
+        check(cudart.cudaEventRecord(slot.began, slot.compute), "cudaEventRecord")
         produced = enqueue(slot, shapes)
-        check(cudart.cudaEventRecord(slot.ended, slot.stream), "cudaEventRecord")
+        check(cudart.cudaEventRecord(slot.ended, slot.compute), "cudaEventRecord")
+        if shared:
+            check(cudart.cudaStreamWaitEvent(slot.stream, slot.ended, 0), "cudaStreamWaitEvent")
         return produced
 
     def launch_in_order(
         self, slot: Slot, shapes: dict[str, tuple[int, ...]], enqueue: Enqueue
     ) -> Any:
-        """`launch`, to start on the device once the previous launch (any slot) has ended."""
+        """`launch`, to start on the device once the previous launch (any slot) has ended
+        (on a shared compute stream they are in order already)."""
         with self._order:
-            if self._last_end is not None:
+            if self._last_end is not None and self.compute is None:
                 check(
-                    cudart.cudaStreamWaitEvent(slot.stream, self._last_end, 0),
+                    cudart.cudaStreamWaitEvent(slot.compute, self._last_end, 0),
                     "cudaStreamWaitEvent",
                 )
             produced = self.launch(slot, shapes, enqueue)
@@ -327,18 +345,28 @@ class SlotRing:
                 for buf in pool.values():
                     buf.free()
                 pool.clear()
-            for name in ("done", "began", "ended"):
+            for name in ("done", "began", "ended", "copied"):
                 if getattr(slot, name) is not None:
                     cudart.cudaEventDestroy(getattr(slot, name))
                     setattr(slot, name, None)
             if slot.stream is not None:
                 cudart.cudaStreamDestroy(slot.stream)
-                slot.stream = None
+                slot.stream = slot.compute = None
         self.slots = []
         self._last_end = None
+        if self.compute is not None:
+            cudart.cudaStreamSynchronize(self.compute)
+            cudart.cudaStreamDestroy(self.compute)
+            self.compute = None
         if self._origin is not None:
             cudart.cudaEventDestroy(self._origin)
             self._origin = None
+
+
+def _stream() -> Any:
+    return check(
+        cudart.cudaStreamCreateWithFlags(cudart.cudaStreamNonBlocking), "cudaStreamCreateWithFlags"
+    )
 
 
 def _event(timing: bool) -> Any:
@@ -355,14 +383,14 @@ class ResidentBatch:
         self.rows = next(iter(feeds.values())).shape[0]
         self.slot = backend.ring.acquire()
         self.shapes = backend.ring.stage(self.slot, next(backend.checked([feeds])))
-        self.wait()
+        check(cudart.cudaStreamSynchronize(self.slot.stream), "cudaStreamSynchronize")
 
     def launch(self, times: int = 1) -> None:
         for _ in range(times):
             self.backend.enqueue(self.slot, self.shapes)
 
     def wait(self) -> None:
-        check(cudart.cudaStreamSynchronize(self.slot.stream), "cudaStreamSynchronize")
+        check(cudart.cudaStreamSynchronize(self.slot.compute), "cudaStreamSynchronize")
 
     def close(self) -> None:
         if self.slot is not None:
@@ -421,9 +449,9 @@ class StreamBackend(Backend):
             check(cudart.cudaSetDevice(ring.device), "cudaSetDevice")
             ring.launch(slot, ring.stage(slot, feeds), self.enqueue)
 
-        # Side by side: most of a first run is the host's setup, one session per slot
-        # (ResNet-50 fp16's load and warm-up on an H100: 1.71 s with the first runs one after
-        # the other, 0.75 s side by side; docs/gpu.md).
+        # Side by side: most of a first run is the host's setup (ResNet-50 fp16's load and
+        # warm-up on an H100, then a session per slot: 1.71 s with the first runs one after the
+        # other, 0.75 s side by side; docs/gpu.md).
         try:
             with ThreadPoolExecutor(len(slots), "batch-infer-warm-up") as pool:
                 for launched in [pool.submit(first_run, slot) for slot in slots]:

@@ -1,13 +1,14 @@
 """ONNX Runtime on CUDA, driven through the shared slot ring.
 
-One session per slot, each bound to that slot's stream (`user_compute_stream`), inputs and
-outputs bound to the slot's device buffers (IO binding), and run with
-`disable_synchronize_execution_providers=1` so `run_with_iobinding` only enqueues work.
+One session for every slot, bound to the ring's shared compute stream
+(`user_compute_stream`): the model's runs go one after another on the device anyway, so a
+second session would only load the model twice. Each slot has its own IO binding to its
+device buffers and copies on its own stream; `disable_synchronize_execution_providers=1`
+makes `run_with_iobinding` only enqueue work.
 """
 
 from __future__ import annotations
 
-from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import onnxruntime as ort
@@ -55,27 +56,25 @@ class OnnxRuntimeCUDA(StreamBackend):
             )
         self.inputs, self.outputs, self.device = signature.inputs, signature.outputs, device
         self._static = {t.name: all(d > 0 for d in t.item_shape) for t in self.outputs}
-        self._sessions: list[tuple[Any, Any]] = []
-        self.ring = SlotRing(signature.inputs, signature.outputs, slots=slots, device=device)
-
+        self._session: Any = None
+        self._bindings: list[Any] = []
+        self.ring = SlotRing(
+            signature.inputs, signature.outputs, slots=slots, device=device, shared_compute=True
+        )
         self._options = {**provider_options(signature), **(cuda_options or {})}
-
-        def load(stream: int) -> tuple[Any, Any]:
-            provider = (
-                "CUDAExecutionProvider",
-                {**self._options, "device_id": str(device), "user_compute_stream": str(stream)},
-            )
+        stream = str(self.ring.slots[0].compute_handle)
+        provider = (
+            "CUDAExecutionProvider",
+            {**self._options, "device_id": str(device), "user_compute_stream": stream},
+        )
+        try:
             session = ort.InferenceSession(
                 signature.path, ort.SessionOptions(), providers=[provider]
             )
             if session.get_providers()[0] != "CUDAExecutionProvider":
                 raise BackendError(f"ONNX Runtime did not put {signature.path} on CUDA")
-            return session, session.io_binding()
-
-        try:  # one session per slot, loaded side by side: the model's load is a fixed cost
-            with ThreadPoolExecutor(len(self.ring.slots)) as pool:
-                streams = [slot.stream_handle for slot in self.ring.slots]
-                self._sessions = list(pool.map(load, streams))
+            self._session = session
+            self._bindings = [session.io_binding() for _ in self.ring.slots]
         except Exception as exc:
             self.close()
             if isinstance(exc, BackendError):
@@ -87,7 +86,7 @@ class OnnxRuntimeCUDA(StreamBackend):
     def enqueue(
         self, slot: Slot, shapes: dict[str, tuple[int, ...]]
     ) -> dict[str, tuple[tuple[int, ...], int]]:
-        session, io = self._sessions[slot.index]
+        session, io = self._session, self._bindings[slot.index]
         io.clear_binding_inputs()
         io.clear_binding_outputs()
         for t in self.inputs:
@@ -112,9 +111,9 @@ class OnnxRuntimeCUDA(StreamBackend):
         return produced
 
     def describe(self) -> str:
-        streams = len(self._sessions)
+        slots = len(self._bindings)
         layout = ", NHWC" if self._options.get("prefer_nhwc") == "1" else ""
-        return f"onnxruntime {ort.__version__} CUDA (GPU {self.device}, {streams} streams{layout})"
+        return f"onnxruntime {ort.__version__} CUDA (GPU {self.device}, {slots} slots{layout})"
 
     def release(self) -> None:
-        self._sessions = []
+        self._session, self._bindings = None, []

@@ -67,7 +67,7 @@ class TensorRTBackend(StreamBackend):
                         f"{slot.index}: {self._logger.take_errors()}"
                     )
                 self._contexts.append(context)
-                if not context.set_optimization_profile_async(slot.index, slot.stream_handle):
+                if not context.set_optimization_profile_async(slot.index, slot.compute_handle):
                     raise BackendError(
                         f"{product(trt)}: cannot select optimization profile "
                         f"{slot.index}: {self._logger.take_errors()}"
@@ -153,7 +153,7 @@ class TensorRTBackend(StreamBackend):
             ptr = self._ring().output_buffer(slot, t, shape)
             self._bind(context, t.name, ptr)
             produced[t.name] = (shape, ptr)
-        if not context.execute_async_v3(slot.stream_handle):
+        if not context.execute_async_v3(slot.compute_handle):
             raise BackendError(
                 f"{product(self._trt)}: execute_async_v3 failed: {self._logger.take_errors()}"
             )
