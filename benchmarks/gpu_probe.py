@@ -2,8 +2,8 @@
 
 ResNet-50 fp16 on raw bytes, side by side in one run:
   compute    one stream, one resident batch launched again and again (gpu_bench's figure);
-  2 streams  two resident batches on two slots, launched alternately: what the run's two
-             slots can reach at best;
+  2 slots    two resident batches on two slots, launched alternately: what the run's two
+             slots can reach at best (on the one compute stream they share since a68990c);
   first run  the first launch of a freshly loaded session against a warm one;
   jobs       `batch-infer run` whole processes with `slots` 2 and 4; each shard's prepare,
              inference and commit times in the first (where the time before the first batch
