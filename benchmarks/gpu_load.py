@@ -12,6 +12,12 @@ variant's compute rate and its outputs against the default's on one batch of rea
   extended / basic / disabled   ONNX Runtime's graph optimization level
   one-thread   intra-op and inter-op threads 1 (the CUDA EP runs no kernel on them)
   parallel-start  ONNX Runtime's import on a thread while CUDA starts
+  one-session  one session (what the backend does since a68990c), its first run
+  eager        CUDA_MODULE_LOADING=EAGER: every kernel loaded when CUDA starts, none at
+               the first run (is the first run's cost loading kernels?)
+
+Every variant also times a run from a thread that has not run the model yet (`new_thread`:
+is part of the first run's cost per calling thread?) and one more run after it (`warm`).
 
     python benchmarks/gpu_load.py --out $OUT       # models and rows from gpu_bench's work dir
 """
@@ -31,7 +37,7 @@ import numpy as np
 from benchmarks.gpu_bench import sample_feeds, workloads
 
 VARIANTS = ["default", "sequential", "extended", "basic", "disabled", "one-thread",
-            "parallel-start"]  # fmt: skip
+            "parallel-start", "one-session", "eager"]  # fmt: skip
 
 # One fresh process: argv model, feeds.npz, variant, nhwc, outputs.npy; prints JSON.
 PROBE = r"""
@@ -78,7 +84,9 @@ def load(stream):
             "user_compute_stream": str(stream), **({"prefer_nhwc": "1"} if nhwc == "1" else {})}
     return ort.InferenceSession(model, so, providers=[("CUDAExecutionProvider", opts)])
 
-if variant == "sequential":
+if variant == "one-session":
+    streams = streams[:1]
+if variant in ("sequential", "one-session"):
     sessions = [load(s) for s in streams]
 else:
     with ThreadPoolExecutor(2) as pool:
@@ -103,9 +111,13 @@ def first(i):
     sessions[i].run_with_iobinding(ios[i], ro)
     cudart.cudaStreamSynchronize(streams[i])
 
-with ThreadPoolExecutor(2) as pool:
-    list(pool.map(first, range(2)))
+with ThreadPoolExecutor(len(sessions)) as pool:
+    list(pool.map(first, range(len(sessions))))
 t = lap("first_runs", t)
+first(0)  # this thread has not run the model yet
+t = lap("new_thread", t)
+first(0)
+t = lap("warm", t)
 np.save(out_path, ios[0].copy_outputs_to_cpu()[0])
 runs, t0 = 0, time.perf_counter()
 while time.perf_counter() - t0 < 3:
@@ -141,7 +153,8 @@ def main() -> None:
             argv = [sys.executable, "-c", PROBE, str(w["model"]), str(feeds_path), variant,
                     nhwc, str(out)]  # fmt: skip
             started = time.time()
-            proc = subprocess.run(argv, capture_output=True, text=True, check=False)
+            env = {**os.environ, **({"CUDA_MODULE_LOADING": "EAGER"} if variant == "eager" else {})}
+            proc = subprocess.run(argv, capture_output=True, text=True, check=False, env=env)
             if proc.returncode != 0:
                 results[name][variant] = {"error": proc.stderr[-2000:]}
                 print(name, variant, "failed:", proc.stderr[-2000:], flush=True)
