@@ -321,8 +321,6 @@ class SlotRing:
             while mine:
                 yield collect_oldest()
         finally:  # a failed batch: wait for this thread's slots, then hand them back
-            if mine and self.compute is not None:  # a launch that failed part-way
-                cudart.cudaStreamSynchronize(self.compute)
             for slot in mine:
                 cudart.cudaEventSynchronize(slot.done)
                 self._free.put(slot)
@@ -340,8 +338,6 @@ class SlotRing:
 
     def close(self) -> None:
         """Free every buffer, event and stream; safe to call twice and after an error."""
-        if self.compute is not None:  # first: a launch that failed part-way may still run
-            cudart.cudaStreamSynchronize(self.compute)
         for slot in self.slots:
             if slot.stream is not None:
                 cudart.cudaStreamSynchronize(slot.stream)
@@ -359,6 +355,7 @@ class SlotRing:
         self.slots = []
         self._last_end = None
         if self.compute is not None:
+            cudart.cudaStreamSynchronize(self.compute)
             cudart.cudaStreamDestroy(self.compute)
             self.compute = None
         if self._origin is not None:
@@ -460,10 +457,7 @@ class StreamBackend(Backend):
                 for launched in [pool.submit(first_run, slot) for slot in slots]:
                     launched.result()
         finally:  # also after a failed launch: no slot goes back with work in flight
-            streams = [slot.stream for slot in slots]
-            if ring.compute is not None:  # a launch that failed part-way may still run there
-                streams.append(ring.compute)
-            synced = [cudart.cudaStreamSynchronize(stream) for stream in streams]
+            synced = [cudart.cudaStreamSynchronize(slot.stream) for slot in slots]
             for slot in slots:
                 ring.release(slot)
         for result in synced:
