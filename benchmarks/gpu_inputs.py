@@ -230,11 +230,10 @@ class GreenDecoder:
         self.handle = _check(cu.cuGreenCtxStreamCreate(green, non_blocking, 0))
         self.ptr, self.stream = int(self.handle), self
         self.enter()
-        backends = [nvimgcodec.Backend(nvimgcodec.BackendKind.HW_GPU_ONLY)]
         try:  # -1: the context current here (nvImageCodec's NVIMGCODEC_DEVICE_CURRENT)
-            self.decoder = nvimgcodec.Decoder(device_id=-1, backends=backends)
+            self.decoder = nvimgcodec.Decoder(device_id=-1, **_hw_only())
         except (TypeError, ValueError, RuntimeError):
-            self.decoder = nvimgcodec.Decoder(device_id=0, backends=backends)
+            self.decoder = nvimgcodec.Decoder(device_id=0, **_hw_only())
         self.params = nvimgcodec.DecodeParams(
             apply_exif_orientation=False,
             color_spec=nvimgcodec.ColorSpec.SRGB,
@@ -328,8 +327,16 @@ def _green_rows(blobs: list[bytes], model: Path, pixels: np.ndarray, seconds: fl
     return rows
 
 
-def _hw_decoders(n: int) -> list:
-    """`n` of the job's GPU decoders limited to the hardware JPEG decoder, warmed up."""
+def _hw_only() -> dict:
+    """nvImageCodec Decoder arguments for the hardware JPEG decoder alone."""
+    from nvidia import nvimgcodec
+
+    return {"backends": [nvimgcodec.Backend(nvimgcodec.BackendKind.HW_GPU_ONLY)]}
+
+
+def _decoders(blobs: list[bytes], kwargs: dict | None, n: int) -> list:
+    """`n` of the job's GPU decoders (with nvImageCodec Decoder `kwargs` instead of the job's
+    set-up, when given), each warmed up on 64 of `blobs`."""
     from nvidia import nvimgcodec
 
     from batch_infer.data.decode.images import NvImageCodecDecoder
@@ -337,9 +344,9 @@ def _hw_decoders(n: int) -> list:
     made = []
     for _ in range(n):
         d = NvImageCodecDecoder(0)
-        d.decoder = nvimgcodec.Decoder(
-            device_id=0, backends=[nvimgcodec.Backend(nvimgcodec.BackendKind.HW_GPU_ONLY)]
-        )
+        if kwargs is not None:
+            d.decoder = nvimgcodec.Decoder(device_id=0, **kwargs)
+        d.decode(blobs[:64], D, np.zeros((64, 224, 224, 3), np.uint8))
         made.append(d)
     return made
 
@@ -348,7 +355,7 @@ def _hw_in_process(conn, blobs: list[bytes]) -> None:
     """A process of its own (its own CUDA context) decoding with the hardware decoder on 3
     threads, `seconds` at a time as asked through `conn`: does the decode still slow when
     nothing of the model's is in its context?"""
-    ds = _hw_decoders(3)
+    ds = _decoders(blobs, _hw_only(), 3)
     _decode_for(blobs[:1536], ds, 0.01, how="decode")  # warm up
     conn.send("ready")
     while (seconds := conn.recv()) is not None:
@@ -367,7 +374,7 @@ def _separate_rows(blobs: list[bytes], model: Path, pixels: np.ndarray, seconds:
     )
     child.start()
     try:
-        ds = _hw_decoders(3)
+        ds = _decoders(blobs, _hw_only(), 3)
         _decode_for(blobs[:1536], ds, 0.01, how="decode")
         ours.recv()
 
@@ -391,21 +398,8 @@ def decode_under_load(
     the same process (as in a job's own process), with the model's rate meanwhile; also
     Pillow's process pool, alone-GPU-busy and beside the job's GPU decoders. `which`: hw,
     only the hardware JPEG decoder, its parts apart (is it the decode that slows beside the
-    model, or the resize and copy after it; do fresh image buffers matter); else all."""
-    from nvidia import nvimgcodec
-
-    from batch_infer.data.decode.images import NvImageCodecDecoder
-
-    def decoders(kwargs: dict | None, n: int) -> list:
-        made = []
-        for _ in range(n):
-            d = NvImageCodecDecoder(0)
-            if kwargs is not None:
-                d.decoder = nvimgcodec.Decoder(device_id=0, **kwargs)
-            d.decode(blobs[:64], D, np.zeros((64, 224, 224, 3), np.uint8))  # warm up
-            made.append(d)
-        return made
-
+    model, or the resize and copy after it; do fresh image buffers matter); green, the
+    hardware decoder in a process of its own and in CUDA green contexts; else all."""
     if which == "green":
         return _separate_rows(blobs, model, pixels, seconds) + _green_rows(
             blobs, model, pixels, seconds
@@ -413,9 +407,8 @@ def decode_under_load(
     rows: list[dict] = []
     with _beside_model(model, pixels, rows) as measure:
         if which == "hw":
-            hw_only = {"backends": [nvimgcodec.Backend(nvimgcodec.BackendKind.HW_GPU_ONLY)]}
             for n in (3, 1):
-                ds = decoders(hw_only, n)
+                ds = _decoders(blobs, _hw_only(), n)
                 for how in ("job", "decode", "reuse"):
                     measure(f"hw only, {how}", n, lambda ds=ds, h=how: _decode_for(
                         blobs, ds, seconds, how=h))  # fmt: skip
@@ -423,7 +416,7 @@ def decode_under_load(
         else:
             for name, kwargs, n in _decoder_setups():
                 try:
-                    ds = decoders(kwargs, n)
+                    ds = _decoders(blobs, kwargs, n)
                 except Exception as exc:
                     rows.append({"setup": name, "error": f"{type(exc).__name__}: {exc}"})
                     continue
@@ -449,9 +442,8 @@ def decode_under_load(
 
                 # The hardware decoder alone left the model 0.92 of its rate (2026-12-06) and
                 # Pillow's processes all of it: together, shards split between them.
-                hw_only = {"backends": [nvimgcodec.Backend(nvimgcodec.BackendKind.HW_GPU_ONLY)]}
-                for label, kwargs in (("job's", None), ("hw-only", hw_only)):
-                    gpu = decoders(kwargs, 3)
+                for label, kwargs in (("job's", None), ("hw-only", _hw_only())):
+                    gpu = _decoders(blobs, kwargs, 3)
                     measure(f"pillow + {label} gpu decoders", CORES + 1, lambda gpu=gpu: both(gpu))
                     del gpu
     return rows
