@@ -138,16 +138,25 @@ def _decoder_setups() -> list[tuple[str, dict | None, int]]:
 
 
 def _decode_for(
-    blobs: list[bytes], decoders: list, seconds: float, batch: int = 512, how: str = "job"
+    blobs: list[bytes],
+    decoders: list,
+    seconds: float,
+    batch: int = 512,
+    how: str = "job",
+    split: dict | None = None,
 ) -> float:
     """Rows/s of `decoders`, one thread each, decoding batches of `blobs` for `seconds`.
     `how`: job (decode, GPU resize, copy back), decode (nvImageCodec's decode alone, waited
-    for), reuse (the same into the thread's last batch's image buffers)."""
+    for), reuse (the same into the thread's last batch's image buffers). `split`, when given
+    (decode and reuse): filled with the seconds per call spent in nvImageCodec's decode call
+    and in waiting for its stream after it, and the threads' native ids."""
     import threading
 
     stop, counts = time.perf_counter() + seconds, [0] * len(decoders)
+    spent = {"call": 0.0, "wait": 0.0, "calls": 0, "tids": []}
 
     def work(k: int) -> None:
+        spent["tids"].append(threading.get_native_id())
         out = np.zeros((batch, 224, 224, 3), np.uint8)
         d, images = decoders[k], None
         if isinstance(d, GreenDecoder):
@@ -160,10 +169,15 @@ def _decode_for(
             else:
                 streams = [d.codec.CodeStream(b) for b in part]
                 kwargs = {"images": images} if how == "reuse" and images else {}
+                t0 = time.perf_counter()
                 images = d.decoder.decode(
                     streams, params=d.params, cuda_stream=d.stream.ptr, **kwargs
                 )
+                t1 = time.perf_counter()
                 d.stream.synchronize()
+                spent["call"] += t1 - t0
+                spent["wait"] += time.perf_counter() - t1
+                spent["calls"] += 1
             counts[k] += batch
             i += len(decoders) * batch
 
@@ -173,6 +187,14 @@ def _decode_for(
         t.start()
     for t in threads:
         t.join()
+    if split is not None and spent["calls"]:
+        calls = spent["calls"]
+        split.update(
+            call_ms=round(1000 * spent["call"] / calls, 1),
+            wait_ms=round(1000 * spent["wait"] / calls, 1),
+            calls=calls,
+            tids=spent["tids"],
+        )
     return sum(counts) / (time.perf_counter() - start)
 
 
@@ -250,11 +272,15 @@ class GreenDecoder:
         _check(self.split.cu.cuStreamSynchronize(self.handle))
 
 
+model_tid = [0]  # the native id of the thread running the model in `_beside_model`
+
+
 @contextlib.contextmanager
 def _beside_model(model: Path, pixels: np.ndarray, rows: list, enter=None) -> Iterator:
     """`measure(name, threads, decode)`: `decode()`'s rate alone and while ResNet-50 runs flat
     out in this process (made and run with `enter()` called first, when given), and the
-    model's rate meanwhile; each a row of `rows`."""
+    model's rate meanwhile; each a row of `rows`. `decode()` may return (rate, more fields
+    for the row)."""
     import threading
 
     from batch_infer.backends.onnxruntime_cuda import OnnxRuntimeCUDA
@@ -270,6 +296,7 @@ def _beside_model(model: Path, pixels: np.ndarray, rows: list, enter=None) -> It
         done = [0]
 
         def model_loop() -> None:
+            model_tid[0] = threading.get_native_id()
             if enter:
                 enter()
             while busy.is_set():
@@ -292,8 +319,10 @@ def _beside_model(model: Path, pixels: np.ndarray, rows: list, enter=None) -> It
                 if load:
                     busy.clear()
                     runner.join()
+                rate, extra = rate if isinstance(rate, tuple) else (rate, {})
                 row = {"setup": name, "threads": threads, "model_busy": load, "decode": round(rate)}
                 row["model"] = model_rate and round(model_rate)
+                row.update(extra, model_tid=model_tid[0] if load else None)
                 rows.append(row)
                 print(f"decode under load: {row}", flush=True)
 
@@ -391,15 +420,137 @@ def _separate_rows(blobs: list[bytes], model: Path, pixels: np.ndarray, seconds:
     return rows
 
 
+# nvImageCodec's own default options (Decoder's `options`), kept in every set-up below.
+DEFAULT_OPTIONS = ":fancy_upsampling=0"
+
+
+def _preallocated(batch: int = 512, side: int = 512) -> str:
+    """Options that make nvImageCodec's hardware decoder pre-allocate nvJPEG's buffers for
+    `batch` images of up to `side`x`side` (its default is 1 image of 1x1, grown as needed)."""
+    hints = {"preallocate_batch_size": batch, "preallocate_width_hint": side,
+             "preallocate_height_hint": side}  # fmt: skip
+    return " ".join([DEFAULT_OPTIONS] + [f"nvjpeg_hw_decoder:{k}={v}" for k, v in hints.items()])
+
+
+def _summarize_trace(path: Path, ours: dict[str, int | list]) -> dict:
+    """A Chrome trace from torch.profiler (CUPTI) boiled down: per thread, the CUDA runtime
+    and driver calls that took longest in all; per stream, kernels and how long each waited
+    between its launch call's end and its start on the GPU, by launching thread."""
+    events = json.loads(path.read_text())["traceEvents"]
+    api: dict[int, dict[str, list[float]]] = {}
+    launches: dict[int, tuple[int, float]] = {}
+    for e in events:
+        if e.get("cat") in ("cuda_runtime", "cuda_driver") and "dur" in e:
+            api.setdefault(e["tid"], {}).setdefault(e["name"], []).append(e["dur"])
+            if "correlation" in e.get("args", {}):
+                launches[e["args"]["correlation"]] = (e["tid"], e["ts"] + e["dur"])
+    names = {tid: label for label, tids in ours.items()
+             for tid in (tids if isinstance(tids, list) else [tids])}  # fmt: skip
+
+    def top(calls: dict[str, list[float]]) -> list:
+        ranked = sorted(calls.items(), key=lambda kv: -sum(kv[1]))[:8]
+        return [{"call": k, "n": len(v), "total_ms": round(sum(v) / 1000, 1),
+                 "max_ms": round(max(v) / 1000, 2)} for k, v in ranked]  # fmt: skip
+
+    threads = [{"tid": tid, "thread": names.get(tid, "other"), "calls": top(calls)}
+               for tid, calls in api.items()]  # fmt: skip
+    streams: dict[tuple, dict] = {}
+    for e in events:
+        if e.get("cat") not in ("kernel", "gpu_memcpy", "gpu_memset"):
+            continue
+        a = e.get("args", {})
+        tid, end = launches.get(a.get("correlation"), (None, None))
+        key = (a.get("stream"), names.get(tid, "other"))
+        s = streams.setdefault(key, {"n": 0, "busy_ms": 0.0, "delays": [], "names": {}})
+        s["n"] += 1
+        s["busy_ms"] += e.get("dur", 0) / 1000
+        s["names"][e["name"][:60]] = s["names"].get(e["name"][:60], 0) + 1
+        if end is not None:
+            s["delays"].append((e["ts"] - end) / 1000)
+    per_stream = []
+    for (stream, who), s in sorted(streams.items(), key=lambda kv: -kv[1]["n"]):
+        d = np.array(s["delays"] or [0.0])
+        delay = {"median": np.median(d), "p90": np.quantile(d, 0.9), "max": d.max()}
+        per_stream.append(
+            {
+                "stream": stream,
+                "launched_by": who,
+                "n": s["n"],
+                "busy_ms": round(s["busy_ms"], 1),
+                "launch_to_start_ms": {k: round(float(v), 3) for k, v in delay.items()},
+                "top": sorted(s["names"].items(), key=lambda kv: -kv[1])[:3],
+            }
+        )
+    return {"threads": threads, "streams": per_stream}
+
+
+def _profiled(decode, out: Path, label: str) -> tuple[float, dict]:
+    """`decode()` under torch.profiler's CUDA activity (every CUDA call and kernel of this
+    process, ONNX Runtime's and nvImageCodec's too), and the trace's summary."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    torch.cuda.init()
+    split: dict = {}
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        rate = decode(split)
+    trace = Path("/tmp") / f"trace-{label}.json"
+    prof.export_chrome_trace(str(trace))
+    summary = _summarize_trace(trace, {"model": model_tid[0], "decoder": split.get("tids", [])})
+    (out / f"trace-summary-{label}.json").write_text(json.dumps(summary, indent=1))
+    return rate, {**split, "trace": f"trace-summary-{label}.json"}
+
+
+def _options_rows(
+    blobs: list[bytes], model: Path, pixels: np.ndarray, seconds: float, out: Path
+) -> list:
+    """The hardware decoder with nvImageCodec's pre-allocation options against without; each
+    call's time in nvImageCodec's decode call and in the wait after it; and a CUDA trace of
+    the decode beside the model (which calls wait, and how long its kernels queue)."""
+    from nvidia import nvimgcodec
+
+    k, b = nvimgcodec.BackendKind, nvimgcodec.Backend
+    job_backends = [b(k.HW_GPU_ONLY), b(k.GPU_ONLY), b(k.HYBRID_CPU_GPU)]
+    rows: list[dict] = []
+    with _beside_model(model, pixels, rows) as measure:
+        for label, options in (("default", DEFAULT_OPTIONS), ("preallocated", _preallocated())):
+            ds = _decoders(blobs, {**_hw_only(), "options": options}, 3)
+            _decode_for(blobs[:1536], ds, 0.01, how="decode")  # warm up
+
+            def timed(ds=ds) -> tuple[float, dict]:
+                split: dict = {}
+                return _decode_for(blobs, ds, seconds, how="decode", split=split), split
+
+            measure(f"hw only, decode, {label} options", 3, timed)
+            if label == "default" or rows[-1]["decode"] < rows[-2]["decode"] / 2:
+
+                def traced(ds=ds, label=label, calls=[]) -> tuple[float, dict]:  # noqa: B006
+                    def run(split: dict) -> float:
+                        return _decode_for(blobs, ds, min(seconds, 2.0), how="decode", split=split)
+
+                    calls.append(1)  # measure() calls it alone, then beside the model
+                    return _profiled(run, out, f"{label}-{'busy' if len(calls) > 1 else 'alone'}")
+
+                measure(f"hw only, decode, {label} options, CUDA trace", 3, traced)
+            del ds
+        ds = _decoders(blobs, {"backends": job_backends, "options": _preallocated()}, 3)
+        measure("job's decoder, preallocated options", 3, lambda: _decode_for(blobs, ds, seconds))
+    return rows
+
+
 def decode_under_load(
-    blobs: list[bytes], model: Path, pixels: np.ndarray, seconds: float, which: str
+    blobs: list[bytes], model: Path, pixels: np.ndarray, seconds: float, which: str, out: Path
 ) -> list:
     """Each decoder set-up's rate alone and while the model runs flat out on the same GPU in
     the same process (as in a job's own process), with the model's rate meanwhile; also
     Pillow's process pool, alone-GPU-busy and beside the job's GPU decoders. `which`: hw,
     only the hardware JPEG decoder, its parts apart (is it the decode that slows beside the
     model, or the resize and copy after it; do fresh image buffers matter); green, the
-    hardware decoder in a process of its own and in CUDA green contexts; else all."""
+    hardware decoder in a process of its own and in CUDA green contexts; options, the
+    hardware decoder with pre-allocation options and a CUDA trace beside the model (`out`);
+    else all."""
+    if which == "options":
+        return _options_rows(blobs, model, pixels, seconds, out)
     if which == "green":
         return _separate_rows(blobs, model, pixels, seconds) + _green_rows(
             blobs, model, pixels, seconds
@@ -569,9 +720,11 @@ def images(args: argparse.Namespace, res: dict) -> None:
     res["compute"] = compute_rate(fp16, {"pixels": pixels}, args.seconds)
     print(f"images: ResNet-50 fp16 compute {res['compute']:,.0f}/s", flush=True)
     if args.decode_load:
-        which = args.decode_load if args.decode_load in ("hw", "green") else "all"
-        res["decode_under_load"] = decode_under_load(blobs, fp16, pixels, args.seconds / 2, which)
-        if args.decode_load in ("only", "hw", "green"):
+        which = args.decode_load if args.decode_load in ("hw", "green", "options") else "all"
+        res["decode_under_load"] = decode_under_load(
+            blobs, fp16, pixels, args.seconds / 2, which, args.out
+        )
+        if args.decode_load != "also":
             return
     inputs = {"pixels": {"column": "image", "decode": "image", "size": [224, 224]}}
     runs = [("auto", args.work / "images"), ("cpu", args.work / "images")]
@@ -674,10 +827,11 @@ def main() -> None:
     ap.add_argument("--seconds", type=float, default=5.0)
     ap.add_argument(
         "--decode-load",
-        choices=["also", "only", "hw", "green"],
+        choices=["also", "only", "hw", "green", "options"],
         help="decoder set-ups alone and beside the running model (only: no jobs; hw: the "
         "hardware decoder's parts apart, no jobs; green: the hardware decoder in a process "
-        "of its own and in CUDA green contexts, no jobs)",
+        "of its own and in CUDA green contexts, no jobs; options: its pre-allocation options "
+        "and a CUDA trace, no jobs)",
     )
     ap.add_argument("--cuda-connections", type=int,
                     help="CUDA_DEVICE_MAX_CONNECTIONS for this process and its jobs (default 8): "
