@@ -501,6 +501,116 @@ def _profiled(decode, out: Path, label: str) -> tuple[float, dict]:
     return rate, {**split, "trace": f"trace-summary-{label}.json"}
 
 
+class NvjpegHw:
+    """nvJPEG's hardware decoder called directly (ctypes), all of its GPU work on one stream
+    of a chosen priority. nvImageCodec runs the decode on streams of its own at CUDA's default
+    (lowest) priority; do its kernels wait behind the model's for that reason?"""
+
+    def __init__(self, priority: int, batch: int = 512) -> None:
+        import ctypes as ct
+
+        import cupy
+        import nvidia
+
+        path = next(Path(r) / "cu13/lib/libnvjpeg.so.13" for r in nvidia.__path__
+                    if (Path(r) / "cu13/lib/libnvjpeg.so.13").exists())  # fmt: skip
+        lib = self.lib = ct.CDLL(str(path))
+        vp, i = ct.c_void_p, ct.c_int
+
+        class Image(ct.Structure):  # nvjpegImage_t
+            _fields_ = [("channel", ct.c_void_p * 4), ("pitch", ct.c_size_t * 4)]
+
+        self.Image, self.ct = Image, ct
+        lib.nvjpegCreateEx.argtypes = [i, vp, vp, ct.c_uint, ct.POINTER(vp)]
+        lib.nvjpegJpegStateCreate.argtypes = [vp, ct.POINTER(vp)]
+        lib.nvjpegDecodeBatchedPreAllocate.argtypes = [vp, vp, i, i, i, i, i]
+        lib.nvjpegDecodeBatchedInitialize.argtypes = [vp, vp, i, i, i]
+        pointers = [ct.POINTER(ct.c_char_p), ct.POINTER(ct.c_size_t), ct.POINTER(Image)]
+        lib.nvjpegDecodeBatched.argtypes = [vp, vp, *pointers, vp]
+        self.handle, self.state = vp(), vp()
+        hardware, css_420, rgbi = 3, 2, 5
+        self.rgbi = rgbi
+        self._ok(lib.nvjpegCreateEx(hardware, None, None, 0, ct.byref(self.handle)), "create")
+        self._ok(lib.nvjpegJpegStateCreate(self.handle, ct.byref(self.state)), "state")
+        self._ok(lib.nvjpegDecodeBatchedPreAllocate(
+            self.handle, self.state, batch, 512, 512, css_420, rgbi), "pre-allocate")  # fmt: skip
+        self.cupy = cupy
+        self.stream = cupy.cuda.Stream(non_blocking=True, priority=priority)
+        self.buffer = cupy.empty(0, cupy.uint8)
+
+    @staticmethod
+    def _ok(status: int, what: str) -> None:
+        if status != 0:
+            raise RuntimeError(f"nvJPEG {what}: status {status}")
+
+    def decode(self, blobs: list[bytes], sizes: list[tuple[int, int]]) -> None:
+        """Decode `blobs` (of (height, width) `sizes`) to RGB on the GPU and wait for it."""
+        ct, n = self.ct, len(blobs)
+        total = sum(h * w * 3 for h, w in sizes)
+        if self.buffer.size < total:
+            self.buffer = self.cupy.empty(total, self.cupy.uint8)
+        images, at = (self.Image * n)(), self.buffer.data.ptr
+        for k, (h, w) in enumerate(sizes):
+            images[k].channel[0], images[k].pitch[0] = at, w * 3
+            at += h * w * 3
+        data = (ct.c_char_p * n)(*blobs)
+        lengths = (ct.c_size_t * n)(*[len(b) for b in blobs])
+        lib = self.lib
+        self._ok(
+            lib.nvjpegDecodeBatchedInitialize(self.handle, self.state, n, 1, self.rgbi), "init"
+        )
+        self._ok(lib.nvjpegDecodeBatched(self.handle, self.state, data, lengths, images,
+                                         self.stream.ptr), "decode")  # fmt: skip
+        self.stream.synchronize()
+
+
+def _nvjpeg_for(blobs: list[bytes], sizes: list, decoders: list, seconds: float) -> float:
+    """Rows/s of direct nvJPEG decoders, one thread each, on batches of 512 for `seconds`."""
+    import threading
+
+    stop, counts, batch = time.perf_counter() + seconds, [0] * len(decoders), 512
+
+    def work(k: int) -> None:
+        i = k * batch
+        while time.perf_counter() < stop:
+            idx = [(i + j) % len(blobs) for j in range(batch)]
+            decoders[k].decode([blobs[j] for j in idx], [sizes[j] for j in idx])
+            counts[k] += batch
+            i += len(decoders) * batch
+
+    threads = [threading.Thread(target=work, args=(k,)) for k in range(len(decoders))]
+    start = time.perf_counter()
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return sum(counts) / (time.perf_counter() - start)
+
+
+def _nvjpeg_rows(measure, blobs: list[bytes]) -> None:
+    """Direct nvJPEG hardware decoders (3 threads) on a stream of the lowest and of the
+    highest priority, alone and beside the model; its pixels against Pillow's decode."""
+    import io
+
+    from PIL import Image
+
+    sizes = []
+    for b in blobs:
+        w, h = Image.open(io.BytesIO(b)).size
+        sizes.append((h, w))
+    for label, priority in (("lowest", 0), ("highest", -1000)):
+        ds = [NvjpegHw(priority) for _ in range(3)]
+        _nvjpeg_for(blobs[:1536], sizes[:1536], ds, 0.01)  # warm up
+        if label == "lowest":  # the pixels: the first image against Pillow's full decode
+            ds[0].decode(blobs[:1], sizes[:1])
+            h, w = sizes[0]
+            got = ds[0].buffer[: h * w * 3].get().reshape(h, w, 3).astype(int)
+            ref = np.asarray(Image.open(io.BytesIO(blobs[0])).convert("RGB")).astype(int)
+            print(f"nvJPEG direct vs Pillow: max diff {np.abs(got - ref).max()}", flush=True)
+        measure(f"nvJPEG hardware decoder direct, {label} priority stream", 3,
+                lambda ds=ds: _nvjpeg_for(blobs, sizes, ds, seconds=2.5))  # fmt: skip
+
+
 def _options_rows(
     blobs: list[bytes], model: Path, pixels: np.ndarray, seconds: float, out: Path
 ) -> list:
@@ -533,8 +643,16 @@ def _options_rows(
 
                 measure(f"hw only, decode, {label} options, CUDA trace", 3, traced)
             del ds
-        ds = _decoders(blobs, {"backends": job_backends, "options": _preallocated()}, 3)
-        measure("job's decoder, preallocated options", 3, lambda: _decode_for(blobs, ds, seconds))
+        job = _decoders(blobs, {"backends": job_backends, "options": _preallocated()}, 3)
+        measure(
+            "job's decoder, preallocated options", 3, lambda j=job: _decode_for(blobs, j, seconds)
+        )
+        del job
+        try:
+            _nvjpeg_rows(measure, blobs)
+        except Exception as exc:
+            rows.append({"setup": "nvJPEG direct", "error": f"{type(exc).__name__}: {exc}"})
+            print(f"decode under load: nvJPEG direct: {exc!r}", flush=True)
     return rows
 
 
