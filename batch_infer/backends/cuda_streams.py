@@ -171,7 +171,7 @@ class SlotRing:
             for i in range(slots):
                 stream = _stream()
                 slot = Slot(i, stream, _event(timing=False), _event(timing=True), _event(True))
-                slot.compute = self.compute if shared_compute else stream
+                slot.compute = self.compute or stream
                 if shared_compute:
                     slot.copied = _event(timing=False)
                 self.slots.append(slot)
@@ -252,14 +252,13 @@ class SlotRing:
         """`launch`, to start on the device once the previous launch (any slot) has ended
         (on a shared compute stream they are in order already)."""
         with self._order:
-            if self._last_end is not None:
+            if self._last_end is not None and self.compute is None:
                 check(
                     cudart.cudaStreamWaitEvent(slot.compute, self._last_end, 0),
                     "cudaStreamWaitEvent",
                 )
             produced = self.launch(slot, shapes, enqueue)
-            if self.compute is None:
-                self._last_end = slot.ended
+            self._last_end = slot.ended
         return produced
 
     def _submit(self, slot: Slot, feeds: Feeds, enqueue: Enqueue) -> None:
