@@ -406,9 +406,10 @@ class NvImageCodecDecoder:
     """The GPU decoder: a shard's images decoded as one batch by nvImageCodec (hardware
     JPEG decoder first, then CUDA), resized on the same GPU, and copied back already small.
     Images it cannot decode (formats without a GPU codec, corrupt files) come back as
-    failures, and the caller retries them on the CPU. Its work goes on a stream of its own
-    that does not wait on the model's streams, at the highest priority: its few small
-    kernels feed the model, so they run ahead of the model's own rather than behind them."""
+    failures, and the caller retries them on the CPU. The resize and copy go on a stream of
+    its own that does not wait on the model's streams, at the highest priority: its few small
+    kernels feed the model, so they run ahead of the model's own rather than behind them.
+    (nvImageCodec decodes on streams of its own, at CUDA's default priority.)"""
 
     # Clamped by CUDA to the device's highest stream priority.
     PRIORITY = -1000
