@@ -137,6 +137,19 @@ def _decoder_setups() -> list[tuple[str, dict | None, int]]:
     ]
 
 
+def _on_threads(work, n: int) -> float:
+    """`work(k)` for k < n, each on a thread of its own, all at once; the seconds taken."""
+    import threading
+
+    threads = [threading.Thread(target=work, args=(k,)) for k in range(n)]
+    start = time.perf_counter()
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return time.perf_counter() - start
+
+
 def _decode_for(
     blobs: list[bytes],
     decoders: list,
@@ -181,12 +194,7 @@ def _decode_for(
             counts[k] += batch
             i += len(decoders) * batch
 
-    threads = [threading.Thread(target=work, args=(k,)) for k in range(len(decoders))]
-    start = time.perf_counter()
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
+    elapsed = _on_threads(work, len(decoders))
     if split is not None and spent["calls"]:
         calls = spent["calls"]
         split.update(
@@ -195,7 +203,7 @@ def _decode_for(
             calls=calls,
             tids=spent["tids"],
         )
-    return sum(counts) / (time.perf_counter() - start)
+    return sum(counts) / elapsed
 
 
 def _check(result: tuple) -> object:
@@ -566,7 +574,6 @@ class NvjpegHw:
 
 def _nvjpeg_for(blobs: list[bytes], sizes: list, decoders: list, seconds: float) -> float:
     """Rows/s of direct nvJPEG decoders, one thread each, on batches of 512 for `seconds`."""
-    import threading
 
     stop, counts, batch = time.perf_counter() + seconds, [0] * len(decoders), 512
 
@@ -578,13 +585,7 @@ def _nvjpeg_for(blobs: list[bytes], sizes: list, decoders: list, seconds: float)
             counts[k] += batch
             i += len(decoders) * batch
 
-    threads = [threading.Thread(target=work, args=(k,)) for k in range(len(decoders))]
-    start = time.perf_counter()
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    return sum(counts) / (time.perf_counter() - start)
+    return sum(counts) / _on_threads(work, len(decoders))
 
 
 def _nvjpeg_rows(measure, blobs: list[bytes]) -> None:
