@@ -949,8 +949,8 @@ def main() -> None:
         choices=["also", "only", "hw", "green", "options"],
         help="decoder set-ups alone and beside the running model (only: no jobs; hw: the "
         "hardware decoder's parts apart, no jobs; green: the hardware decoder in a process "
-        "of its own and in CUDA green contexts, no jobs; options: its pre-allocation options "
-        "and a CUDA trace, no jobs)",
+        "of its own and in CUDA green contexts, no jobs; options: its pre-allocation options, "
+        "a CUDA trace and nvJPEG called directly on a low or high priority stream, no jobs)",
     )
     ap.add_argument("--cuda-connections", type=int,
                     help="CUDA_DEVICE_MAX_CONNECTIONS for this process and its jobs (default 8): "
