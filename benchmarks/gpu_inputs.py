@@ -634,13 +634,13 @@ def _options_rows(
 
             measure(f"hw only, decode, {label} options", 3, timed)
             if label == "default" or rows[-1]["decode"] < rows[-2]["decode"] / 2:
+                phases = iter(("alone", "busy"))  # measure() calls it in this order
 
-                def traced(ds=ds, label=label, calls=[]) -> tuple[float, dict]:  # noqa: B006
+                def traced(ds=ds, label=label, phases=phases) -> tuple[float, dict]:
                     def run(split: dict) -> float:
                         return _decode_for(blobs, ds, min(seconds, 2.0), how="decode", split=split)
 
-                    calls.append(1)  # measure() calls it alone, then beside the model
-                    return _profiled(run, out, f"{label}-{'busy' if len(calls) > 1 else 'alone'}")
+                    return _profiled(run, out, f"{label}-{next(phases)}")
 
                 measure(f"hw only, decode, {label} options, CUDA trace", 3, traced)
             del ds
