@@ -440,6 +440,11 @@ def _preallocated(batch: int = 512, side: int = 512) -> str:
     return " ".join([DEFAULT_OPTIONS] + [f"nvjpeg_hw_decoder:{k}={v}" for k, v in hints.items()])
 
 
+# The job's nvImageCodec decoder options (BATCH_INFER_NVIMGCODEC_OPTIONS) that --decoder-options
+# names; "default" leaves the variable empty: nvImageCodec's own.
+DECODER_OPTIONS = {"default": "", "preallocated": _preallocated()}
+
+
 def _summarize_trace(path: Path, ours: dict[str, int | list]) -> dict:
     """A Chrome trace from torch.profiler (CUPTI) boiled down: per thread, the CUDA runtime
     and driver calls that took longest in all; per stream, kernels and how long each waited
@@ -777,8 +782,9 @@ def tokenize_rate(texts: Path, tokenizer: Path, rows: int) -> tuple[float, dict]
     return rate, feeds
 
 
-def run_job(name: str, spec: dict, work: Path, out_dir: Path) -> dict:
-    """`python3 -m batch_infer.cli run` as a whole process, timed from outside."""
+def run_job(name: str, spec: dict, work: Path, out_dir: Path, env: dict | None = None) -> dict:
+    """`python3 -m batch_infer.cli run` as a whole process (with `env` added to its
+    environment), timed from outside."""
     out = work / f"out-{name}"
     spec = {"name": name, "batch_size": BATCH, **spec,
             "output": {"path": str(out), "keep_columns": ["id"]}}  # fmt: skip
@@ -787,7 +793,9 @@ def run_job(name: str, spec: dict, work: Path, out_dir: Path) -> dict:
     argv = [sys.executable, "-m", "batch_infer.cli", "run", str(path), "--overwrite", "-q"]
     start = time.perf_counter()
     with (out_dir / f"{name}.log").open("w") as log:
-        proc = subprocess.run(argv, stdout=log, stderr=subprocess.STDOUT)
+        proc = subprocess.run(
+            argv, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})}
+        )
     seconds = time.perf_counter() - start
     runs = [json.loads(p.read_text()) for p in (out / "_runs").glob("*.json")]
     run = max(runs, key=lambda r: r["started_at"]) if runs else {}
@@ -846,17 +854,21 @@ def images(args: argparse.Namespace, res: dict) -> None:
         if args.decode_load != "also":
             return
     inputs = {"pixels": {"column": "image", "decode": "image", "size": [224, 224]}}
-    runs = [("auto", args.work / "images"), ("cpu", args.work / "images")]
+    first = args.decoder_options[0]
+    runs = [("auto", args.work / "images", first), ("cpu", args.work / "images", first)]
     if args.image_copies > 1:
-        runs.append(("auto", linked_copies(args.work / "images", args.image_copies)))
+        copies = linked_copies(args.work / "images", args.image_copies)
+        runs += [("auto", copies, label) for label in args.decoder_options]
     res["jobs"] = []
-    for device, root in runs:
+    for device, root, label in runs:
         inputs["pixels"]["device"] = device
         spec = {"input": {"path": str(root)},
                 "model": {"onnx": str(fp16), "inputs": inputs}}  # fmt: skip
-        job = run_job(f"resnet50-decode-{device}-{root.name}", spec, args.work, args.out)
-        res["jobs"].append({"device": device, **job})
-        print(f"images: job (decode {device}, {root.name}) {job}", flush=True)
+        env = {"BATCH_INFER_NVIMGCODEC_OPTIONS": DECODER_OPTIONS[label]}
+        name = f"resnet50-decode-{device}-{root.name}-{label}"
+        job = run_job(name, spec, args.work, args.out, env)
+        res["jobs"].append({"device": device, "decoder_options": label, **job})
+        print(f"images: job (decode {device}, {root.name}, {label} options) {job}", flush=True)
 
 
 def text(args: argparse.Namespace, res: dict) -> None:
@@ -911,7 +923,7 @@ def markdown(results: dict) -> str:
             f"{gpu['rate']:,.0f}" if gpu["available"] else "not available"
         )
         for j in img.get("jobs", []):
-            name = f"ResNet-50 fp16, JPEG (decode: {j['device']})"
+            name = f"ResNet-50 fp16, JPEG (decode: {j['device']}, {j['decoder_options']} options)"
             lines.append(row(name, j, rates, img["compute"]))
     if img and img.get("decode_under_load"):
         lines += ["", "| decoder set-up | threads | decode alone | decode, model busy "
@@ -944,6 +956,14 @@ def main() -> None:
     ap.add_argument("--texts", type=int, nargs="+", default=[65_536, 262_144])
     ap.add_argument("--decode-sample", type=int, default=16_384)
     ap.add_argument("--seconds", type=float, default=5.0)
+    ap.add_argument(
+        "--decoder-options",
+        nargs="+",
+        choices=sorted(DECODER_OPTIONS),
+        default=["default"],
+        help="the GPU decoder's nvImageCodec options in the jobs: the job over the linked "
+        "copies runs once with each; the others with the first",
+    )
     ap.add_argument(
         "--decode-load",
         choices=["also", "only", "hw", "green", "options"],

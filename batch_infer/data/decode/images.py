@@ -409,7 +409,8 @@ class NvImageCodecDecoder:
     failures, and the caller retries them on the CPU. The resize and copy go on a stream of
     its own that does not wait on the model's streams, at the highest priority: its few small
     kernels feed the model, so they run ahead of the model's own rather than behind them.
-    (nvImageCodec decodes on streams of its own, at CUDA's default priority.)"""
+    (nvImageCodec decodes on streams of its own, at CUDA's default priority.)
+    BATCH_INFER_NVIMGCODEC_OPTIONS, when set, replaces nvImageCodec's decoder options."""
 
     # Clamped by CUDA to the device's highest stream priority.
     PRIORITY = -1000
@@ -425,8 +426,10 @@ class NvImageCodecDecoder:
         kinds = nvimgcodec.BackendKind
         with cupy.cuda.Device(device):
             self.stream = cupy.cuda.Stream(non_blocking=True, priority=self.PRIORITY)
+            options = os.environ.get("BATCH_INFER_NVIMGCODEC_OPTIONS")
             self.decoder = nvimgcodec.Decoder(
                 device_id=device,
+                **({"options": options} if options else {}),
                 backends=[
                     nvimgcodec.Backend(kinds.HW_GPU_ONLY),
                     nvimgcodec.Backend(kinds.GPU_ONLY),
