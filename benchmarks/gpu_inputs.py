@@ -519,7 +519,10 @@ class NvjpegHw:
     of a chosen priority. nvImageCodec runs the decode on streams of its own at CUDA's default
     (lowest) priority; do its kernels wait behind the model's for that reason?"""
 
-    def __init__(self, priority: int, batch: int = 512) -> None:
+    # nvjpegOutputFormat_t: interleaved RGB (what nvImageCodec asks for) or planar RGB.
+    FORMATS = {"RGBI": 5, "RGB": 3}
+
+    def __init__(self, priority: int, batch: int = 512, fmt: str = "RGBI") -> None:
         import ctypes as ct
 
         import cupy
@@ -541,12 +544,13 @@ class NvjpegHw:
         pointers = [ct.POINTER(ct.c_char_p), ct.POINTER(ct.c_size_t), ct.POINTER(Image)]
         lib.nvjpegDecodeBatched.argtypes = [vp, vp, *pointers, vp]
         self.handle, self.state = vp(), vp()
-        hardware, css_420, rgbi = 3, 2, 5
-        self.rgbi = rgbi
+        hardware, css_420, self.fmt = 3, 2, self.FORMATS[fmt]
         self._ok(lib.nvjpegCreateEx(hardware, None, None, 0, ct.byref(self.handle)), "create")
         self._ok(lib.nvjpegJpegStateCreate(self.handle, ct.byref(self.state)), "state")
-        self._ok(lib.nvjpegDecodeBatchedPreAllocate(
-            self.handle, self.state, batch, 512, 512, css_420, rgbi), "pre-allocate")  # fmt: skip
+        status = lib.nvjpegDecodeBatchedPreAllocate(
+            self.handle, self.state, batch, 512, 512, css_420, self.fmt
+        )
+        self._ok(status, "pre-allocate")
         self.cupy = cupy
         self.stream = cupy.cuda.Stream(non_blocking=True, priority=priority)
         self.buffer = cupy.empty(0, cupy.uint8)
@@ -563,15 +567,15 @@ class NvjpegHw:
         if self.buffer.size < total:
             self.buffer = self.cupy.empty(total, self.cupy.uint8)
         images, at = (self.Image * n)(), self.buffer.data.ptr
+        planar = self.fmt == self.FORMATS["RGB"]
         for k, (h, w) in enumerate(sizes):
-            images[k].channel[0], images[k].pitch[0] = at, w * 3
+            for c in range(3 if planar else 1):  # planar: three h x w planes, one after another
+                images[k].channel[c], images[k].pitch[c] = at + c * h * w, w if planar else w * 3
             at += h * w * 3
         data = (ct.c_char_p * n)(*blobs)
         lengths = (ct.c_size_t * n)(*[len(b) for b in blobs])
         lib = self.lib
-        self._ok(
-            lib.nvjpegDecodeBatchedInitialize(self.handle, self.state, n, 1, self.rgbi), "init"
-        )
+        self._ok(lib.nvjpegDecodeBatchedInitialize(self.handle, self.state, n, 1, self.fmt), "init")
         self._ok(lib.nvjpegDecodeBatched(self.handle, self.state, data, lengths, images,
                                          self.stream.ptr), "decode")  # fmt: skip
         self.stream.synchronize()
@@ -590,12 +594,14 @@ def _nvjpeg_for(blobs: list[bytes], sizes: list, decoders: list, seconds: float)
             counts[k] += batch
             i += len(decoders) * batch
 
-    return sum(counts) / _on_threads(work, len(decoders))
+    elapsed = _on_threads(work, len(decoders))  # before the sum: the threads fill `counts`
+    return sum(counts) / elapsed
 
 
-def _nvjpeg_rows(measure, blobs: list[bytes]) -> None:
-    """Direct nvJPEG hardware decoders (3 threads) on a stream of the lowest and of the
-    highest priority, alone and beside the model; its pixels against Pillow's decode."""
+def _nvjpeg_rows(measure, blobs: list[bytes], formats: tuple[str, ...] = ("RGBI",)) -> None:
+    """Direct nvJPEG hardware decoders (3 threads) to each of `formats`, on a stream of the
+    lowest and of the highest priority, alone and beside the model; their pixels against
+    Pillow's decode."""
     import io
 
     from PIL import Image
@@ -604,17 +610,20 @@ def _nvjpeg_rows(measure, blobs: list[bytes]) -> None:
     for b in blobs:
         w, h = Image.open(io.BytesIO(b)).size
         sizes.append((h, w))
-    for label, priority in (("lowest", 0), ("highest", -1000)):
-        ds = [NvjpegHw(priority) for _ in range(3)]
-        _nvjpeg_for(blobs[:1536], sizes[:1536], ds, 0.01)  # warm up
-        if label == "lowest":  # the pixels: the first image against Pillow's full decode
-            ds[0].decode(blobs[:1], sizes[:1])
-            h, w = sizes[0]
-            got = ds[0].buffer[: h * w * 3].get().reshape(h, w, 3).astype(int)
-            ref = np.asarray(Image.open(io.BytesIO(blobs[0])).convert("RGB")).astype(int)
-            print(f"nvJPEG direct vs Pillow: max diff {np.abs(got - ref).max()}", flush=True)
-        measure(f"nvJPEG hardware decoder direct, {label} priority stream", 3,
-                lambda ds=ds: _nvjpeg_for(blobs, sizes, ds, seconds=2.5))  # fmt: skip
+    for fmt in formats:
+        for label, priority in (("lowest", 0), ("highest", -1000)):
+            ds = [NvjpegHw(priority, fmt=fmt) for _ in range(3)]
+            _nvjpeg_for(blobs[:1536], sizes[:1536], ds, 0.01)  # warm up
+            if label == "lowest":  # the pixels: the first image against Pillow's full decode
+                ds[0].decode(blobs[:1], sizes[:1])
+                h, w = sizes[0]
+                got = ds[0].buffer[: h * w * 3].get()
+                got = got.reshape(3, h, w).transpose(1, 2, 0) if fmt == "RGB" else got
+                ref = np.asarray(Image.open(io.BytesIO(blobs[0])).convert("RGB")).astype(int)
+                diff = np.abs(got.reshape(h, w, 3).astype(int) - ref).max()
+                print(f"nvJPEG direct ({fmt}) vs Pillow: max diff {diff}", flush=True)
+            measure(f"nvJPEG hardware decoder direct, {fmt}, {label} priority stream", 3,
+                    lambda ds=ds: _nvjpeg_for(blobs, sizes, ds, seconds=2.5))  # fmt: skip
 
 
 def _options_rows(
@@ -662,6 +671,61 @@ def _options_rows(
     return rows
 
 
+def _formats_rows(
+    blobs: list[bytes], model: Path, pixels: np.ndarray, seconds: float, out: Path
+) -> list:
+    """Does the hardware decoder's per-image kernel wait behind the model? The options probe's
+    trace shows, per image, an `rgba2rgb` kernel (interleaved RGB out of what the decoding
+    engine writes) and a wait for it. Here nvImageCodec's hardware decoder is asked for
+    interleaved RGB (the job's), planar RGB and planar YUV, and nvJPEG directly for
+    interleaved and planar RGB on a stream of the lowest and of the highest priority; each
+    alone and beside the model, with a CUDA trace of planar RGB."""
+    from nvidia import nvimgcodec
+
+    rows: list[dict] = []
+    with _beside_model(model, pixels, rows) as measure:
+        for fmt in ("I_RGB", "P_RGB", "P_YUV"):
+            try:
+                ds = _decoders(blobs, _hw_only(), 3)
+                for d in ds:  # after the job's warm-up, which wants interleaved RGB
+                    d.params = nvimgcodec.DecodeParams(
+                        apply_exif_orientation=False,
+                        color_spec=getattr(
+                            nvimgcodec.ColorSpec, "UNCHANGED" if fmt == "P_YUV" else "SRGB"
+                        ),
+                        allow_any_depth=False,
+                        sample_format=getattr(nvimgcodec.SampleFormat, fmt),
+                    )
+                _decode_for(blobs[:1536], ds, 0.01, how="decode")  # warm up
+            except Exception as exc:
+                rows.append({"setup": f"hw only, {fmt}", "error": f"{type(exc).__name__}: {exc}"})
+                print(f"decode under load: hw only, {fmt}: {exc!r}", flush=True)
+                continue
+
+            def timed(ds=ds) -> tuple[float, dict]:
+                split: dict = {}
+                return _decode_for(blobs, ds, seconds, how="decode", split=split), split
+
+            measure(f"hw only, decode, {fmt}", 3, timed)
+            if fmt == "P_RGB":
+                phases = iter(("alone", "busy"))  # measure() calls it in this order
+
+                def traced(ds=ds, phases=phases) -> tuple[float, dict]:
+                    def run(split: dict) -> float:
+                        return _decode_for(blobs, ds, min(seconds, 2.0), how="decode", split=split)
+
+                    return _profiled(run, out, f"P_RGB-{next(phases)}")
+
+                measure(f"hw only, decode, {fmt}, CUDA trace", 3, traced)
+            del ds
+        try:
+            _nvjpeg_rows(measure, blobs, ("RGBI", "RGB"))
+        except Exception as exc:
+            rows.append({"setup": "nvJPEG direct", "error": f"{type(exc).__name__}: {exc}"})
+            print(f"decode under load: nvJPEG direct: {exc!r}", flush=True)
+    return rows
+
+
 def decode_under_load(
     blobs: list[bytes], model: Path, pixels: np.ndarray, seconds: float, which: str, out: Path
 ) -> list:
@@ -675,6 +739,8 @@ def decode_under_load(
     else all."""
     if which == "options":
         return _options_rows(blobs, model, pixels, seconds, out)
+    if which == "formats":
+        return _formats_rows(blobs, model, pixels, seconds, out)
     if which == "green":
         return _separate_rows(blobs, model, pixels, seconds) + _green_rows(
             blobs, model, pixels, seconds
@@ -847,7 +913,8 @@ def images(args: argparse.Namespace, res: dict) -> None:
     res["compute"] = compute_rate(fp16, {"pixels": pixels}, args.seconds)
     print(f"images: ResNet-50 fp16 compute {res['compute']:,.0f}/s", flush=True)
     if args.decode_load:
-        which = args.decode_load if args.decode_load in ("hw", "green", "options") else "all"
+        which = args.decode_load
+        which = which if which in ("hw", "green", "options", "formats") else "all"
         res["decode_under_load"] = decode_under_load(
             blobs, fp16, pixels, args.seconds / 2, which, args.out
         )
@@ -966,11 +1033,12 @@ def main() -> None:
     )
     ap.add_argument(
         "--decode-load",
-        choices=["also", "only", "hw", "green", "options"],
+        choices=["also", "only", "hw", "green", "options", "formats"],
         help="decoder set-ups alone and beside the running model (only: no jobs; hw: the "
         "hardware decoder's parts apart, no jobs; green: the hardware decoder in a process "
         "of its own and in CUDA green contexts, no jobs; options: its pre-allocation options, "
-        "a CUDA trace and nvJPEG called directly on a low or high priority stream, no jobs)",
+        "a CUDA trace and nvJPEG called directly on a low or high priority stream, no jobs; "
+        "formats: the hardware decoder's output formats, nvImageCodec's and nvJPEG's, no jobs)",
     )
     ap.add_argument("--cuda-connections", type=int,
                     help="CUDA_DEVICE_MAX_CONNECTIONS for this process and its jobs (default 8): "
