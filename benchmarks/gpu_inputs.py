@@ -440,9 +440,16 @@ def _preallocated(batch: int = 512, side: int = 512) -> str:
     return " ".join([DEFAULT_OPTIONS] + [f"nvjpeg_hw_decoder:{k}={v}" for k, v in hints.items()])
 
 
-# The job's nvImageCodec decoder options (BATCH_INFER_NVIMGCODEC_OPTIONS) that --decoder-options
-# names; "default" leaves the variable empty: nvImageCodec's own.
-DECODER_OPTIONS = {"default": "", "preallocated": _preallocated()}
+# The jobs' GPU set-ups that --job-setups names, as environment for the job's process: "job",
+# batch-infer's own (32 hardware queues, one nvImageCodec stream per decoder); "before", as
+# until 2026-12-07 (CUDA's 8 queues, nvImageCodec's default options: a stream per thread).
+JOB_SETUPS = {
+    "job": {},
+    "before": {
+        "CUDA_DEVICE_MAX_CONNECTIONS": "8",
+        "BATCH_INFER_NVIMGCODEC_OPTIONS": DEFAULT_OPTIONS,
+    },
+}
 
 
 def _summarize_trace(path: Path, ours: dict[str, int | list]) -> dict:
@@ -921,21 +928,20 @@ def images(args: argparse.Namespace, res: dict) -> None:
         if args.decode_load != "also":
             return
     inputs = {"pixels": {"column": "image", "decode": "image", "size": [224, 224]}}
-    first = args.decoder_options[0]
+    first = args.job_setups[0]
     runs = [("auto", args.work / "images", first), ("cpu", args.work / "images", first)]
-    if args.image_copies > 1:
-        copies = linked_copies(args.work / "images", args.image_copies)
-        runs += [("auto", copies, label) for label in args.decoder_options]
+    for k in (k for k in args.image_copies if k > 1):
+        copies = linked_copies(args.work / "images", k)
+        runs += [("auto", copies, label) for label in args.job_setups]
     res["jobs"] = []
     for device, root, label in runs:
         inputs["pixels"]["device"] = device
         spec = {"input": {"path": str(root)},
                 "model": {"onnx": str(fp16), "inputs": inputs}}  # fmt: skip
-        env = {"BATCH_INFER_NVIMGCODEC_OPTIONS": DECODER_OPTIONS[label]}
         name = f"resnet50-decode-{device}-{root.name}-{label}"
-        job = run_job(name, spec, args.work, args.out, env)
-        res["jobs"].append({"device": device, "decoder_options": label, **job})
-        print(f"images: job (decode {device}, {root.name}, {label} options) {job}", flush=True)
+        job = run_job(name, spec, args.work, args.out, JOB_SETUPS[label])
+        res["jobs"].append({"device": device, "setup": label, **job})
+        print(f"images: job (decode {device}, {root.name}, set-up {label}) {job}", flush=True)
 
 
 def text(args: argparse.Namespace, res: dict) -> None:
@@ -990,7 +996,7 @@ def markdown(results: dict) -> str:
             f"{gpu['rate']:,.0f}" if gpu["available"] else "not available"
         )
         for j in img.get("jobs", []):
-            name = f"ResNet-50 fp16, JPEG (decode: {j['device']}, {j['decoder_options']} options)"
+            name = f"ResNet-50 fp16, JPEG (decode: {j['device']}, set-up: {j['setup']})"
             lines.append(row(name, j, rates, img["compute"]))
     if img and img.get("decode_under_load"):
         lines += ["", "| decoder set-up | threads | decode alone | decode, model busy "
@@ -1019,17 +1025,19 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--workloads", nargs="+", default=["images", "text"])
     ap.add_argument("--images", type=int, default=50_000)
-    ap.add_argument("--image-copies", type=int, default=4, help="also a job over each file K times")
+    ap.add_argument("--image-copies", type=int, nargs="+", default=[4],
+                    help="also a job over each file K times, for each K")  # fmt: skip
     ap.add_argument("--texts", type=int, nargs="+", default=[65_536, 262_144])
     ap.add_argument("--decode-sample", type=int, default=16_384)
     ap.add_argument("--seconds", type=float, default=5.0)
     ap.add_argument(
-        "--decoder-options",
+        "--job-setups",
         nargs="+",
-        choices=sorted(DECODER_OPTIONS),
-        default=["default"],
-        help="the GPU decoder's nvImageCodec options in the jobs: the job over the linked "
-        "copies runs once with each; the others with the first",
+        choices=sorted(JOB_SETUPS),
+        default=["job"],
+        help="the jobs' GPU set-ups (job: batch-infer's; before: 8 hardware queues and "
+        "nvImageCodec's default streams): each job over linked copies runs with each, the "
+        "others with the first",
     )
     ap.add_argument(
         "--decode-load",
@@ -1041,8 +1049,8 @@ def main() -> None:
         "formats: the hardware decoder's output formats, nvImageCodec's and nvJPEG's, no jobs)",
     )
     ap.add_argument("--cuda-connections", type=int,
-                    help="CUDA_DEVICE_MAX_CONNECTIONS for this process and its jobs (default 8): "
-                    "how many hardware queues the streams share")  # fmt: skip
+                    help="CUDA_DEVICE_MAX_CONNECTIONS for this process and its jobs (default: "
+                    "batch-infer's, 32): how many hardware queues the streams share")  # fmt: skip
     ap.add_argument("--work", type=Path, default=Path("/tmp/gpu-inputs"))
     ap.add_argument("--out", type=Path, default=Path(os.environ.get("OUT", "benchmarks/results")))
     args = ap.parse_args()
@@ -1050,7 +1058,10 @@ def main() -> None:
         os.environ["CUDA_DEVICE_MAX_CONNECTIONS"] = str(args.cuda_connections)
     args.work.mkdir(parents=True, exist_ok=True)
     args.out.mkdir(parents=True, exist_ok=True)
-    results: dict = {"cores": CORES, "cuda_connections": args.cuda_connections or 8}
+    import batch_infer.backends  # noqa: F401 - sets batch-infer's hardware queues, if not set above
+
+    connections = os.environ["CUDA_DEVICE_MAX_CONNECTIONS"]
+    results: dict = {"cores": CORES, "cuda_connections": int(connections)}
     for name in args.workloads:
         res: dict = {}
         (images if name == "images" else text)(args, res)
