@@ -929,7 +929,9 @@ def images(args: argparse.Namespace, res: dict) -> None:
             return
     inputs = {"pixels": {"column": "image", "decode": "image", "size": [224, 224]}}
     first = args.job_setups[0]
-    runs = [("auto", args.work / "images", first), ("cpu", args.work / "images", first)]
+    runs = []
+    if args.plain_jobs:
+        runs += [("auto", args.work / "images", first), ("cpu", args.work / "images", first)]
     for n, k in enumerate(k for k in args.image_copies if k > 1):
         copies = linked_copies(args.work / "images", k)
         runs += [("auto", copies, label) for label in args.job_setups[: 1 if n else None]]
@@ -1025,6 +1027,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--workloads", nargs="+", default=["images", "text"])
     ap.add_argument("--images", type=int, default=50_000)
+    ap.add_argument("--plain-jobs", action=argparse.BooleanOptionalAction, default=True,
+                    help="the jobs over the images once, with GPU and with CPU decode")  # fmt: skip
     ap.add_argument("--image-copies", type=int, nargs="+", default=[4],
                     help="also a job over each file K times, for each K")  # fmt: skip
     ap.add_argument("--texts", type=int, nargs="+", default=[65_536, 262_144])
