@@ -441,15 +441,9 @@ def _preallocated(batch: int = 512, side: int = 512) -> str:
 
 
 # The jobs' GPU set-ups that --job-setups names, as environment for the job's process: "job",
-# batch-infer's own (32 hardware queues, one nvImageCodec stream per decoder); "before", as
-# until 2026-12-07 (CUDA's 8 queues, nvImageCodec's default options: a stream per thread).
-JOB_SETUPS = {
-    "job": {},
-    "before": {
-        "CUDA_DEVICE_MAX_CONNECTIONS": "8",
-        "BATCH_INFER_NVIMGCODEC_OPTIONS": DEFAULT_OPTIONS,
-    },
-}
+# batch-infer's own (CUDA's 8 hardware queues); "c32", 32 hardware queues, with which the
+# hardware decoder kept its rate beside the model in the formats probe (docs/inputs.md).
+JOB_SETUPS = {"job": {}, "c32": {"CUDA_DEVICE_MAX_CONNECTIONS": "32"}}
 
 
 def _summarize_trace(path: Path, ours: dict[str, int | list]) -> dict:
@@ -1039,9 +1033,8 @@ def main() -> None:
         nargs="+",
         choices=sorted(JOB_SETUPS),
         default=["job"],
-        help="the jobs' GPU set-ups (job: batch-infer's; before: 8 hardware queues and "
-        "nvImageCodec's default streams): the job over the first --image-copies runs with "
-        "each, the others with the first",
+        help="the jobs' GPU set-ups (job: batch-infer's; c32: 32 CUDA hardware queues): the "
+        "job over the first --image-copies runs with each, the others with the first",
     )
     ap.add_argument(
         "--decode-load",
@@ -1053,8 +1046,8 @@ def main() -> None:
         "formats: the hardware decoder's output formats, nvImageCodec's and nvJPEG's, no jobs)",
     )
     ap.add_argument("--cuda-connections", type=int,
-                    help="CUDA_DEVICE_MAX_CONNECTIONS for this process and its jobs (default: "
-                    "batch-infer's, 32): how many hardware queues the streams share")  # fmt: skip
+                    help="CUDA_DEVICE_MAX_CONNECTIONS for this process and its jobs (default 8): "
+                    "how many hardware queues the streams share")  # fmt: skip
     ap.add_argument("--work", type=Path, default=Path("/tmp/gpu-inputs"))
     ap.add_argument("--out", type=Path, default=Path(os.environ.get("OUT", "benchmarks/results")))
     args = ap.parse_args()
@@ -1062,9 +1055,7 @@ def main() -> None:
         os.environ["CUDA_DEVICE_MAX_CONNECTIONS"] = str(args.cuda_connections)
     args.work.mkdir(parents=True, exist_ok=True)
     args.out.mkdir(parents=True, exist_ok=True)
-    import batch_infer.backends  # noqa: F401 - sets batch-infer's hardware queues, if not set above
-
-    connections = os.environ["CUDA_DEVICE_MAX_CONNECTIONS"]
+    connections = os.environ.get("CUDA_DEVICE_MAX_CONNECTIONS", "8")
     results: dict = {"cores": CORES, "cuda_connections": int(connections)}
     for name in args.workloads:
         res: dict = {}

@@ -6,9 +6,6 @@ tests/test_gpu.py (run on the GPU machine).
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 import threading
 
 import numpy as np
@@ -165,15 +162,3 @@ def test_signature_read_without_onnx_and_through_it_agree(tmp_path, how):
                  [d.dim_value or -1 for d in v.type.tensor_type.shape.dim]]
                 for v in [*graph.input, *graph.output]]  # fmt: skip
         assert got["tensors"] == want
-
-
-@pytest.mark.parametrize("given", [None, "4"])
-def test_backends_give_cuda_32_hardware_queues_unless_the_user_chose(given):
-    """Read when a process makes its CUDA context: set on import, a user's value kept."""
-    env = {k: v for k, v in os.environ.items() if k != "CUDA_DEVICE_MAX_CONNECTIONS"}
-    if given:
-        env["CUDA_DEVICE_MAX_CONNECTIONS"] = given
-    code = "import os, batch_infer.backends; print(os.environ['CUDA_DEVICE_MAX_CONNECTIONS'])"
-    out = subprocess.run([sys.executable, "-c", code], env=env, cwd=ROOT, capture_output=True,
-                         text=True, check=True).stdout  # fmt: skip
-    assert out.strip() == (given or "32")

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import importlib.util
 import logging
-import os
 import sys
 
 from batch_infer.backends.base import GPU_CONCURRENCY, Backend, BackendOptions
@@ -16,15 +15,6 @@ from batch_infer.errors import BackendError
 from batch_infer.model import ModelSignature
 
 log = logging.getLogger("batch_infer")
-
-# CUDA gives a context's streams 8 hardware queues unless told otherwise, and work queued on
-# a shared one waits behind whatever is ahead of it there: the hardware JPEG decoder's small
-# per-image steps then wait behind whole runs of the model (an H100 decoded 4,600 images/s
-# beside ResNet-50 with 8, 23,900 with 32; docs/inputs.md). 32 is CUDA's most. It is read
-# when a process makes its CUDA context, so it is set here, on import: every process that
-# runs a model or a GPU decoder imports this package before its first CUDA call. A value
-# set by the user is kept.
-os.environ.setdefault("CUDA_DEVICE_MAX_CONNECTIONS", "32")
 
 # Compute capabilities TensorRT-RTX runs on (it does not run on Hopper, 9.0).
 RTX_CAPABILITIES = {(8, 0), (8, 6), (8, 9)}

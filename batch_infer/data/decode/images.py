@@ -410,14 +410,10 @@ class NvImageCodecDecoder:
     its own that does not wait on the model's streams, at the highest priority: its few small
     kernels feed the model, so they run ahead of the model's own rather than behind them.
     (nvImageCodec decodes on streams of its own, at CUDA's default priority.)
-    BATCH_INFER_NVIMGCODEC_OPTIONS, when set, replaces `OPTIONS`."""
+    BATCH_INFER_NVIMGCODEC_OPTIONS, when set, replaces nvImageCodec's decoder options."""
 
     # Clamped by CUDA to the device's highest stream priority.
     PRIORITY = -1000
-    # nvImageCodec's default (no fancy upsampling), and one CUDA stream per decoder instead
-    # of one per CPU thread (17 on 16 cores): few streams in all, so that each keeps a
-    # hardware queue of its own (backends/__init__.py) and none waits behind the model's.
-    OPTIONS = ":fancy_upsampling=0 :num_cuda_streams=1"
 
     name = "nvimgcodec"
 
@@ -430,9 +426,10 @@ class NvImageCodecDecoder:
         kinds = nvimgcodec.BackendKind
         with cupy.cuda.Device(device):
             self.stream = cupy.cuda.Stream(non_blocking=True, priority=self.PRIORITY)
+            options = os.environ.get("BATCH_INFER_NVIMGCODEC_OPTIONS")
             self.decoder = nvimgcodec.Decoder(
                 device_id=device,
-                options=os.environ.get("BATCH_INFER_NVIMGCODEC_OPTIONS") or self.OPTIONS,
+                **({"options": options} if options else {}),
                 backends=[
                     nvimgcodec.Backend(kinds.HW_GPU_ONLY),
                     nvimgcodec.Backend(kinds.GPU_ONLY),
