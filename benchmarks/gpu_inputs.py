@@ -610,10 +610,21 @@ def _nvjpeg_for(blobs: list[bytes], sizes: list, decoders: list, seconds: float)
     return sum(counts) / elapsed
 
 
-def _nvjpeg_rows(measure, blobs: list[bytes], formats: tuple[str, ...] = ("RGBI",)) -> None:
+def _nvjpeg_rows(
+    measure, rows: list, blobs: list[bytes], formats: tuple[str, ...] = ("RGBI",)
+) -> None:
     """Direct nvJPEG hardware decoders (3 threads) to each of `formats`, on a stream of the
     lowest and of the highest priority, alone and beside the model; their pixels against
-    Pillow's decode."""
+    Pillow's decode. Should ctypes' nvJPEG fail, an error row of `rows` says why."""
+    try:
+        _nvjpeg_measure(measure, blobs, formats)
+    except Exception as exc:
+        rows.append({"setup": "nvJPEG direct", "error": f"{type(exc).__name__}: {exc}"})
+        print(f"decode under load: nvJPEG direct: {exc!r}", flush=True)
+
+
+def _nvjpeg_measure(measure, blobs: list[bytes], formats: tuple[str, ...]) -> None:
+    """`_nvjpeg_rows`' measurements, which it wraps so that a failure is a row."""
     import io
 
     from PIL import Image
@@ -638,6 +649,30 @@ def _nvjpeg_rows(measure, blobs: list[bytes], formats: tuple[str, ...] = ("RGBI"
                     lambda ds=ds: _nvjpeg_for(blobs, sizes, ds, seconds=2.5))  # fmt: skip
 
 
+def _timed(blobs: list[bytes], ds: list, seconds: float):
+    """A `measure()` decode: the decoders' decode call alone, each call's time split."""
+
+    def timed() -> tuple[float, dict]:
+        split: dict = {}
+        return _decode_for(blobs, ds, seconds, how="decode", split=split), split
+
+    return timed
+
+
+def _traced(blobs: list[bytes], ds: list, seconds: float, out: Path, label: str):
+    """A `measure()` decode under a CUDA trace, summarized to trace-summary-<label>-alone.json
+    and then -busy.json, in the order in which `measure()` calls it."""
+    phases = iter(("alone", "busy"))
+
+    def traced() -> tuple[float, dict]:
+        def run(split: dict) -> float:
+            return _decode_for(blobs, ds, min(seconds, 2.0), how="decode", split=split)
+
+        return _profiled(run, out, f"{label}-{next(phases)}")
+
+    return traced
+
+
 def _options_rows(
     blobs: list[bytes], model: Path, pixels: np.ndarray, seconds: float, out: Path
 ) -> list:
@@ -653,33 +688,17 @@ def _options_rows(
         for label, options in (("default", DEFAULT_OPTIONS), ("preallocated", _preallocated())):
             ds = _decoders(blobs, {**_hw_only(), "options": options}, 3)
             _decode_for(blobs[:1536], ds, 0.01, how="decode")  # warm up
-
-            def timed(ds=ds) -> tuple[float, dict]:
-                split: dict = {}
-                return _decode_for(blobs, ds, seconds, how="decode", split=split), split
-
-            measure(f"hw only, decode, {label} options", 3, timed)
+            name = f"hw only, decode, {label} options"
+            measure(name, 3, _timed(blobs, ds, seconds))
             if label == "default" or rows[-1]["decode"] < rows[-2]["decode"] / 2:
-                phases = iter(("alone", "busy"))  # measure() calls it in this order
-
-                def traced(ds=ds, label=label, phases=phases) -> tuple[float, dict]:
-                    def run(split: dict) -> float:
-                        return _decode_for(blobs, ds, min(seconds, 2.0), how="decode", split=split)
-
-                    return _profiled(run, out, f"{label}-{next(phases)}")
-
-                measure(f"hw only, decode, {label} options, CUDA trace", 3, traced)
+                measure(f"{name}, CUDA trace", 3, _traced(blobs, ds, seconds, out, label))
             del ds
         job = _decoders(blobs, {"backends": job_backends, "options": _preallocated()}, 3)
         measure(
             "job's decoder, preallocated options", 3, lambda j=job: _decode_for(blobs, j, seconds)
         )
         del job
-        try:
-            _nvjpeg_rows(measure, blobs)
-        except Exception as exc:
-            rows.append({"setup": "nvJPEG direct", "error": f"{type(exc).__name__}: {exc}"})
-            print(f"decode under load: nvJPEG direct: {exc!r}", flush=True)
+        _nvjpeg_rows(measure, rows, blobs)
     return rows
 
 
@@ -713,28 +732,12 @@ def _formats_rows(
                 rows.append({"setup": f"hw only, {fmt}", "error": f"{type(exc).__name__}: {exc}"})
                 print(f"decode under load: hw only, {fmt}: {exc!r}", flush=True)
                 continue
-
-            def timed(ds=ds) -> tuple[float, dict]:
-                split: dict = {}
-                return _decode_for(blobs, ds, seconds, how="decode", split=split), split
-
-            measure(f"hw only, decode, {fmt}", 3, timed)
+            measure(f"hw only, decode, {fmt}", 3, _timed(blobs, ds, seconds))
             if fmt == "P_RGB":
-                phases = iter(("alone", "busy"))  # measure() calls it in this order
-
-                def traced(ds=ds, phases=phases) -> tuple[float, dict]:
-                    def run(split: dict) -> float:
-                        return _decode_for(blobs, ds, min(seconds, 2.0), how="decode", split=split)
-
-                    return _profiled(run, out, f"P_RGB-{next(phases)}")
-
+                traced = _traced(blobs, ds, seconds, out, fmt)
                 measure(f"hw only, decode, {fmt}, CUDA trace", 3, traced)
             del ds
-        try:
-            _nvjpeg_rows(measure, blobs, ("RGBI", "RGB"))
-        except Exception as exc:
-            rows.append({"setup": "nvJPEG direct", "error": f"{type(exc).__name__}: {exc}"})
-            print(f"decode under load: nvJPEG direct: {exc!r}", flush=True)
+        _nvjpeg_rows(measure, rows, blobs, ("RGBI", "RGB"))
     return rows
 
 
