@@ -439,8 +439,11 @@ def _separate_rows(blobs: list[bytes], model: Path, pixels: np.ndarray, seconds:
     return rows
 
 
-# nvImageCodec's own default options (Decoder's `options`), kept in every set-up below.
-DEFAULT_OPTIONS = ":fancy_upsampling=0"
+# nvImageCodec 0.9's default options (Decoder's `options`), kept in every set-up below: none,
+# so each decoder keeps its own defaults, and nvJPEG's upsample chroma by interpolation, as
+# libjpeg (Pillow) does. (The seventh session's probes passed ":fancy_upsampling=0", the
+# default the project's newer source documents, so their hardware decoder did not.)
+DEFAULT_OPTIONS = ""
 
 
 def _preallocated(batch: int = 512, side: int = 512) -> str:
@@ -448,13 +451,14 @@ def _preallocated(batch: int = 512, side: int = 512) -> str:
     `batch` images of up to `side`x`side` (its default is 1 image of 1x1, grown as needed)."""
     hints = {"preallocate_batch_size": batch, "preallocate_width_hint": side,
              "preallocate_height_hint": side}  # fmt: skip
-    return " ".join([DEFAULT_OPTIONS] + [f"nvjpeg_hw_decoder:{k}={v}" for k, v in hints.items()])
+    hinted = [f"nvjpeg_hw_decoder:{k}={v}" for k, v in hints.items()]
+    return " ".join(o for o in [DEFAULT_OPTIONS, *hinted] if o)
 
 
 # The jobs' GPU set-ups that --job-setups names, as environment for the job's process: "job",
-# batch-infer's own (CUDA's 8 hardware queues); "c32", 32 hardware queues, with which the
-# hardware decoder kept its rate beside the model in the formats probe (docs/inputs.md).
-JOB_SETUPS = {"job": {}, "c32": {"CUDA_DEVICE_MAX_CONNECTIONS": "32"}}
+# batch-infer's own (32 CUDA hardware queues, batch_infer/__init__.py); "c8", CUDA's default
+# 8, with which the hardware decoder's steps wait behind the model's runs (docs/inputs.md).
+JOB_SETUPS = {"job": {}, "c8": {"CUDA_DEVICE_MAX_CONNECTIONS": "8"}}
 
 
 def _summarize_trace(path: Path, ours: dict[str, int | list]) -> dict:
@@ -557,7 +561,9 @@ class NvjpegHw:
         lib.nvjpegDecodeBatched.argtypes = [vp, vp, *pointers, vp]
         self.handle, self.state = vp(), vp()
         hardware, css_420, self.fmt = 3, 2, self.FORMATS[fmt]
-        self._ok(lib.nvjpegCreateEx(hardware, None, None, 0, ct.byref(self.handle)), "create")
+        interpolate = 1 << 5  # NVJPEG_FLAGS_UPSAMPLING_WITH_INTERPOLATION, as nvImageCodec's
+        self._ok(lib.nvjpegCreateEx(hardware, None, None, interpolate, ct.byref(self.handle)),
+                 "create")  # fmt: skip
         self._ok(lib.nvjpegJpegStateCreate(self.handle, ct.byref(self.state)), "state")
         status = lib.nvjpegDecodeBatchedPreAllocate(
             self.handle, self.state, batch, 512, 512, css_420, self.fmt
@@ -1047,8 +1053,9 @@ def main() -> None:
         nargs="+",
         choices=sorted(JOB_SETUPS),
         default=["job"],
-        help="the jobs' GPU set-ups (job: batch-infer's; c32: 32 CUDA hardware queues): the "
-        "job over the first --image-copies runs with each, the others with the first",
+        help="the jobs' GPU set-ups (job: batch-infer's; c8: CUDA's default 8 hardware "
+        "queues): the job over the first --image-copies runs with each, the others with the "
+        "first",
     )
     ap.add_argument(
         "--decode-load",
@@ -1060,7 +1067,8 @@ def main() -> None:
         "formats: the hardware decoder's output formats, nvImageCodec's and nvJPEG's, no jobs)",
     )
     ap.add_argument("--cuda-connections", type=int,
-                    help="CUDA_DEVICE_MAX_CONNECTIONS for this process and its jobs (default 8): "
+                    help="CUDA_DEVICE_MAX_CONNECTIONS for this process and its jobs (default "
+                    "batch-infer's, 32): "
                     "how many hardware queues the streams share")  # fmt: skip
     ap.add_argument("--work", type=Path, default=Path("/tmp/gpu-inputs"))
     ap.add_argument("--out", type=Path, default=Path(os.environ.get("OUT", "benchmarks/results")))
@@ -1069,8 +1077,8 @@ def main() -> None:
         os.environ["CUDA_DEVICE_MAX_CONNECTIONS"] = str(args.cuda_connections)
     args.work.mkdir(parents=True, exist_ok=True)
     args.out.mkdir(parents=True, exist_ok=True)
-    connections = os.environ.get("CUDA_DEVICE_MAX_CONNECTIONS", "8")
-    results: dict = {"cores": CORES, "cuda_connections": int(connections)}
+    connections = int(os.environ["CUDA_DEVICE_MAX_CONNECTIONS"])  # set on batch_infer's import
+    results: dict = {"cores": CORES, "cuda_connections": connections}
     for name in args.workloads:
         res: dict = {}
         (images if name == "images" else text)(args, res)

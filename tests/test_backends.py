@@ -6,7 +6,11 @@ tests/test_gpu.py (run on the GPU machine).
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 import threading
+from pathlib import Path
 
 import numpy as np
 import onnx
@@ -162,3 +166,15 @@ def test_signature_read_without_onnx_and_through_it_agree(tmp_path, how):
                  [d.dim_value or -1 for d in v.type.tensor_type.shape.dim]]
                 for v in [*graph.input, *graph.output]]  # fmt: skip
         assert got["tensors"] == want
+
+
+@pytest.mark.parametrize("given", [None, "4"])
+def test_import_gives_cuda_32_hardware_queues_unless_the_user_chose(given):
+    """CUDA reads it when a process makes its context: set on import, a user's value kept."""
+    env = {k: v for k, v in os.environ.items() if k != "CUDA_DEVICE_MAX_CONNECTIONS"}
+    if given:
+        env["CUDA_DEVICE_MAX_CONNECTIONS"] = given
+    code = "import os, batch_infer; print(os.environ['CUDA_DEVICE_MAX_CONNECTIONS'])"
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+                         cwd=Path(__file__).parents[1], check=True).stdout  # fmt: skip
+    assert out.strip() == (given or "32")
