@@ -239,6 +239,9 @@ class _Lane:
         self.readers = 1 if device == "cpu" else max(2, min(12, cores - 2))
         self.prepared: deque[tuple[Shard, int, Future]] = deque()
         self.lock = threading.Lock()
+        # When this process's image decoders and tokenizers were ready (epoch seconds, in the
+        # run record's actor stats): the first shard waits on them, beside the model.
+        self.inputs_ready_at: float | None = None
         # An Event, not Thread.join(): a join interrupted by Ctrl-C or SIGTERM marks the
         # thread as ended although it still runs (CPython 3.11), and the run would record
         # itself before the lane's last commits.
@@ -287,7 +290,7 @@ class _Lane:
     def _run(self) -> None:
         # Image decoders and tokenizers get ready beside the model, and the first shards are
         # read (and decoded) as soon as the work is given, while the model still loads.
-        inputs = threading.Thread(target=warm_up, args=(self.plan.decoded,), daemon=True)
+        inputs = threading.Thread(target=self._warm_up, daemon=True)
         if self.plan.decoded:
             inputs.start()
         try:
@@ -331,7 +334,7 @@ class _Lane:
                 w.start()
             for w in workers:
                 w.join()
-            self.stats = runner.stats()
+            self.stats = runner.stats() | {"inputs_ready_at": self.inputs_ready_at}
         finally:
             runner.close()
 
@@ -353,6 +356,10 @@ class _Lane:
             shard, attempt = item
             future = readers.submit(prepare_shard, self.plan, shard, run_id, attempt)
             self.prepared.append((shard, attempt, future))
+
+    def _warm_up(self) -> None:
+        warm_up(self.plan.decoded)
+        self.inputs_ready_at = time.time()
 
     def _next(self, readers: ThreadPoolExecutor) -> tuple[Shard, int, Future] | None:
         """The next prepared shard, reading ahead up to one per reader (and two more)."""
@@ -724,12 +731,18 @@ def _drive(plan: JobPlan, sink: OutputSink, work: _Work, lane: _Lane | None, poo
     _record_actors(record, lanes)
 
 
+# The times in each lane's stats, epoch seconds; the run's own process adds the last.
+LANE_TIMES = ("loading_at", "loaded_at", "ready_at", "first_batch_at", "last_batch_at",
+              "inputs_ready_at")  # fmt: skip
+
+
 def _record_actors(record: RunRecord, stats: list[dict[str, Any]]) -> None:
     """Each actor's lane, in seconds after the run's start, and the phases they mark."""
     for s in stats:
         lane = dict(s)
-        for key in ("loading_at", "loaded_at", "ready_at", "first_batch_at", "last_batch_at"):
-            lane[key] = None if s.get(key) is None else round(s[key] - record.started_at, 3)
+        for key in LANE_TIMES:
+            if key in s:
+                lane[key] = None if s[key] is None else round(s[key] - record.started_at, 3)
         span = (s["last_batch_at"] or 0) - (s["first_batch_at"] or 0)
         lane["busy_while_running"] = round(s["busy_seconds"] / span, 3) if span > 0 else None
         lane["busy_seconds"] = round(s["busy_seconds"], 3)

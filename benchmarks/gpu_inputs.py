@@ -457,8 +457,13 @@ def _preallocated(batch: int = 512, side: int = 512) -> str:
 
 # The jobs' GPU set-ups that --job-setups names, as environment for the job's process: "job",
 # batch-infer's own (32 CUDA hardware queues, batch_infer/__init__.py); "c8", CUDA's default
-# 8, with which the hardware decoder's steps wait behind the model's runs (docs/inputs.md).
-JOB_SETUPS = {"job": {}, "c8": {"CUDA_DEVICE_MAX_CONNECTIONS": "8"}}
+# 8, with which the hardware decoder's steps wait behind the model's runs (docs/inputs.md);
+# "prealloc", nvJPEG's buffers for a batch made with each decoder, not in the first shards.
+JOB_SETUPS = {
+    "job": {},
+    "c8": {"CUDA_DEVICE_MAX_CONNECTIONS": "8"},
+    "prealloc": {"BATCH_INFER_NVIMGCODEC_OPTIONS": _preallocated()},
+}
 
 
 def _summarize_trace(path: Path, ours: dict[str, int | list]) -> dict:
@@ -887,6 +892,10 @@ def run_job(name: str, spec: dict, work: Path, out_dir: Path, env: dict | None =
     runs = [json.loads(p.read_text()) for p in (out / "_runs").glob("*.json")]
     run = max(runs, key=lambda r: r["started_at"]) if runs else {}
     entries = [json.loads(p.read_text()) for p in (out / "_manifest" / "shards").glob("*.json")]
+    t0 = run.get("started_at", 0.0)
+    firsts = [[round(e["prepare_started"] - t0, 3), e["prepare_seconds"],
+               round(e["infer_started"] - t0, 3)]
+              for e in sorted(entries, key=lambda e: e["infer_started"])[:3]]  # fmt: skip
     return {
         "rc": proc.returncode,
         "seconds": round(seconds, 2),
@@ -896,6 +905,10 @@ def run_job(name: str, spec: dict, work: Path, out_dir: Path, env: dict | None =
         "backend": run.get("backend"),
         "decoders": sorted({e.get("preprocess", "") for e in entries}),
         "prepare_seconds_sum": round(sum(e["prepare_seconds"] for e in entries), 1),
+        # what the first batch waited on: the run's own process's lane (model loaded, warmed
+        # up; decoders ready) and its first shards (read and decoded from, for; ran from)
+        "lane": next((a for a in run.get("actor_stats", []) if a["actor"] == -1), None),
+        "first_shards": firsts,
     }
 
 
@@ -1054,8 +1067,8 @@ def main() -> None:
         choices=sorted(JOB_SETUPS),
         default=["job"],
         help="the jobs' GPU set-ups (job: batch-infer's; c8: CUDA's default 8 hardware "
-        "queues): the job over the first --image-copies runs with each, the others with the "
-        "first",
+        "queues; prealloc: nvJPEG's buffers pre-allocated): the job over the first "
+        "--image-copies runs with each, the others with the first",
     )
     ap.add_argument(
         "--decode-load",

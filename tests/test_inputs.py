@@ -467,6 +467,32 @@ def test_image_job_equals_pillow_and_direct_onnxruntime(tmp_path, image_files, c
 
 
 @ray_job
+def test_the_lane_says_when_its_decoders_were_ready(tmp_path, image_files, cnn):
+    """The run's own process readies its image decoder beside the model's load; its stats
+    say when, since a slow first shard waits on it."""
+    import time
+
+    from batch_infer.data.sharding import plan_shards
+    from batch_infer.job import _execute, _Lane, _Progress, _record_actors, _Work
+    from batch_infer.sink.manifest import OutputSink, RunRecord
+    from batch_infer.spec import resolve_spec
+
+    spec = resolve_spec(image_spec(image_files, tmp_path / "out", cnn))
+    plan, sink = build_plan(spec), OutputSink(spec.output.path)
+    record = RunRecord(run_id="lane", name="lane")
+    lane = _Lane(plan, sink, "cpu", None)
+    shards = plan_shards(plan.dataset, spec.shard_rows)
+    sink.on_write_start(record.run_id, plan.config(), {s.id: s.fingerprint for s in shards})
+    work = _Work(shards, record, _Progress("lane", len(shards), False))
+    lane.begin(work)
+    _execute(plan, sink, work, lane, None, None)
+    assert record.shards_committed == len(shards) and lane.stats is not None
+    _record_actors(record, [lane.stats])  # what a run records: seconds after its start
+    (stats,) = record.actor_stats
+    assert 0 < stats["inputs_ready_at"] < time.time() - record.started_at
+    assert stats["loading_at"] <= stats["ready_at"] <= stats["first_batch_at"]
+
+
 def test_image_layouts_channels_and_stretch(tmp_path, image_files):
     """NCHW, BGR, gray, stretch and float32 each give what Pillow gives, through an
     Identity model."""
