@@ -874,15 +874,20 @@ def tokenize_rate(texts: Path, tokenizer: Path, rows: int) -> tuple[float, dict]
     return rate, feeds
 
 
-def run_job(name: str, spec: dict, work: Path, out_dir: Path, env: dict | None = None) -> dict:
+def run_job(
+    name: str, spec: dict, work: Path, out_dir: Path, env: dict | None = None, stacks: bool = False
+) -> dict:
     """`python3 -m batch_infer.cli run` as a whole process (with `env` added to its
-    environment), timed from outside."""
+    environment), timed from outside; with `stacks`, its threads' stacks sampled into
+    `out_dir/{name}.stacks.txt` (benchmarks/stacks.py)."""
     out = work / f"out-{name}"
     spec = {"name": name, "batch_size": BATCH, **spec,
             "output": {"path": str(out), "keep_columns": ["id"]}}  # fmt: skip
     path = work / f"{name}.yaml"
     path.write_text(json.dumps(spec))
     argv = [sys.executable, "-m", "batch_infer.cli", "run", str(path), "--overwrite", "-q"]
+    if stacks:
+        argv[1:1] = ["-m", "benchmarks.stacks", str(out_dir / f"{name}.stacks.txt"), "--"]
     start = time.perf_counter()
     with (out_dir / f"{name}.log").open("w") as log:
         proc = subprocess.run(
@@ -968,7 +973,7 @@ def images(args: argparse.Namespace, res: dict) -> None:
         spec = {"input": {"path": str(root)},
                 "model": {"onnx": str(fp16), "inputs": inputs}}  # fmt: skip
         name = f"resnet50-decode-{device}-{root.name}-{label}"
-        job = run_job(name, spec, args.work, args.out, JOB_SETUPS[label])
+        job = run_job(name, spec, args.work, args.out, JOB_SETUPS[label], args.stacks)
         res["jobs"].append({"device": device, "setup": label, **job})
         print(f"images: job (decode {device}, {root.name}, set-up {label}) {job}", flush=True)
 
@@ -1083,6 +1088,8 @@ def main() -> None:
                     help="CUDA_DEVICE_MAX_CONNECTIONS for this process and its jobs (default "
                     "batch-infer's, 32): "
                     "how many hardware queues the streams share")  # fmt: skip
+    ap.add_argument("--stacks", action="store_true",
+                    help="sample the image jobs' thread stacks (benchmarks/stacks.py)")  # fmt: skip
     ap.add_argument("--work", type=Path, default=Path("/tmp/gpu-inputs"))
     ap.add_argument("--out", type=Path, default=Path(os.environ.get("OUT", "benchmarks/results")))
     args = ap.parse_args()
