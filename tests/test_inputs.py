@@ -466,7 +466,6 @@ def test_image_job_equals_pillow_and_direct_onnxruntime(tmp_path, image_files, c
         assert sorted(bad) == [9, 17, 28] and bad[28] == reason
 
 
-@ray_job
 def test_the_lane_says_when_its_decoders_were_ready(tmp_path, image_files, cnn):
     """The run's own process readies its image decoder beside the model's load; its stats
     say when, since a slow first shard waits on it."""
@@ -493,6 +492,7 @@ def test_the_lane_says_when_its_decoders_were_ready(tmp_path, image_files, cnn):
     assert stats["loading_at"] <= stats["ready_at"] <= stats["first_batch_at"]
 
 
+@ray_job
 def test_image_layouts_channels_and_stretch(tmp_path, image_files):
     """NCHW, BGR, gray, stretch and float32 each give what Pillow gives, through an
     Identity model."""
