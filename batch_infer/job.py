@@ -239,8 +239,8 @@ class _Lane:
         self.readers = 1 if device == "cpu" else max(2, min(12, cores - 2))
         self.prepared: deque[tuple[Shard, int, Future]] = deque()
         self.lock = threading.Lock()
-        # When this process's image decoders and tokenizers were ready (epoch seconds, in the
-        # run record's actor stats): the first shard waits on them, beside the model.
+        # When the warm-up of this process's image decoders and tokenizers ended (epoch
+        # seconds, in the run record's actor stats): the first shards wait on them too.
         self.inputs_ready_at: float | None = None
         # An Event, not Thread.join(): a join interrupted by Ctrl-C or SIGTERM marks the
         # thread as ended although it still runs (CPython 3.11), and the run would record
