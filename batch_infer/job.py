@@ -308,6 +308,8 @@ class _Lane:
         finally:  # joined before this thread can end (a process that exits while CUDA
             if inputs.is_alive():  # starts may abort)
                 inputs.join()
+            if self.stats is not None:  # the warm-up may end after the last shard
+                self.stats["inputs_ready_at"] = self.inputs_ready_at
 
     def _drive(self, readers: ThreadPoolExecutor, committers: ThreadPoolExecutor) -> None:
         """Load the model, then run shards on it until the work is done or stopped."""
@@ -334,7 +336,7 @@ class _Lane:
                 w.start()
             for w in workers:
                 w.join()
-            self.stats = runner.stats() | {"inputs_ready_at": self.inputs_ready_at}
+            self.stats = runner.stats()
         finally:
             runner.close()
 

@@ -24,6 +24,7 @@ from pathlib import Path
 from types import FrameType
 
 INTERVAL = 0.01
+_lock = threading.Lock()  # the counts: added to by the sampler, written out by either thread
 
 
 def _where(frame: FrameType) -> str:
@@ -44,12 +45,13 @@ def _sample(out: Path, counts: dict[str, collections.Counter], totals: collectio
     while True:
         names = {t.ident: re.sub(r"^Thread-\d+ |[_-]?\d+$", "", t.name)
                  for t in threading.enumerate()}  # fmt: skip
-        for ident, frame in sys._current_frames().items():
-            if ident == me:
-                continue
-            name = names.get(ident, "?")
-            counts.setdefault(name, collections.Counter())[_where(frame)] += 1
-            totals[name] += 1
+        with _lock:
+            for ident, frame in sys._current_frames().items():
+                if ident == me:
+                    continue
+                name = names.get(ident, "?")
+                counts.setdefault(name, collections.Counter())[_where(frame)] += 1
+                totals[name] += 1
         if time.monotonic() - last_write > 2:
             _write(out, counts, totals)
             last_write = time.monotonic()
@@ -58,16 +60,18 @@ def _sample(out: Path, counts: dict[str, collections.Counter], totals: collectio
 
 def _write(out: Path, counts: dict[str, collections.Counter], totals: collections.Counter):
     lines = []
-    for name, total in totals.most_common():
-        lines.append(f"== {name}: {total} samples (thread-samples, {INTERVAL * 1000:.0f} ms)")
-        for where, n in counts[name].most_common(12):
-            lines.append(f"{n / total:6.1%}  {where}")
+    with _lock:
+        for name, total in totals.most_common():
+            lines.append(f"== {name}: {total} samples (thread-samples, {INTERVAL * 1000:.0f} ms)")
+            for where, n in counts[name].most_common(12):
+                lines.append(f"{n / total:6.1%}  {where}")
     out.write_text("\n".join(lines) + "\n")
 
 
 def main() -> None:
-    out, sep, *rest = sys.argv[1:]
-    if sep != "--" or not rest:
+    args = sys.argv[1:]
+    out, rest = args[0] if args else "", args[2:]
+    if len(args) < 3 or args[1] != "--":
         raise SystemExit("usage: python -m benchmarks.stacks OUT.txt -- (-m module | script) ...")
     counts: dict[str, collections.Counter] = {}
     totals: collections.Counter = collections.Counter()
@@ -79,8 +83,10 @@ def main() -> None:
     exit_now = os._exit
 
     def written_then_exit(code: int) -> None:
-        _write(target, counts, totals)
-        exit_now(code)
+        try:
+            _write(target, counts, totals)
+        finally:
+            exit_now(code)
 
     os._exit = written_then_exit
     try:

@@ -488,7 +488,7 @@ def test_the_lane_says_when_its_decoders_were_ready(tmp_path, image_files, cnn):
     assert record.shards_committed == len(shards) and lane.stats is not None
     _record_actors(record, [lane.stats])  # what a run records: seconds after its start
     (stats,) = record.actor_stats
-    assert 0 < stats["inputs_ready_at"] < time.time() - record.started_at
+    assert 0 <= stats["inputs_ready_at"] < time.time() - record.started_at  # Pillow: at once
     assert stats["loading_at"] <= stats["ready_at"] <= stats["first_batch_at"]
 
 
