@@ -439,20 +439,16 @@ def _separate_rows(blobs: list[bytes], model: Path, pixels: np.ndarray, seconds:
     return rows
 
 
-# nvImageCodec 0.9's default options (Decoder's `options`), kept in every set-up below: none,
-# so each decoder keeps its own defaults, and nvJPEG's upsample chroma by interpolation, as
-# libjpeg (Pillow) does. (The seventh session's probes passed ":fancy_upsampling=0", the
-# default the project's newer source documents, so their hardware decoder did not.)
-DEFAULT_OPTIONS = ""
-
-
 def _preallocated(batch: int = 512, side: int = 512) -> str:
     """Options that make nvImageCodec's hardware decoder pre-allocate nvJPEG's buffers for
-    `batch` images of up to `side`x`side` (its default is 1 image of 1x1, grown as needed)."""
+    `batch` images of up to `side`x`side` (its default is 1 image of 1x1, grown as needed).
+    Nothing else is set: nvImageCodec 0.9's default options are none, so each decoder keeps
+    its own defaults, and nvJPEG's upsample chroma by interpolation, as libjpeg (Pillow)
+    does. (The seventh session's probes also passed ":fancy_upsampling=0", the default the
+    project's newer source documents, so their hardware decoder did not.)"""
     hints = {"preallocate_batch_size": batch, "preallocate_width_hint": side,
              "preallocate_height_hint": side}  # fmt: skip
-    hinted = [f"nvjpeg_hw_decoder:{k}={v}" for k, v in hints.items()]
-    return " ".join(o for o in [DEFAULT_OPTIONS, *hinted] if o)
+    return " ".join(f"nvjpeg_hw_decoder:{k}={v}" for k, v in hints.items())
 
 
 # The jobs' GPU set-ups that --job-setups names, as environment for the job's process: "job",
@@ -696,7 +692,7 @@ def _options_rows(
     job_backends = [b(k.HW_GPU_ONLY), b(k.GPU_ONLY), b(k.HYBRID_CPU_GPU)]
     rows: list[dict] = []
     with _beside_model(model, pixels, rows) as measure:
-        for label, options in (("default", DEFAULT_OPTIONS), ("preallocated", _preallocated())):
+        for label, options in (("default", ""), ("preallocated", _preallocated())):
             ds = _decoders(blobs, {**_hw_only(), "options": options}, 3)
             _decode_for(blobs[:1536], ds, 0.01, how="decode")  # warm up
             name = f"hw only, decode, {label} options"
