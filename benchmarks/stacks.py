@@ -39,7 +39,7 @@ def _where(frame: FrameType) -> str:
     return f"{inner} < {ours}"
 
 
-def _sample(out: Path, counts: dict[str, collections.Counter], totals: collections.Counter):
+def _sample(out: Path, counts: dict[str, collections.Counter]) -> None:
     me = threading.get_ident()
     last_write = time.monotonic()
     while True:
@@ -51,17 +51,17 @@ def _sample(out: Path, counts: dict[str, collections.Counter], totals: collectio
                     continue
                 name = names.get(ident, "?")
                 counts.setdefault(name, collections.Counter())[_where(frame)] += 1
-                totals[name] += 1
         if time.monotonic() - last_write > 2:
-            _write(out, counts, totals)
+            _write(out, counts)
             last_write = time.monotonic()
         time.sleep(INTERVAL)
 
 
-def _write(out: Path, counts: dict[str, collections.Counter], totals: collections.Counter):
+def _write(out: Path, counts: dict[str, collections.Counter]) -> None:
     lines = []
     with _lock:
-        for name, total in totals.most_common():
+        totals = {name: sum(seen.values()) for name, seen in counts.items()}
+        for name, total in sorted(totals.items(), key=lambda t: -t[1]):
             lines.append(f"== {name}: {total} samples (thread-samples, {INTERVAL * 1000:.0f} ms)")
             for where, n in counts[name].most_common(12):
                 lines.append(f"{n / total:6.1%}  {where}")
@@ -74,17 +74,14 @@ def main() -> None:
     if len(args) < 3 or args[1] != "--":
         raise SystemExit("usage: python -m benchmarks.stacks OUT.txt -- (-m module | script) ...")
     counts: dict[str, collections.Counter] = {}
-    totals: collections.Counter = collections.Counter()
     target = Path(out)
-    sampler = threading.Thread(
-        target=_sample, args=(target, counts, totals), name="stacks", daemon=True
-    )
+    sampler = threading.Thread(target=_sample, args=(target, counts), name="stacks", daemon=True)
     sampler.start()
     exit_now = os._exit
 
     def written_then_exit(code: int) -> None:
         try:
-            _write(target, counts, totals)
+            _write(target, counts)
         finally:
             exit_now(code)
 
@@ -97,7 +94,7 @@ def main() -> None:
             sys.argv = rest
             runpy.run_path(rest[0], run_name="__main__")
     finally:
-        _write(target, counts, totals)
+        _write(target, counts)
 
 
 if __name__ == "__main__":
