@@ -37,7 +37,7 @@ from batch_infer.backends import (
     prepare_local,
     ray_initialized,
 )
-from batch_infer.data.decode import warm_up
+from batch_infer.data.decode import InputsWarmUp
 from batch_infer.data.sharding import Shard, plan_shards
 from batch_infer.errors import STALL_NOTICE_SECONDS, JobFailedError, OutputFailedError, UserError
 from batch_infer.planning import JobPlan, build_plan
@@ -239,9 +239,6 @@ class _Lane:
         self.readers = 1 if device == "cpu" else max(2, min(12, cores - 2))
         self.prepared: deque[tuple[Shard, int, Future]] = deque()
         self.lock = threading.Lock()
-        # When the warm-up of this process's image decoders and tokenizers ended (epoch
-        # seconds, in the run record's actor stats): the first shards wait on them too.
-        self.inputs_ready_at: float | None = None
         # An Event, not Thread.join(): a join interrupted by Ctrl-C or SIGTERM marks the
         # thread as ended although it still runs (CPython 3.11), and the run would record
         # itself before the lane's last commits.
@@ -288,28 +285,19 @@ class _Lane:
             self.done.set()
 
     def _run(self) -> None:
-        # Image decoders and tokenizers get ready beside the model, and the first shards are
-        # read (and decoded) as soon as the work is given, while the model still loads.
-        inputs = threading.Thread(target=self._warm_up, daemon=True)
-        if self.plan.decoded:
-            inputs.start()
-        try:
-            with (
-                ThreadPoolExecutor(self.readers, "batch-infer-read") as readers,
-                ThreadPoolExecutor(2, "batch-infer-commit") as committers,
-            ):
-                ahead = threading.Thread(target=self._read_ahead, args=(readers,), daemon=True)
-                ahead.start()
-                try:
-                    self._drive(readers, committers)
-                finally:  # stopped, failed or done: what was taken but not run goes back
-                    self.stop()
-                    ahead.join()
-        finally:  # joined before this thread can end (a process that exits while CUDA
-            if inputs.is_alive():  # starts may abort)
-                inputs.join()
-            if self.stats is not None:  # the warm-up may end after the last shard
-                self.stats["inputs_ready_at"] = self.inputs_ready_at
+        # The first shards are read (and decoded) as soon as the work is given, while the
+        # model still loads.
+        with (
+            ThreadPoolExecutor(self.readers, "batch-infer-read") as readers,
+            ThreadPoolExecutor(2, "batch-infer-commit") as committers,
+        ):
+            ahead = threading.Thread(target=self._read_ahead, args=(readers,), daemon=True)
+            ahead.start()
+            try:
+                self._drive(readers, committers)
+            finally:  # stopped, failed or done: what was taken but not run goes back
+                self.stop()
+                ahead.join()
 
     def _drive(self, readers: ThreadPoolExecutor, committers: ThreadPoolExecutor) -> None:
         """Load the model, then run shards on it until the work is done or stopped."""
@@ -358,10 +346,6 @@ class _Lane:
             shard, attempt = item
             future = readers.submit(prepare_shard, self.plan, shard, run_id, attempt)
             self.prepared.append((shard, attempt, future))
-
-    def _warm_up(self) -> None:
-        warm_up(self.plan.decoded)
-        self.inputs_ready_at = time.time()
 
     def _next(self, readers: ThreadPoolExecutor) -> tuple[Shard, int, Future] | None:
         """The next prepared shard, reading ahead up to one per reader (and two more)."""
@@ -820,66 +804,74 @@ def run(
     if plan.optimized is not None:
         record.optimized = {**plan.optimized.record, "path": plan.signature.path}
     sink = OutputSink(spec.output.path, spec.output.row_group_rows)
-    # What the lane drives: this machine's device, unless Ray's actors are asked for.
-    here = None if finding is None else finding.result()
-    device = here or ""
-    # The lane is the whole run on the CPU, like a hand-written loop, and on one GPU: it keeps
-    # the GPU as busy as an actor does, and Ray's start (10 s of a 16-core machine) would only
-    # compete with it for the cores. Several GPUs: Ray's actors take over, one per GPU.
-    wants_ray = here is None or (here == "gpu" and local_gpus() > 1)
+    likely = _likely_work(sink, plan.config(), overwrite)
+    # This process's image decoders and tokenizers get ready from now on, beside the device's
+    # start and the model's load, for the lane below: its first shards wait on them.
+    with InputsWarmUp(plan.decoded) as inputs:
+        if finding is not None and likely:
+            inputs.start()
+        # What the lane drives: this machine's device, unless Ray's actors are asked for.
+        here = None if finding is None else finding.result()
+        device = here or ""
+        # The lane is the whole run on the CPU, like a hand-written loop, and on one GPU: it keeps
+        # the GPU as busy as an actor does, and Ray's start (10 s of a 16-core machine) would only
+        # compete with it for the cores. Several GPUs: Ray's actors take over, one per GPU.
+        wants_ray = here is None or (here == "gpu" and local_gpus() > 1)
 
-    def prepare_output() -> tuple[list[Shard], dict[str, ShardEntry], _Work]:
-        """Plan the shards and take the output."""
-        shards = plan_shards(plan.dataset, spec.shard_rows, plan.check_file)  # every footer
-        fingerprints = {s.id: s.fingerprint for s in shards}
-        done = sink.on_write_start(record.run_id, plan.config(), fingerprints, overwrite)
-        record.mark("planned")
-        todo = [s for s in shards if s.id not in done]
-        return shards, done, _Work(todo, record, _Progress(spec.name, len(todo), progress))
+        def prepare_output() -> tuple[list[Shard], dict[str, ShardEntry], _Work]:
+            """Plan the shards and take the output."""
+            shards = plan_shards(plan.dataset, spec.shard_rows, plan.check_file)  # every footer
+            fingerprints = {s.id: s.fingerprint for s in shards}
+            done = sink.on_write_start(record.run_id, plan.config(), fingerprints, overwrite)
+            record.mark("planned")
+            todo = [s for s in shards if s.id not in done]
+            return shards, done, _Work(todo, record, _Progress(spec.name, len(todo), progress))
 
-    # What starts before the plan is made, so that it is ready when the plan is: Ray, and
-    # this process's lane loading the model (not when the output is complete already).
-    ray_start, lane = None, None
-    if (wants_ray or here) and _likely_work(sink, plan.config(), overwrite):
-        if wants_ray:
-            ray_start = _RayStart(address)
-        if here:
+        # What starts before the plan is made, so that it is ready when the plan is: Ray, and
+        # this process's lane loading the model (not when the output is complete already).
+        ray_start, lane = None, None
+        if (wants_ray or here) and likely:
+            if wants_ray:
+                ray_start = _RayStart(address)
+            if here:
+                lane = _Lane(plan, sink, device, 0 if device == "gpu" else None)
+        try:
+            shards, done, work = prepare_output()
+        except BaseException:
+            if lane is not None:  # a process that exits while a library loads the model aborts
+                lane.stop()
+                lane.wait()
+            raise
+        if lane is None and work.pending and here:
             lane = _Lane(plan, sink, device, 0 if device == "gpu" else None)
-    try:
-        shards, done, work = prepare_output()
-    except BaseException:
-        if lane is not None:  # a process that exits while a library loads the model aborts
-            lane.stop()
-            lane.wait()
-        raise
-    if lane is None and work.pending and here:
-        lane = _Lane(plan, sink, device, 0 if device == "gpu" else None)
-    if lane is not None:
-        if work.pending:
-            lane.begin(work)
-        else:  # nothing to run after all: the model was loaded in vain
-            lane.stop()
-            lane.wait()
-            lane = None
-    try:
-        with work.bar.bar:
-            try:
-                record.shards_total = len(shards)
-                record.shards_skipped = len(done)
-                if work.pending or lane is not None:
-                    if ray_start is None and (lane is None or wants_ray):
-                        ray_start = _RayStart(address)
-                    _execute(plan, sink, work, lane, ray_start, address)
-            finally:
-                if lane is not None:  # an error above: let the lane's shards commit first
-                    lane.stop()
-                    lane.wait()
-                    if lane.stats and not record.actor_stats:  # no actor was needed
-                        _record_actors(record, [lane.stats])
-        sink.on_write_complete(record, [s.id for s in shards], spec.max_bad_rows)
-    except BaseException as exc:
-        sink.on_write_failed(record, exc)
-        raise
-    finally:
-        sink.record_run(record)
-    return record
+            inputs.start()
+        if lane is not None:
+            if work.pending:
+                lane.begin(work)
+            else:  # nothing to run after all: the model was loaded in vain
+                lane.stop()
+                lane.wait()
+                lane = None
+        try:
+            with work.bar.bar:
+                try:
+                    record.shards_total = len(shards)
+                    record.shards_skipped = len(done)
+                    if work.pending or lane is not None:
+                        if ray_start is None and (lane is None or wants_ray):
+                            ray_start = _RayStart(address)
+                        _execute(plan, sink, work, lane, ray_start, address)
+                finally:
+                    if lane is not None:  # an error above: let the lane's shards commit first
+                        lane.stop()
+                        lane.wait()
+                        inputs.close()  # its time is in the lane's stats: a tiny run may end first
+                        if lane.stats and not record.actor_stats:  # no actor was needed
+                            _record_actors(record, [{**lane.stats, **inputs.times()}])
+            sink.on_write_complete(record, [s.id for s in shards], spec.max_bad_rows)
+        except BaseException as exc:
+            sink.on_write_failed(record, exc)
+            raise
+        finally:
+            sink.record_run(record)
+        return record

@@ -31,6 +31,7 @@ from tokenizers import Tokenizer
 import batch_infer
 from batch_infer.data.decode.hooks import first_failing_row
 from batch_infer.data.decode.images import (
+    GpuDecoders,
     ImageDecode,
     NvImageCodecDecoder,
     PillowDecoder,
@@ -55,7 +56,7 @@ from jobs.make_examples import (
     text_model,
     train_tokenizer,
 )
-from tests.conftest import ROOT, make_table, read_output
+from tests.conftest import ROOT, make_table, read_output, run_records
 
 ray_job = pytest.mark.usefixtures("ray_start_regular")
 SIZE = 64
@@ -382,6 +383,23 @@ def test_no_gpu_here_means_pillow_and_gpu_demanded_is_refused():
 
 @pytest.mark.gpu
 @pytest.mark.skipif(_gpu_here() is None, reason="needs a GPU, nvImageCodec and CuPy")
+def test_gpu_decoders_are_made_ahead_until_stopped(monkeypatch):
+    """A run's warm-up makes the GPU decoders its shards will share (`fill`), one after
+    another, and makes no more once the run has ended (its stop event set)."""
+    import threading
+
+    monkeypatch.setenv("BATCH_INFER_GPU_DECODERS", "3")
+    pool = GpuDecoders(0)
+    stopped = threading.Event()
+    stopped.set()
+    pool.fill(stopped)
+    assert pool.made == 1 and pool.free.qsize() == 1
+    pool.fill(threading.Event())
+    assert pool.made == pool.free.qsize() == 3
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(_gpu_here() is None, reason="needs a GPU, nvImageCodec and CuPy")
 def test_gpu_decoder_is_within_two_levels_of_pillow(image_files):
     """On the GPU machine (python -m pytest -m gpu tests/test_inputs.py): nvImageCodec and
     the GPU resize against Pillow; what it cannot decode (PNG, corrupt files) it hands back
@@ -466,29 +484,24 @@ def test_image_job_equals_pillow_and_direct_onnxruntime(tmp_path, image_files, c
         assert sorted(bad) == [9, 17, 28] and bad[28] == reason
 
 
-def test_the_lane_says_when_its_decoders_were_ready(tmp_path, image_files, cnn):
-    """The run's own process readies its image decoder beside the model's load; its stats
-    say when, since a slow first shard waits on it."""
-    import time
-
-    from batch_infer.data.sharding import plan_shards
-    from batch_infer.job import _execute, _Lane, _Progress, _record_actors, _Work
-    from batch_infer.sink.manifest import OutputSink, RunRecord
-    from batch_infer.spec import resolve_spec
-
-    spec = resolve_spec(image_spec(image_files, tmp_path / "out", cnn))
-    plan, sink = build_plan(spec), OutputSink(spec.output.path)
-    record = RunRecord(run_id="lane", name="lane")
-    lane = _Lane(plan, sink, "cpu", None)
-    shards = plan_shards(plan.dataset, spec.shard_rows)
-    sink.on_write_start(record.run_id, plan.config(), {s.id: s.fingerprint for s in shards})
-    work = _Work(shards, record, _Progress("lane", len(shards), False))
-    lane.begin(work)
-    _execute(plan, sink, work, lane, None, None)
-    assert record.shards_committed == len(shards) and lane.stats is not None
-    _record_actors(record, [lane.stats])  # what a run records: seconds after its start
-    (stats,) = record.actor_stats
-    assert 0 <= stats["inputs_ready_at"] < time.time() - record.started_at  # Pillow: at once
+def test_a_local_run_says_when_its_decoders_were_ready(tmp_path, image_files, cnn):
+    """A local run readies its image decoders from when its plan is made, beside the model's
+    load (no Ray: on the CPU its own process is the whole run); the stats of that process's
+    lane say when, since a slow first shard waits on them."""
+    (tmp_path / "job.yaml").write_text(
+        yaml.safe_dump(image_spec(image_files, tmp_path / "out", cnn))
+    )
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}  # a run of its own
+    done = subprocess.run(
+        [sys.executable, "-m", "batch_infer.cli", "run", str(tmp_path / "job.yaml"), "-q"],
+        capture_output=True, text=True, timeout=300, env=env,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    (record,) = run_records(tmp_path / "out")
+    assert record["rows"] == 28
+    (stats,) = record["actor_stats"]
+    assert stats["node"] == "driver"
+    assert 0 <= stats["inputs_ready_at"] <= record["seconds"]  # Pillow: at once
     assert stats["loading_at"] <= stats["ready_at"] <= stats["first_batch_at"]
 
 

@@ -8,9 +8,13 @@ prepare stage and turns a shard into arrays plus bad rows with their reasons.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 import posixpath
+import threading
+import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -22,6 +26,7 @@ from batch_infer.data.decode.images import (
     ImageDecode,
     decode_images,
     describe_size,
+    fill_decoders,
     item_shape,
     warm_up_images,
 )
@@ -208,17 +213,68 @@ def read_labels(path: str) -> tuple[str, ...]:
     return tuple(labels)
 
 
-def warm_up(decoded: tuple[DecodedInput, ...]) -> None:
-    """Ready this process's image decoders and tokenizers before its first shard (the run's
-    own process does it while the model loads). A failure is left to the shards to report."""
-    for d in decoded:
+class InputsWarmUp:
+    """This process's image decoders and tokenizers made ready on a thread of their own once
+    `start` is called (a local run's own process: from when the plan is made, beside the
+    device's start and the model's load), since the first shards wait on them. Then the
+    thread makes the GPU decoders still missing. A failure is left to the shards to report.
+    Leaving the `with` block stops it and waits for it."""
+
+    def __init__(self, decoded: tuple[DecodedInput, ...]) -> None:
+        self.decoded = decoded
+        self.ready_at: float | None = None  # epoch seconds: every input could decode
+        self._started = False
+        self._stop, self._done = threading.Event(), threading.Event()
+
+    def start(self) -> None:
+        """Start (once), if there is anything to ready."""
+        if self.decoded and not self._started:
+            self._started = True
+            threading.Thread(target=self._main, name="batch-infer-inputs", daemon=True).start()
+
+    def times(self) -> dict[str, float | None]:
+        """For the run record's stats of this process's lane."""
+        return {"inputs_ready_at": self.ready_at} if self._started else {}
+
+    def _main(self) -> None:
         try:
+            self._ready()
+        finally:
+            self._done.set()
+
+    def _ready(self) -> None:
+        for d in self.decoded:
+            with _logged_failure():
+                if isinstance(d.source, ImageDecode):
+                    warm_up_images(d.source)
+                elif isinstance(d.source, TextEncode):
+                    encode(pa.array(["warm up"]), d.source)
+        self.ready_at = time.time()
+        for d in self.decoded:
             if isinstance(d.source, ImageDecode):
-                warm_up_images(d.source)
-            elif isinstance(d.source, TextEncode):
-                encode(pa.array(["warm up"]), d.source)
-        except Exception as exc:
-            log.info("input warm-up skipped (%s: %s)", type(exc).__name__, exc)
+                with _logged_failure():
+                    fill_decoders(d.source, self._stop)
+
+    def close(self) -> None:
+        """Make no more decoders, and wait for the one being made: a process that exits
+        while CUDA starts may abort. (An Event, as `job._Lane.done`, not Thread.join.)"""
+        self._stop.set()
+        while self._started and not self._done.wait(0.5):
+            pass
+
+    def __enter__(self) -> InputsWarmUp:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+@contextlib.contextmanager
+def _logged_failure() -> Iterator[None]:
+    try:
+        yield
+    except Exception as exc:
+        log.info("input warm-up skipped (%s: %s)", type(exc).__name__, exc)
 
 
 def decode_shard(

@@ -21,6 +21,7 @@ import posixpath
 import queue
 import sys
 import threading
+import time
 from collections.abc import Sequence
 from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
 from dataclasses import dataclass
@@ -530,8 +531,8 @@ class GpuDecoders:
     """Up to a few `NvImageCodecDecoder`s, each with a stream of its own, handed to one
     thread at a time: the run's own process prepares several shards at once, so one shard's
     resize and copies overlap another's decode. One is made at once; the others (a second
-    or so each) when shards wait for one, so the first shard does not wait for them.
-    BATCH_INFER_GPU_DECODERS sets how many (3)."""
+    or so each) by the run's warm-up (`fill`), or by a shard that finds none free, so the
+    first shard does not wait for them. BATCH_INFER_GPU_DECODERS sets how many (3)."""
 
     name = "nvimgcodec"
 
@@ -539,30 +540,43 @@ class GpuDecoders:
         self.device = device
         self.count = max(1, int(os.environ.get("BATCH_INFER_GPU_DECODERS", "3")))
         self.free: queue.Queue[NvImageCodecDecoder] = queue.Queue()
-        first = NvImageCodecDecoder(device)
+        self.made, self.lock = 0, threading.Lock()
+        first = self._make()
+        assert first is not None
         self.free.put(first)
-        self.made, self.lock = 1, threading.Lock()
         self.about = f"{first.describe()} ({self.count} decoders)"
 
     def describe(self, rows: int | None = None) -> str:
         return self.about
 
+    def _make(self) -> NvImageCodecDecoder | None:
+        """A new decoder, or None when `count` are made already."""
+        with self.lock:
+            if self.made >= self.count:
+                return None
+            self.made += 1
+            index = self.made
+        start = time.perf_counter()
+        try:
+            decoder = NvImageCodecDecoder(self.device)
+        except BaseException:  # not made: a later shard may try again
+            with self.lock:
+                self.made -= 1
+            raise
+        log.info("GPU image decoder %d of %d made in %.2f s", index, self.count,
+                 time.perf_counter() - start)  # fmt: skip
+        return decoder
+
+    def fill(self, stop: threading.Event) -> None:
+        """Make the decoders not made yet, one after another, until `stop` is set."""
+        while not stop.is_set() and (decoder := self._make()) is not None:
+            self.free.put(decoder)
+
     def _take(self) -> NvImageCodecDecoder:
         try:
             return self.free.get_nowait()
         except queue.Empty:
-            with self.lock:
-                grow = self.made < self.count
-                if grow:
-                    self.made += 1
-            if not grow:
-                return self.free.get()
-            try:
-                return NvImageCodecDecoder(self.device)
-            except BaseException:  # not made: a later shard may try again
-                with self.lock:
-                    self.made -= 1
-                raise
+            return self._make() or self.free.get()
 
     def decode(
         self, data: Sequence[Blob | None], d: ImageDecode, out: np.ndarray
@@ -623,7 +637,8 @@ def decoder_for(device: str) -> tuple[Any, str]:
 
 def warm_up_images(d: ImageDecode) -> None:
     """Start this process's decoder for `d` ahead of the first shard: on a GPU, creating the
-    first decoder and its first decode (the resize kernel compiles) take a second or more."""
+    first decoder and its first decode (the resize kernel compiles) take a second or more.
+    `fill_decoders` makes the others."""
     decoder, _ = decoder_for(d.device)
     if decoder.name == "pillow":
         return
@@ -633,6 +648,13 @@ def warm_up_images(d: ImageDecode) -> None:
     Image.new("RGB", (320, 240), (90, 120, 150)).save(buf, "JPEG")
     nhwc = dataclasses.replace(d, layout="NHWC")
     decoder.decode([buf.getvalue()], nhwc, np.zeros((1, *item_shape(nhwc)), np.uint8))
+
+
+def fill_decoders(d: ImageDecode, stop: threading.Event) -> None:
+    """Make the rest of this process's GPU decoders for `d` (after `warm_up_images`)."""
+    decoder, _ = decoder_for(d.device)
+    if isinstance(decoder, GpuDecoders):
+        decoder.fill(stop)
 
 
 def decode_images(
