@@ -43,6 +43,7 @@ from batch_infer.data.decode.images import ImageDecode, decode_pillow
 from benchmarks.gpu_bench import write_files
 from jobs.make_examples import jpeg, photo
 
+ROOT = Path(__file__).resolve().parent.parent
 BATCH = 256
 SEQ = 128
 D = ImageDecode("image", 224, 224, "shorter_side_crop", "NHWC", "RGB", "auto", False)
@@ -459,6 +460,7 @@ JOB_SETUPS = {
     "job": {},
     "c8": {"CUDA_DEVICE_MAX_CONNECTIONS": "8"},
     "prealloc": {"BATCH_INFER_NVIMGCODEC_OPTIONS": _preallocated()},
+    "baseline": {},  # the batch-infer of --baseline
 }
 
 
@@ -871,24 +873,33 @@ def tokenize_rate(texts: Path, tokenizer: Path, rows: int) -> tuple[float, dict]
 
 
 def run_job(
-    name: str, spec: dict, work: Path, out_dir: Path, env: dict | None = None, stacks: bool = False
+    name: str,
+    spec: dict,
+    work: Path,
+    out_dir: Path,
+    env: dict | None = None,
+    stacks: bool = False,
+    tree: Path | None = None,
 ) -> dict:
-    """`python3 -m batch_infer.cli run` as a whole process (with `env` added to its
+    """`python3 -m batch_infer.cli -v run` as a whole process (with `env` added to its
     environment), timed from outside; with `stacks`, its threads' stacks sampled into
-    `out_dir/{name}.stacks.txt` (benchmarks/stacks.py)."""
+    `out_dir/{name}.stacks.txt` (benchmarks/stacks.py); with `tree`, the batch-infer of that
+    directory runs (`-m` looks in the working directory first)."""
     out = work / f"out-{name}"
     spec = {"name": name, "batch_size": BATCH, **spec,
             "output": {"path": str(out), "keep_columns": ["id"]}}  # fmt: skip
     path = work / f"{name}.yaml"
     path.write_text(json.dumps(spec))
-    argv = [sys.executable, "-m", "batch_infer.cli", "run", str(path), "--overwrite", "-q"]
+    argv = [sys.executable, "-m", "batch_infer.cli", "-v", "run", str(path), "--overwrite", "-q"]
     if stacks:
-        argv[1:1] = ["-m", "benchmarks.stacks", str(out_dir / f"{name}.stacks.txt"), "--"]
+        where = out_dir.resolve() / f"{name}.stacks.txt"
+        argv[1:1] = ["-m", "benchmarks.stacks", str(where), "--"]
+    environ = {**os.environ, **(env or {})}
+    if tree is not None:  # benchmarks.stacks still from here
+        environ["PYTHONPATH"] = os.pathsep.join([str(ROOT), environ.get("PYTHONPATH", "")])
     start = time.perf_counter()
     with (out_dir / f"{name}.log").open("w") as log:
-        proc = subprocess.run(
-            argv, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})}
-        )
+        proc = subprocess.run(argv, stdout=log, stderr=subprocess.STDOUT, env=environ, cwd=tree)
     seconds = time.perf_counter() - start
     runs = [json.loads(p.read_text()) for p in (out / "_runs").glob("*.json")]
     run = max(runs, key=lambda r: r["started_at"]) if runs else {}
@@ -969,7 +980,8 @@ def images(args: argparse.Namespace, res: dict) -> None:
         spec = {"input": {"path": str(root)},
                 "model": {"onnx": str(fp16), "inputs": inputs}}  # fmt: skip
         name = f"resnet50-decode-{device}-{root.name}-{label}"
-        job = run_job(name, spec, args.work, args.out, JOB_SETUPS[label], args.stacks)
+        tree = args.baseline if label == "baseline" else None
+        job = run_job(name, spec, args.work, args.out, JOB_SETUPS[label], args.stacks, tree)
         res["jobs"].append({"device": device, "setup": label, **job})
         print(f"images: job (decode {device}, {root.name}, set-up {label}) {job}", flush=True)
 
@@ -1068,9 +1080,13 @@ def main() -> None:
         choices=sorted(JOB_SETUPS),
         default=["job"],
         help="the jobs' GPU set-ups (job: batch-infer's; c8: CUDA's default 8 hardware "
-        "queues; prealloc: nvJPEG's buffers pre-allocated): the job over the first "
-        "--image-copies runs with each, the others with the first",
+        "queues; prealloc: nvJPEG's buffers pre-allocated; baseline: the batch-infer in "
+        "--baseline): the job over the first --image-copies runs with each, the others with "
+        "the first",
     )
+    ap.add_argument("--baseline", type=Path,
+                    help="a directory holding another commit's batch_infer/ (git archive "
+                    "COMMIT batch_infer | tar -x -C DIR), for set-up baseline")  # fmt: skip
     ap.add_argument(
         "--decode-load",
         choices=["also", "only", "hw", "green", "options", "formats"],
@@ -1089,6 +1105,9 @@ def main() -> None:
     ap.add_argument("--work", type=Path, default=Path("/tmp/gpu-inputs"))
     ap.add_argument("--out", type=Path, default=Path(os.environ.get("OUT", "benchmarks/results")))
     args = ap.parse_args()
+    if ("baseline" in args.job_setups) != (args.baseline is not None):
+        ap.error("set-up baseline and --baseline go together")
+    args.baseline = args.baseline and args.baseline.resolve()
     if args.cuda_connections:  # read when CUDA starts: nothing here has started it yet
         os.environ["CUDA_DEVICE_MAX_CONNECTIONS"] = str(args.cuda_connections)
     args.work.mkdir(parents=True, exist_ok=True)
