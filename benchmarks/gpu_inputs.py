@@ -891,8 +891,8 @@ def run_job(
     path = work / f"{name}.yaml"
     path.write_text(json.dumps(spec))
     argv = [sys.executable, "-m", "batch_infer.cli", "-v", "run", str(path), "--overwrite", "-q"]
+    where = out_dir.resolve() / f"{name}.stacks.txt"
     if stacks:
-        where = out_dir.resolve() / f"{name}.stacks.txt"
         argv[1:1] = ["-m", "benchmarks.stacks", str(where), "--"]
     environ = {**os.environ, **(env or {})}
     if tree is not None:  # benchmarks.stacks still from here
@@ -900,7 +900,7 @@ def run_job(
     start = time.perf_counter()
     with (out_dir / f"{name}.log").open("w") as log:
         proc = subprocess.run(argv, stdout=log, stderr=subprocess.STDOUT, env=environ, cwd=tree)
-    seconds = time.perf_counter() - start
+    seconds, ended = time.perf_counter() - start, time.time()
     runs = [json.loads(p.read_text()) for p in (out / "_runs").glob("*.json")]
     run = max(runs, key=lambda r: r["started_at"]) if runs else {}
     entries = [json.loads(p.read_text()) for p in (out / "_manifest" / "shards").glob("*.json")]
@@ -921,7 +921,17 @@ def run_job(
         # up; decoders ready) and its first shards (read and decoded from, for; ran from)
         "lane": next((a for a in run.get("actor_stats", []) if a["actor"] == -1), None),
         "first_shards": firsts,
+        # after the run's record was written: the summary, os._exit and the process's teardown
+        # (CUDA's context, pinned memory), and of that what came after os._exit (--stacks)
+        "after_finished": round(ended - t0 - run["timeline"]["finished"], 3) if run else None,
+        "after_exit_call": _after_exit_call(where, ended) if stacks else None,
     }
+
+
+def _after_exit_call(stacks: Path, ended: float) -> float | None:
+    """Seconds from the job's os._exit call (benchmarks/stacks.py's first line) to its end."""
+    first = stacks.read_text().split("\n", 1)[0] if stacks.exists() else ""
+    return round(ended - float(first.split()[-1]), 3) if first.startswith("# os._exit") else None
 
 
 def linked_copies(root: Path, copies: int) -> Path:

@@ -7,7 +7,8 @@ other thread's stack every few milliseconds (`sys._current_frames`, so it sees t
 in C as well: a thread blocked on a lock or in a CUDA call shows at the Python line that
 called it). OUT.txt gets, per thread name (numbers dropped), the innermost lines it was seen
 at most often, with the batch-infer line that led there; it is written at the end, also when
-the program ends with os._exit (as batch-infer's CLI does), and every two seconds before.
+the program ends with os._exit (as batch-infer's CLI does: then its first line says when), and
+every two seconds before.
 py-spy does this from outside, but it needs ptrace, which the GPU machines' sandbox may refuse.
 """
 
@@ -57,8 +58,10 @@ def _sample(out: Path, counts: dict[str, collections.Counter]) -> None:
         time.sleep(INTERVAL)
 
 
-def _write(out: Path, counts: dict[str, collections.Counter]) -> None:
-    lines = []
+def _write(out: Path, counts: dict[str, collections.Counter], exit_at: float | None = None) -> None:
+    """The counts; with `exit_at` (epoch seconds), a first line saying when os._exit was
+    called, so that the process's teardown after it can be told from the program's work."""
+    lines = [] if exit_at is None else [f"# os._exit at {exit_at:.3f}"]
     with _lock:
         totals = {name: sum(seen.values()) for name, seen in counts.items()}
         for name, total in sorted(totals.items(), key=lambda t: -t[1]):
@@ -81,7 +84,7 @@ def main() -> None:
 
     def written_then_exit(code: int) -> None:
         try:
-            _write(target, counts)
+            _write(target, counts, time.time())
         finally:
             exit_now(code)
 
