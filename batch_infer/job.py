@@ -806,72 +806,91 @@ def run(
     sink = OutputSink(spec.output.path, spec.output.row_group_rows)
     likely = _likely_work(sink, plan.config(), overwrite)
     # This process's image decoders and tokenizers get ready from now on, beside the device's
-    # start and the model's load, for the lane below: its first shards wait on them.
+    # start and the model's load: the lane's first shards wait on them.
     with InputsWarmUp(plan.decoded) as inputs:
         if finding is not None and likely:
             inputs.start()
-        # What the lane drives: this machine's device, unless Ray's actors are asked for.
-        here = None if finding is None else finding.result()
-        device = here or ""
-        # The lane is the whole run on the CPU, like a hand-written loop, and on one GPU: it keeps
-        # the GPU as busy as an actor does, and Ray's start (10 s of a 16-core machine) would only
-        # compete with it for the cores. Several GPUs: Ray's actors take over, one per GPU.
-        wants_ray = here is None or (here == "gpu" and local_gpus() > 1)
+        return _run_planned(
+            plan, record, sink, finding, inputs, likely, overwrite, progress, address
+        )
 
-        def prepare_output() -> tuple[list[Shard], dict[str, ShardEntry], _Work]:
-            """Plan the shards and take the output."""
-            shards = plan_shards(plan.dataset, spec.shard_rows, plan.check_file)  # every footer
-            fingerprints = {s.id: s.fingerprint for s in shards}
-            done = sink.on_write_start(record.run_id, plan.config(), fingerprints, overwrite)
-            record.mark("planned")
-            todo = [s for s in shards if s.id not in done]
-            return shards, done, _Work(todo, record, _Progress(spec.name, len(todo), progress))
 
-        # What starts before the plan is made, so that it is ready when the plan is: Ray, and
-        # this process's lane loading the model (not when the output is complete already).
-        ray_start, lane = None, None
-        if (wants_ray or here) and likely:
-            if wants_ray:
-                ray_start = _RayStart(address)
-            if here:
-                lane = _Lane(plan, sink, device, 0 if device == "gpu" else None)
-        try:
-            shards, done, work = prepare_output()
-        except BaseException:
-            if lane is not None:  # a process that exits while a library loads the model aborts
-                lane.stop()
-                lane.wait()
-            raise
-        if lane is None and work.pending and here:
+def _run_planned(
+    plan: JobPlan,
+    record: RunRecord,
+    sink: OutputSink,
+    finding: Future[str | None] | None,
+    inputs: InputsWarmUp,
+    likely: bool,
+    overwrite: bool,
+    progress: bool,
+    address: str | None,
+) -> RunRecord:
+    """`run` once the plan is made: the lane on this machine's device (`finding`), Ray's
+    actors where more is needed, until every shard is committed or has failed."""
+    spec = plan.spec
+    # What the lane drives: this machine's device, unless Ray's actors are asked for.
+    here = None if finding is None else finding.result()
+    device = here or ""
+    # The lane is the whole run on the CPU, like a hand-written loop, and on one GPU: it keeps
+    # the GPU as busy as an actor does, and Ray's start (10 s of a 16-core machine) would only
+    # compete with it for the cores. Several GPUs: Ray's actors take over, one per GPU.
+    wants_ray = here is None or (here == "gpu" and local_gpus() > 1)
+
+    def prepare_output() -> tuple[list[Shard], dict[str, ShardEntry], _Work]:
+        """Plan the shards and take the output."""
+        shards = plan_shards(plan.dataset, spec.shard_rows, plan.check_file)  # every footer
+        fingerprints = {s.id: s.fingerprint for s in shards}
+        done = sink.on_write_start(record.run_id, plan.config(), fingerprints, overwrite)
+        record.mark("planned")
+        todo = [s for s in shards if s.id not in done]
+        return shards, done, _Work(todo, record, _Progress(spec.name, len(todo), progress))
+
+    # What starts before the plan is made, so that it is ready when the plan is: Ray, and
+    # this process's lane loading the model (not when the output is complete already).
+    ray_start, lane = None, None
+    if (wants_ray or here) and likely:
+        if wants_ray:
+            ray_start = _RayStart(address)
+        if here:
             lane = _Lane(plan, sink, device, 0 if device == "gpu" else None)
-            inputs.start()
-        if lane is not None:
-            if work.pending:
-                lane.begin(work)
-            else:  # nothing to run after all: the model was loaded in vain
-                lane.stop()
-                lane.wait()
-                lane = None
-        try:
-            with work.bar.bar:
-                try:
-                    record.shards_total = len(shards)
-                    record.shards_skipped = len(done)
-                    if work.pending or lane is not None:
-                        if ray_start is None and (lane is None or wants_ray):
-                            ray_start = _RayStart(address)
-                        _execute(plan, sink, work, lane, ray_start, address)
-                finally:
-                    if lane is not None:  # an error above: let the lane's shards commit first
-                        lane.stop()
-                        lane.wait()
-                        inputs.close()  # its time is in the lane's stats: a tiny run may end first
-                        if lane.stats and not record.actor_stats:  # no actor was needed
-                            _record_actors(record, [{**lane.stats, **inputs.times()}])
-            sink.on_write_complete(record, [s.id for s in shards], spec.max_bad_rows)
-        except BaseException as exc:
-            sink.on_write_failed(record, exc)
-            raise
-        finally:
-            sink.record_run(record)
-        return record
+    try:
+        shards, done, work = prepare_output()
+    except BaseException:
+        if lane is not None:  # a process that exits while a library loads the model aborts
+            lane.stop()
+            lane.wait()
+        raise
+    if lane is None and work.pending and here:
+        lane = _Lane(plan, sink, device, 0 if device == "gpu" else None)
+        inputs.start()
+    if lane is not None:
+        if work.pending:
+            lane.begin(work)
+        else:  # nothing to run after all: the model was loaded in vain
+            lane.stop()
+            lane.wait()
+            lane = None
+    try:
+        with work.bar.bar:
+            try:
+                record.shards_total = len(shards)
+                record.shards_skipped = len(done)
+                if work.pending or lane is not None:
+                    if ray_start is None and (lane is None or wants_ray):
+                        ray_start = _RayStart(address)
+                    _execute(plan, sink, work, lane, ray_start, address)
+            finally:
+                if lane is not None:  # an error above: let the lane's shards commit first
+                    lane.stop()
+                    lane.wait()
+                    inputs.close()  # its time is in the lane's stats: a tiny run may end first
+                    if lane.stats and not record.actor_stats:  # no actor was needed
+                        _record_actors(record, [{**lane.stats, **inputs.times()}])
+        sink.on_write_complete(record, [s.id for s in shards], spec.max_bad_rows)
+    except BaseException as exc:
+        sink.on_write_failed(record, exc)
+        raise
+    finally:
+        sink.record_run(record)
+    return record
