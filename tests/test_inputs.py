@@ -484,6 +484,31 @@ def test_image_job_equals_pillow_and_direct_onnxruntime(tmp_path, image_files, c
         assert sorted(bad) == [9, 17, 28] and bad[28] == reason
 
 
+def test_inputs_warm_up_readies_once_and_only_when_started(tmp_path, sentences):
+    """The warm-up a local run starts beside its model's load: not started (Ray's actors do
+    the work), it adds nothing to the lane's stats; started (a second start does nothing), it
+    readies the tokenizer and says when, and leaving the block waits for it."""
+    import time
+
+    from batch_infer.data.decode import InputsWarmUp
+
+    root, tokenizer = sentences
+    model = bag_model(tmp_path / "m.onnx", 200, 16)
+    plan = build_plan(batch_infer.spec.resolve_spec(text_spec(root / "data", tmp_path, model,
+                                                              tokenizer)))  # fmt: skip
+    assert plan.decoded
+    with InputsWarmUp(plan.decoded) as idle:
+        pass
+    assert idle.times() == {} and idle.ready_at is None
+    before = time.time()
+    with InputsWarmUp(plan.decoded) as inputs:
+        inputs.start()
+        inputs.start()
+    (ready,) = inputs.times().values()
+    assert ready is not None and before <= ready <= time.time()
+    inputs.close()  # again: returns at once
+
+
 def test_a_local_run_says_when_its_decoders_were_ready(tmp_path, image_files, cnn):
     """A local run readies its image decoders from when its plan is made, beside the model's
     load (no Ray: on the CPU its own process is the whole run); the stats of that process's
