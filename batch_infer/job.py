@@ -225,8 +225,16 @@ class _Lane:
     error that is not the data's: the shard goes back, and the run falls back to Ray's
     actors."""
 
-    def __init__(self, plan: JobPlan, sink: OutputSink, device: str, gpu: int | None) -> None:
+    def __init__(
+        self,
+        plan: JobPlan,
+        sink: OutputSink,
+        device: str,
+        gpu: int | None,
+        inputs: InputsWarmUp | None = None,
+    ) -> None:
         self.plan, self.sink, self.device, self.gpu = plan, sink, device, gpu
+        self.inputs = inputs  # this process's decoders' warm-up, started by the run
         self._work: _Work | None = None
         self.given = threading.Event()  # set by `begin` or `stop`
         self.stopping = threading.Event()
@@ -287,17 +295,23 @@ class _Lane:
     def _run(self) -> None:
         # The first shards are read (and decoded) as soon as the work is given, while the
         # model still loads.
-        with (
-            ThreadPoolExecutor(self.readers, "batch-infer-read") as readers,
-            ThreadPoolExecutor(2, "batch-infer-commit") as committers,
-        ):
-            ahead = threading.Thread(target=self._read_ahead, args=(readers,), daemon=True)
-            ahead.start()
-            try:
-                self._drive(readers, committers)
-            finally:  # stopped, failed or done: what was taken but not run goes back
-                self.stop()
-                ahead.join()
+        try:
+            with (
+                ThreadPoolExecutor(self.readers, "batch-infer-read") as readers,
+                ThreadPoolExecutor(2, "batch-infer-commit") as committers,
+            ):
+                ahead = threading.Thread(target=self._read_ahead, args=(readers,), daemon=True)
+                ahead.start()
+                try:
+                    self._drive(readers, committers)
+                finally:  # stopped, failed or done: what was taken but not run goes back
+                    self.stop()
+                    ahead.join()
+        finally:  # no shard of this process needs another decoder; a tiny run may end
+            if self.inputs is not None:  # before the warm-up, so its time comes after it
+                self.inputs.close()
+                if self.stats is not None:
+                    self.stats.update(self.inputs.times())
 
     def _drive(self, readers: ThreadPoolExecutor, committers: ThreadPoolExecutor) -> None:
         """Load the model, then run shards on it until the work is done or stopped."""
@@ -717,7 +731,7 @@ def _drive(plan: JobPlan, sink: OutputSink, work: _Work, lane: _Lane | None, poo
     _record_actors(record, lanes)
 
 
-# The times in each lane's stats, epoch seconds; the run's own process adds the last.
+# The times in each lane's stats, epoch seconds; the run's own process's lane adds the last.
 LANE_TIMES = ("loading_at", "loaded_at", "ready_at", "first_batch_at", "last_batch_at",
               "inputs_ready_at")  # fmt: skip
 
@@ -792,6 +806,8 @@ def run(
         finder.shutdown(wait=False)
     try:
         plan = build_plan(spec)  # spec, model and input schema checked: nothing started yet
+        sink = OutputSink(spec.output.path, spec.output.row_group_rows)
+        likely = _likely_work(sink, plan.config(), overwrite)
     except BaseException:
         if finding is not None:  # a process that exits while CUDA starts may abort
             with contextlib.suppress(Exception):
@@ -803,8 +819,6 @@ def run(
     record.model, record.model_sha256 = origin or spec.model.onnx, plan.signature.sha256
     if plan.optimized is not None:
         record.optimized = {**plan.optimized.record, "path": plan.signature.path}
-    sink = OutputSink(spec.output.path, spec.output.row_group_rows)
-    likely = _likely_work(sink, plan.config(), overwrite)
     # This process's image decoders and tokenizers get ready from now on, beside the device's
     # start and the model's load: the lane's first shards wait on them.
     with InputsWarmUp(plan.decoded) as inputs:
@@ -832,6 +846,8 @@ def _run_planned(
     # What the lane drives: this machine's device, unless Ray's actors are asked for.
     here = None if finding is None else finding.result()
     device = here or ""
+    if not here:  # no lane: Ray's actors decode for themselves
+        inputs.close()
     # The lane is the whole run on the CPU, like a hand-written loop, and on one GPU: it keeps
     # the GPU as busy as an actor does, and Ray's start (10 s of a 16-core machine) would only
     # compete with it for the cores. Several GPUs: Ray's actors take over, one per GPU.
@@ -853,7 +869,7 @@ def _run_planned(
         if wants_ray:
             ray_start = _RayStart(address)
         if here:
-            lane = _Lane(plan, sink, device, 0 if device == "gpu" else None)
+            lane = _Lane(plan, sink, device, 0 if device == "gpu" else None, inputs)
     try:
         shards, done, work = prepare_output()
     except BaseException:
@@ -862,8 +878,8 @@ def _run_planned(
             lane.wait()
         raise
     if lane is None and work.pending and here:
-        lane = _Lane(plan, sink, device, 0 if device == "gpu" else None)
         inputs.start()
+        lane = _Lane(plan, sink, device, 0 if device == "gpu" else None, inputs)
     if lane is not None:
         if work.pending:
             lane.begin(work)
@@ -884,9 +900,8 @@ def _run_planned(
                 if lane is not None:  # an error above: let the lane's shards commit first
                     lane.stop()
                     lane.wait()
-                    inputs.close()  # its time is in the lane's stats: a tiny run may end first
                     if lane.stats and not record.actor_stats:  # no actor was needed
-                        _record_actors(record, [{**lane.stats, **inputs.times()}])
+                        _record_actors(record, [lane.stats])
         sink.on_write_complete(record, [s.id for s in shards], spec.max_bad_rows)
     except BaseException as exc:
         sink.on_write_failed(record, exc)

@@ -509,25 +509,32 @@ def test_inputs_warm_up_readies_once_and_only_when_started(tmp_path, sentences):
     inputs.close()  # again: returns at once
 
 
-def test_a_local_run_says_when_its_decoders_were_ready(tmp_path, image_files, cnn):
-    """A local run readies its image decoders from when its plan is made, beside the model's
-    load (no Ray: on the CPU its own process is the whole run); the stats of that process's
-    lane say when, since a slow first shard waits on them."""
-    (tmp_path / "job.yaml").write_text(
-        yaml.safe_dump(image_spec(image_files, tmp_path / "out", cnn))
-    )
+def test_a_local_run_readies_its_decoders_before_its_device_is_found(tmp_path, image_files, cnn):
+    """A local run readies its image decoders from when its plan is made, not once its device
+    is found and its lane starts (a GPU's start and ONNX Runtime's import take a second
+    there: here the finding is made a second slower), and its lane's stats say when. Its own
+    process, no Ray: on the CPU that process is the whole run."""
+    spec = {**image_spec(image_files, tmp_path / "out", cnn), "device": "cpu"}
+    script = f"""
+import json, time
+import batch_infer.job as job
+found = job.prepare_local
+def slowly(*args):
+    time.sleep(1.0)
+    return found(*args)
+job.prepare_local = slowly
+print(json.dumps(job.run({spec!r}).actor_stats))
+"""
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}  # a run of its own
-    done = subprocess.run(
-        [sys.executable, "-m", "batch_infer.cli", "run", str(tmp_path / "job.yaml"), "-q"],
-        capture_output=True, text=True, timeout=300, env=env,
-    )  # fmt: skip
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                          timeout=300, env=env, cwd=ROOT)  # fmt: skip
     assert done.returncode == 0, done.stderr
-    (record,) = run_records(tmp_path / "out")
-    assert record["rows"] == 28
-    (stats,) = record["actor_stats"]
+    (stats,) = json.loads(done.stdout.splitlines()[-1])
     assert stats["node"] == "driver"
-    assert 0 <= stats["inputs_ready_at"] <= record["seconds"]  # Pillow: at once
+    assert 0 <= stats["inputs_ready_at"] < stats["loading_at"] - 0.5  # Pillow: at once
     assert stats["loading_at"] <= stats["ready_at"] <= stats["first_batch_at"]
+    (record,) = run_records(tmp_path / "out")
+    assert record["rows"] == 28 and record["actor_stats"] == [stats]
 
 
 @ray_job

@@ -222,15 +222,15 @@ class InputsWarmUp:
 
     def __init__(self, decoded: tuple[DecodedInput, ...]) -> None:
         self.decoded = decoded
-        self.ready_at: float | None = None  # epoch seconds: every input could decode
+        self.ready_at: float | None = None  # epoch seconds: each input readied (or failed)
         self._started = False
         self._stop, self._done = threading.Event(), threading.Event()
 
     def start(self) -> None:
         """Start (once), if there is anything to ready."""
-        if self.decoded and not self._started:
-            self._started = True
+        if self.decoded and not self._started and not self._stop.is_set():
             threading.Thread(target=self._main, name="batch-infer-inputs", daemon=True).start()
+            self._started = True
 
     def times(self) -> dict[str, float | None]:
         """For the run record's stats of this process's lane."""
