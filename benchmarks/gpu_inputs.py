@@ -1117,7 +1117,8 @@ def main() -> None:
     args = ap.parse_args()
     if ("baseline" in args.job_setups) != (args.baseline is not None):
         ap.error("set-up baseline and --baseline go together")
-    args.baseline = args.baseline and args.baseline.resolve()
+    # absolute: a baseline job runs in its own working directory
+    args.baseline, args.work = args.baseline and args.baseline.resolve(), args.work.resolve()
     if args.cuda_connections:  # read when CUDA starts: nothing here has started it yet
         os.environ["CUDA_DEVICE_MAX_CONNECTIONS"] = str(args.cuda_connections)
     args.work.mkdir(parents=True, exist_ok=True)

@@ -25,7 +25,8 @@ from pathlib import Path
 from types import FrameType
 
 INTERVAL = 0.01
-_lock = threading.Lock()  # the counts: added to by the sampler, written out by either thread
+_lock = threading.Lock()  # the counts and the file: the sampler adds and writes, os._exit writes
+_exit_written = threading.Event()
 
 
 def _where(frame: FrameType) -> str:
@@ -60,15 +61,20 @@ def _sample(out: Path, counts: dict[str, collections.Counter]) -> None:
 
 def _write(out: Path, counts: dict[str, collections.Counter], exit_at: float | None = None) -> None:
     """The counts; with `exit_at` (epoch seconds), a first line saying when os._exit was
-    called, so that the process's teardown after it can be told from the program's work."""
-    lines = [] if exit_at is None else [f"# os._exit at {exit_at:.3f}"]
+    called, so that the process's teardown after it can be told from the program's work.
+    That write is the last: the sampler's own writes come before it (the lock) or not at all."""
     with _lock:
+        if _exit_written.is_set():
+            return
+        lines = [] if exit_at is None else [f"# os._exit at {exit_at:.3f}"]
         totals = {name: sum(seen.values()) for name, seen in counts.items()}
         for name, total in sorted(totals.items(), key=lambda t: -t[1]):
             lines.append(f"== {name}: {total} samples (thread-samples, {INTERVAL * 1000:.0f} ms)")
             for where, n in counts[name].most_common(12):
                 lines.append(f"{n / total:6.1%}  {where}")
-    out.write_text("\n".join(lines) + "\n")
+        out.write_text("\n".join(lines) + "\n")
+        if exit_at is not None:
+            _exit_written.set()
 
 
 def main() -> None:
