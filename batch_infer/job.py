@@ -307,8 +307,8 @@ class _Lane:
                 finally:  # stopped, failed or done: what was taken but not run goes back
                     self.stop()
                     ahead.join()
-        finally:  # no shard of this process needs another decoder; a tiny run may end
-            if self.inputs is not None:  # before the warm-up, so its time comes after it
+        finally:  # no more shards here, so no more decoders; the warm-up's time is taken
+            if self.inputs is not None:  # once it has ended (a tiny run may end before it)
                 self.inputs.close()
                 if self.stats is not None:
                     self.stats.update(self.inputs.times())
