@@ -494,8 +494,8 @@ def test_inputs_warm_up_readies_once_and_only_when_started(tmp_path, sentences):
 
     root, tokenizer = sentences
     model = bag_model(tmp_path / "m.onnx", 200, 16)
-    plan = build_plan(batch_infer.spec.resolve_spec(text_spec(root / "data", tmp_path, model,
-                                                              tokenizer)))  # fmt: skip
+    spec = text_spec(root / "data", tmp_path, model, tokenizer)
+    plan = build_plan(batch_infer.spec.resolve_spec(spec))
     assert plan.decoded
     with InputsWarmUp(plan.decoded) as idle:
         pass
