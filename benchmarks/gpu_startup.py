@@ -43,8 +43,6 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from benchmarks.gpu_bench import compute_rate, job, sample_feeds, to_fp16, workloads
-
 PIECES = {
     "bare": "pass",
     "cli": "import batch_infer.cli",
@@ -147,6 +145,7 @@ def chains(spec: Path, n: int) -> dict[str, dict[str, float]]:
 
 def image_spec(work: Path) -> Path:
     """ResNet-50 fp16 on 1,024 JPEGs as a run reads them (gpu_inputs.py's)."""
+    from benchmarks.gpu_bench import to_fp16
     from benchmarks.gpu_inputs import make_images
     from tests.gpu_models import export_resnet50
 
@@ -180,8 +179,10 @@ def main() -> None:
     ap.add_argument("--work", type=Path, default=Path("/tmp/bench"))
     ap.add_argument("--out", type=Path, default=Path(os.environ.get("OUT", "benchmarks/results")))
     args = ap.parse_args()
-    if args.chain:
+    if args.chain:  # a chain's process imports only what a run does
         return chain(args.chain, args.spec)
+    from benchmarks.gpu_bench import compute_rate, job, sample_feeds, workloads
+
     args.out.mkdir(parents=True, exist_ok=True)
     args.work = args.work.resolve()
     args.work.mkdir(parents=True, exist_ok=True)
