@@ -112,6 +112,7 @@ def chain(which: str, spec_path: Path) -> None:
             decoding.start()
         here = finding["here"] or "cpu"
         runner = ShardRunner(plan, here, 1, -1, "driver", "0" if here == "gpu" else None)
+        marks["model_loading"] = round(runner.loading_at - t0, 3)
         marks["model_loaded"] = round(runner.loaded_at - t0, 3)
         mark("model_warmed")
     if which != "device":
