@@ -948,17 +948,26 @@ def linked_copies(root: Path, copies: int) -> Path:
     return out
 
 
-def images(args: argparse.Namespace, res: dict) -> None:
-    from benchmarks.gpu_bench import compute_rate, to_fp16
+def resnet50_fp16(work: Path) -> Path:
+    """ResNet-50 (uint8 NHWC pixels in) made fp16 by ONNX Runtime's converter, under `work`
+    once."""
+    from benchmarks.gpu_bench import to_fp16
     from tests.gpu_models import export_resnet50
+
+    fp32, fp16 = work / "resnet50-fp32.onnx", work / "resnet50-fp16.onnx"
+    if not fp16.exists():
+        export_resnet50(fp32)
+        to_fp16(fp32, fp16)
+    return fp16
+
+
+def images(args: argparse.Namespace, res: dict) -> None:
+    from benchmarks.gpu_bench import compute_rate
 
     t = time.perf_counter()
     make_images(args.work / "images", args.images)
     res["images_made_seconds"] = round(time.perf_counter() - t, 1)
-    fp32, fp16 = args.work / "resnet50-fp32.onnx", args.work / "resnet50-fp16.onnx"
-    if not fp16.exists():
-        export_resnet50(fp32)
-        to_fp16(fp32, fp16)
+    fp16 = resnet50_fp16(args.work)
     blobs = sample_images(args.work / "images", args.decode_sample)
     res["mean_jpeg_kib"] = round(float(np.mean([len(b) for b in blobs])) / 1024, 1)
     res["cpu_decode"] = cpu_decode_rate(blobs)

@@ -146,14 +146,9 @@ def chains(spec: Path, n: int) -> dict[str, dict[str, float]]:
 
 def image_spec(work: Path) -> Path:
     """ResNet-50 fp16 on 1,024 JPEGs as a run reads them (gpu_inputs.py's)."""
-    from benchmarks.gpu_bench import to_fp16
-    from benchmarks.gpu_inputs import make_images
-    from tests.gpu_models import export_resnet50
+    from benchmarks.gpu_inputs import make_images, resnet50_fp16
 
-    fp32, fp16 = work / "resnet50-fp32.onnx", work / "resnet50-fp16.onnx"
-    if not fp16.exists():
-        export_resnet50(fp32)
-        to_fp16(fp32, fp16)
+    fp16 = resnet50_fp16(work)
     make_images(work / "images-startup", 1024)
     spec = {
         "name": "startup",
