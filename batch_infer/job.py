@@ -230,10 +230,10 @@ class _Lane:
         plan: JobPlan,
         sink: OutputSink,
         device: str,
-        gpu: int | None,
         inputs: InputsWarmUp | None = None,
     ) -> None:
-        self.plan, self.sink, self.device, self.gpu = plan, sink, device, gpu
+        self.plan, self.sink, self.device = plan, sink, device
+        self.gpu = 0 if device == "gpu" else None  # the first this process sees
         self.inputs = inputs  # this process's decoders' warm-up, started by the run
         self._work: _Work | None = None
         self.given = threading.Event()  # set by `begin` or `stop`
@@ -843,15 +843,6 @@ def _run_planned(
     """`run` once the plan is made: the lane on this machine's device (`finding`), Ray's
     actors where more is needed, until every shard is committed or has failed."""
     spec = plan.spec
-    # What the lane drives: this machine's device, unless Ray's actors are asked for.
-    here = None if finding is None else finding.result()
-    device = here or ""
-    if not here:  # no lane: Ray's actors decode for themselves
-        inputs.close()
-    # The lane is the whole run on the CPU, like a hand-written loop, and on one GPU: it keeps
-    # the GPU as busy as an actor does, and Ray's start (10 s of a 16-core machine) would only
-    # compete with it for the cores. Several GPUs: Ray's actors take over, one per GPU.
-    wants_ray = here is None or (here == "gpu" and local_gpus() > 1)
 
     def prepare_output() -> tuple[list[Shard], dict[str, ShardEntry], _Work]:
         """Plan the shards and take the output."""
@@ -862,24 +853,41 @@ def _run_planned(
         todo = [s for s in shards if s.id not in done]
         return shards, done, _Work(todo, record, _Progress(spec.name, len(todo), progress))
 
-    # What starts before the plan is made, so that it is ready when the plan is: Ray, and
-    # this process's lane loading the model (not when the output is complete already).
+    # The shards are planned on a thread of their own from now on: while the device is found
+    # (CUDA's start, ONNX Runtime's import), and then while Ray starts or the model loads.
+    planner = ThreadPoolExecutor(1, "batch-infer-plan")
+    planning = planner.submit(prepare_output)
+    planner.shutdown(wait=False)
     ray_start, lane = None, None
-    if (wants_ray or here) and likely:
-        if wants_ray:
-            ray_start = _RayStart(address)
-        if here:
-            lane = _Lane(plan, sink, device, 0 if device == "gpu" else None, inputs)
     try:
-        shards, done, work = prepare_output()
-    except BaseException:
+        # What the lane drives: this machine's device, unless Ray's actors are asked for.
+        here = None if finding is None else finding.result()
+        device = here or ""
+        if not here:  # no lane: Ray's actors decode for themselves
+            inputs.close()
+        # The lane is the whole run on the CPU, like a hand-written loop, and on one GPU: it
+        # keeps the GPU as busy as an actor does, and Ray's start (10 s of a 16-core machine)
+        # would only compete with it for the cores. Several GPUs: Ray's actors take over.
+        wants_ray = here is None or (here == "gpu" and local_gpus() > 1)
+        # What starts before the plan is made, so that it is ready when the plan is: Ray, and
+        # this process's lane loading the model (not when the output is complete already).
+        if (wants_ray or here) and likely:
+            if wants_ray:
+                ray_start = _RayStart(address)
+            if here:
+                lane = _Lane(plan, sink, device, inputs)
+        shards, done, work = planning.result()
+    except BaseException as exc:
         if lane is not None:  # a process that exits while a library loads the model aborts
             lane.stop()
             lane.wait()
+        if planning.exception() is None:  # the output was taken: record why, and let it go
+            sink.on_write_failed(record, exc)
+            sink.record_run(record)
         raise
     if lane is None and work.pending and here:
         inputs.start()
-        lane = _Lane(plan, sink, device, 0 if device == "gpu" else None, inputs)
+        lane = _Lane(plan, sink, device, inputs)
     if lane is not None:
         if work.pending:
             lane.begin(work)

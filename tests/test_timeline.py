@@ -231,7 +231,7 @@ def test_the_lane_hands_over_to_rays_actors_once_one_has_loaded(tmp_path):
     record = RunRecord(run_id="handover", name="handover")
     sink.on_write_start(record.run_id, plan.config(), {s.id: s.fingerprint for s in shards})
     work = _Work(shards, record, _Progress("handover", len(shards), False))
-    lane = _Lane(plan, sink, "cpu", None)
+    lane = _Lane(plan, sink, "cpu")
     lane.begin(work)
     _execute(plan, sink, work, lane, _RayStart(None), None)
     sink.on_write_complete(record, [s.id for s in shards], 0)
@@ -285,7 +285,7 @@ def _lane_on_slow_model(tmp_path: Path, name: str, x: np.ndarray, batch_size: in
     })  # fmt: skip
     plan = build_plan(spec)
     sink = OutputSink(spec.output.path)
-    lane = _Lane(plan, sink, "cpu", None)  # starts loading the model at once, as a run does
+    lane = _Lane(plan, sink, "cpu")  # starts loading the model at once, as a run does
     shards = plan_shards(plan.dataset, spec.shard_rows)
     record = RunRecord(run_id=name, name=name)
     sink.on_write_start(record.run_id, plan.config(), {s.id: s.fingerprint for s in shards})
