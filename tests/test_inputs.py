@@ -383,19 +383,29 @@ def test_no_gpu_here_means_pillow_and_gpu_demanded_is_refused():
 
 @pytest.mark.gpu
 @pytest.mark.skipif(_gpu_here() is None, reason="needs a GPU, nvImageCodec and CuPy")
-def test_gpu_decoders_are_made_ahead_until_stopped(monkeypatch):
-    """A run's warm-up makes the GPU decoders its shards will share (`fill`), one after
-    another, and makes no more once the run has ended (its stop event set)."""
-    import threading
+def test_gpu_decoders_are_made_on_demand_up_to_the_limit(monkeypatch, image_files):
+    """Shards decoding at once each take a decoder of their own, made when none is free, but
+    never more than BATCH_INFER_GPU_DECODERS; each decodes what one decoder alone does."""
+    from concurrent.futures import ThreadPoolExecutor
 
-    monkeypatch.setenv("BATCH_INFER_GPU_DECODERS", "3")
+    monkeypatch.setenv("BATCH_INFER_GPU_DECODERS", "2")
+    paths = pq.read_table(image_files / "index.parquet")["path"].to_pylist()
+    blobs = [(image_files / p).read_bytes() for p in paths]
+    d = ImageDecode("img", SIZE, SIZE, "shorter_side_crop", "NHWC", "RGB", "gpu", False)
     pool = GpuDecoders(0)
-    stopped = threading.Event()
-    stopped.set()
-    pool.fill(stopped)
-    assert pool.made == 1 and pool.free.qsize() == 1
-    pool.fill(threading.Event())
-    assert pool.made == pool.free.qsize() == 3
+    assert pool.made == 1
+
+    def decode(_: int) -> tuple[np.ndarray, dict[int, str]]:
+        out = np.zeros((len(blobs), SIZE, SIZE, 3), np.uint8)
+        return out, pool.decode(blobs, d, out)
+
+    with ThreadPoolExecutor(6) as threads:
+        results = list(threads.map(decode, range(12)))
+    assert pool.made == 2 and pool.free.qsize() == 2
+    want, retry = results[0]
+    for out, again in results[1:]:
+        assert again == retry
+        np.testing.assert_array_equal(out, want)
 
 
 @pytest.mark.gpu

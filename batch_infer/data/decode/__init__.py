@@ -26,7 +26,6 @@ from batch_infer.data.decode.images import (
     ImageDecode,
     decode_images,
     describe_size,
-    fill_decoders,
     item_shape,
     warm_up_images,
 )
@@ -216,9 +215,8 @@ def read_labels(path: str) -> tuple[str, ...]:
 class InputsWarmUp:
     """This process's image decoders and tokenizers made ready on a thread of their own once
     `start` is called (a local run's own process: from when the plan is made, beside the
-    device's start and the model's load), since the first shards wait on them. Then the
-    thread makes the GPU decoders still missing. A failure is left to the shards to report.
-    Leaving the `with` block stops it and waits for it."""
+    device's start and the model's load), since the first shards wait on them. A failure is
+    left to the shards to report. Leaving the `with` block waits for it."""
 
     def __init__(self, decoded: tuple[DecodedInput, ...]) -> None:
         self.decoded = decoded
@@ -250,13 +248,9 @@ class InputsWarmUp:
                 elif isinstance(d.source, TextEncode):
                     encode(pa.array(["warm up"]), d.source)
         self.ready_at = time.time()
-        for d in self.decoded:
-            if isinstance(d.source, ImageDecode):
-                with _logged_failure():
-                    fill_decoders(d.source, self._stop)
 
     def close(self) -> None:
-        """Make no more decoders, and wait for the one being made: a process that exits
+        """Start no warm-up from now on, and wait for one under way: a process that exits
         while CUDA starts may abort. (An Event, as `job._Lane.done`, not Thread.join.)"""
         self._stop.set()
         while self._started and not self._done.wait(0.5):

@@ -531,8 +531,8 @@ class GpuDecoders:
     """Up to a few `NvImageCodecDecoder`s, each with a stream of its own, handed to one
     thread at a time: the run's own process prepares several shards at once, so one shard's
     resize and copies overlap another's decode. One is made at once (1.75 s on an H100, the
-    first time in a process); the others (0.01 s each there) by the run's warm-up (`fill`),
-    or by a shard that finds none free. BATCH_INFER_GPU_DECODERS sets how many (3)."""
+    first time in a process); the others (0.01 s each there) by a shard that finds none free.
+    BATCH_INFER_GPU_DECODERS sets how many (3)."""
 
     name = "nvimgcodec"
 
@@ -566,11 +566,6 @@ class GpuDecoders:
         log.info("GPU image decoder %d of %d made in %.2f s", index, self.count,
                  time.perf_counter() - start)  # fmt: skip
         return decoder
-
-    def fill(self, stop: threading.Event) -> None:
-        """Make the decoders not made yet, one after another, until `stop` is set."""
-        while not stop.is_set() and (decoder := self._make()) is not None:
-            self.free.put(decoder)
 
     def _take(self) -> NvImageCodecDecoder:
         try:
@@ -637,8 +632,7 @@ def decoder_for(device: str) -> tuple[Any, str]:
 
 def warm_up_images(d: ImageDecode) -> None:
     """Start this process's decoder for `d` ahead of the first shard: on a GPU, creating the
-    first decoder and its first decode (the resize kernel compiles) take a second or more.
-    `fill_decoders` makes the others."""
+    first decoder and its first decode (the resize kernel compiles) take a second or more."""
     decoder, _ = decoder_for(d.device)
     if decoder.name == "pillow":
         return
@@ -648,13 +642,6 @@ def warm_up_images(d: ImageDecode) -> None:
     Image.new("RGB", (320, 240), (90, 120, 150)).save(buf, "JPEG")
     nhwc = dataclasses.replace(d, layout="NHWC")
     decoder.decode([buf.getvalue()], nhwc, np.zeros((1, *item_shape(nhwc)), np.uint8))
-
-
-def fill_decoders(d: ImageDecode, stop: threading.Event) -> None:
-    """Make the rest of this process's GPU decoders for `d` (after `warm_up_images`)."""
-    decoder, _ = decoder_for(d.device)
-    if isinstance(decoder, GpuDecoders):
-        decoder.fill(stop)
 
 
 def decode_images(
