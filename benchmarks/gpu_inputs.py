@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import importlib.util
 import json
 import os
 import subprocess
@@ -461,6 +462,7 @@ JOB_SETUPS = {
     "c8": {"CUDA_DEVICE_MAX_CONNECTIONS": "8"},
     "prealloc": {"BATCH_INFER_NVIMGCODEC_OPTIONS": _preallocated()},
     "baseline": {},  # the batch-infer of --baseline
+    "gpu-codecs": {},  # NVIMGCODEC_EXTENSIONS_PATH: nvImageCodec's nvJPEG extension alone
 }
 
 
@@ -948,6 +950,24 @@ def linked_copies(root: Path, copies: int) -> Path:
     return out
 
 
+def gpu_codecs_only(work: Path) -> Path:
+    """A folder laid out as nvImageCodec's package with only its nvJPEG extension (and
+    links to the CUDA libraries its RUNPATH finds beside it), for NVIMGCODEC_EXTENSIONS_PATH."""
+    spec = importlib.util.find_spec("nvidia.nvimgcodec")
+    assert spec is not None and spec.submodule_search_locations
+    package = Path(spec.submodule_search_locations[0])
+    root = work / "nvimgcodec-gpu-codecs"
+    ext = root / "nvimgcodec" / "extensions"
+    ext.mkdir(parents=True, exist_ok=True)
+    for lib in (package / "extensions").glob("libnvjpeg_ext.so*"):
+        if not (ext / lib.name).exists():
+            (ext / lib.name).symlink_to(lib)
+    for sibling in package.parent.iterdir():  # cu13/lib (nvJPEG), nvjpeg2k/lib...
+        if sibling.is_dir() and sibling.name != "nvimgcodec" and not (root / sibling.name).exists():
+            (root / sibling.name).symlink_to(sibling)
+    return ext
+
+
 def resnet50_fp16(work: Path) -> Path:
     """ResNet-50 (uint8 NHWC pixels in) made fp16 by ONNX Runtime's converter, under `work`
     once."""
@@ -1000,7 +1020,10 @@ def images(args: argparse.Namespace, res: dict) -> None:
                 "model": {"onnx": str(fp16), "inputs": inputs}}  # fmt: skip
         name = f"resnet50-decode-{device}-{root.name}-{label}"
         tree = args.baseline if label == "baseline" else None
-        job = run_job(name, spec, args.work, args.out, JOB_SETUPS[label], args.stacks, tree)
+        env = JOB_SETUPS[label]
+        if label == "gpu-codecs":
+            env = {"NVIMGCODEC_EXTENSIONS_PATH": str(gpu_codecs_only(args.work))}
+        job = run_job(name, spec, args.work, args.out, env, args.stacks, tree)
         res["jobs"].append({"device": device, "setup": label, **job})
         print(f"images: job (decode {device}, {root.name}, set-up {label}) {job}", flush=True)
 
