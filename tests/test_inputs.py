@@ -29,6 +29,7 @@ from PIL import Image
 from tokenizers import Tokenizer
 
 import batch_infer
+from batch_infer.data.decode.gpu_codecs import ENV, extensions_folder, load_installed_codecs_only
 from batch_infer.data.decode.hooks import first_failing_row
 from batch_infer.data.decode.images import (
     GpuDecoders,
@@ -426,6 +427,75 @@ def test_gpu_decoder_is_within_two_levels_of_pillow(image_files):
     pixels, bad, how = decode_images(pa.array(blobs, pa.binary()), d, pafs.LocalFileSystem(), "/")
     assert sorted(bad) == [9, 17] and how.startswith("nvImageCodec")
     np.testing.assert_array_equal(pixels[done], out[done])
+
+
+def test_gpu_codecs_folder_leaves_out_extensions_whose_library_is_missing(tmp_path, monkeypatch):
+    """nvImageCodec's package as its wheel lays it out, without nvJPEG2000's and nvTIFF's
+    wheels: their extensions are left out of a folder laid out as the package, whose links
+    `$ORIGIN/..` and `$ORIGIN/../../cu13/lib` still resolve; made once, never half."""
+    site = tmp_path / "site" / "nvidia"
+    package = site / "nvimgcodec"
+    (package / "extensions").mkdir(parents=True)
+    for name in ("libnvjpeg_ext", "libnvjpeg2k_ext", "libnvtiff_ext", "libopencv_ext"):
+        (package / "extensions" / f"{name}.so.0.9.0").write_bytes(b"")
+    (package / "libnvimgcodec.so.0").write_bytes(b"")
+    (site / "cu13" / "lib").mkdir(parents=True)
+    cache = tmp_path / "cache"
+
+    folder = extensions_folder(package, cache)
+    assert folder is not None
+    assert sorted(p.name for p in folder.iterdir()) == [
+        "libnvjpeg_ext.so.0.9.0",
+        "libopencv_ext.so.0.9.0",
+    ]
+    assert (folder / "libnvjpeg_ext.so.0.9.0").resolve() == (
+        package / "extensions" / "libnvjpeg_ext.so.0.9.0"
+    )
+    assert (folder / ".." / "libnvimgcodec.so.0").resolve() == package / "libnvimgcodec.so.0"
+    assert (folder / ".." / ".." / "cu13" / "lib").resolve() == site / "cu13" / "lib"
+    assert extensions_folder(package, cache) == folder
+    assert [p.name for p in cache.iterdir()] == [folder.parent.parent.name]  # no draft left
+
+    (site / "nvjpeg2k" / "lib").mkdir(parents=True)  # nvJPEG2000's wheel installed
+    (site / "nvjpeg2k" / "lib" / "libnvjpeg2k.so.0").write_bytes(b"")
+    with_j2k = extensions_folder(package, cache)
+    assert with_j2k is not None and with_j2k != folder
+    assert "libnvjpeg2k_ext.so.0.9.0" in {p.name for p in with_j2k.iterdir()}
+    (site / "nvtiff" / "lib").mkdir(parents=True)
+    (site / "nvtiff" / "lib" / "libnvtiff.so.0").write_bytes(b"")
+    assert extensions_folder(package, cache) is None  # nothing missing: nvImageCodec's own
+
+    monkeypatch.setenv(ENV, "/the/users/choice")
+    load_installed_codecs_only(cache)
+    assert os.environ[ENV] == "/the/users/choice"
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(_gpu_here() is None, reason="needs a GPU, nvImageCodec and CuPy")
+def test_gpu_decoder_log_has_no_errors_of_codecs_not_installed(image_files):
+    """A fresh process's GPU decoder loads no extension whose library is missing, so its
+    log has none of nvImageCodec's `Failed to load ...` errors, and it decodes as before."""
+    script = (
+        "import sys, numpy as np; from pathlib import Path\n"
+        "from batch_infer.data.decode.images import ImageDecode, NvImageCodecDecoder\n"
+        f"d = ImageDecode('img', {SIZE}, {SIZE}, 'shorter_side_crop', 'NHWC', 'RGB', 'gpu',"
+        " False)\n"
+        "blob = Path(sys.argv[1]).read_bytes()\n"
+        f"out = np.zeros((1, {SIZE}, {SIZE}, 3), np.uint8)\n"
+        "assert NvImageCodecDecoder(0).decode([blob], d, out) == {}\n"
+        "np.save(sys.argv[2], out[0])\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k != ENV}
+    saved = image_files / "decoded.npy"
+    done = subprocess.run(
+        [sys.executable, "-c", script, str(image_files / "img" / "00.jpg"), str(saved)],
+        env=env, capture_output=True, text=True, timeout=300, cwd=ROOT,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    assert "Failed to load" not in done.stdout + done.stderr
+    assert "[ERROR]" not in done.stdout + done.stderr
+    want = pillow_pixels((image_files / "img" / "00.jpg").read_bytes())
+    assert np.abs(np.load(saved).astype(int) - want).max() <= 2
 
 
 def test_first_failing_row_bisects():

@@ -32,6 +32,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.fs as pafs
 
+from batch_infer.data.decode.gpu_codecs import load_installed_codecs_only
 from batch_infer.data.tensors import binary_offsets
 
 log = logging.getLogger("batch_infer")
@@ -420,6 +421,8 @@ class NvImageCodecDecoder:
 
     def __init__(self, device: int) -> None:
         import cupy
+
+        load_installed_codecs_only()  # before nvImageCodec's first import in this process
         from nvidia import nvimgcodec
 
         self.device = device
