@@ -17,8 +17,8 @@ from pathlib import Path
 
 CHILD = r"""
 import io, json, os, sys, time
+from batch_infer.data.decode.gpu_codecs import load_installed_codecs_only  # both: same imports
 if sys.argv[1] == "installed":
-    from batch_infer.data.decode.gpu_codecs import load_installed_codecs_only
     load_installed_codecs_only()
 t = time.perf_counter()
 from nvidia import nvimgcodec
@@ -56,7 +56,7 @@ def main() -> None:
             ok = done.returncode == 0 and out
             result = json.loads(out[-1]) if ok else {"rc": done.returncode}
             printed = [s for s in out[:-1] + done.stderr.splitlines() if s.strip()]
-            runs.append({"setup": setup, **result, "lines_printed": len(printed),
+            runs.append({"setup": setup, **result, "printed": printed,
                          "errors_printed": sum("[ERROR]" in line for line in printed)})  # fmt: skip
             print(runs[-1], flush=True)
     args.out.mkdir(parents=True, exist_ok=True)
