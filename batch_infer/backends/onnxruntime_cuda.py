@@ -63,10 +63,12 @@ class OnnxRuntimeCUDA(StreamBackend):
         )
         self._options = {**provider_options(signature), **(cuda_options or {})}
         stream = str(self.ring.slots[0].compute_handle)
-        provider = (
-            "CUDAExecutionProvider",
-            {**self._options, "device_id": str(device), "user_compute_stream": stream},
-        )
+        # ONNX Runtime >= 1.26 first looks for a plugin EP device matching a given device_id,
+        # finds none for its built-in CUDA provider, and logs a warning for every session
+        # before falling back to it; device 0 is the provider's default, so it is left out.
+        where = {"device_id": str(device)} if device else {}
+        options = {**self._options, **where, "user_compute_stream": stream}
+        provider = ("CUDAExecutionProvider", options)
         try:
             session = ort.InferenceSession(
                 signature.path, ort.SessionOptions(), providers=[provider]
