@@ -49,6 +49,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -77,8 +78,8 @@ def seconds(code: str, repeat: int) -> float | None:
     return round(statistics.median(times), 3)
 
 
-def chain(which: str, spec_path: Path) -> None:
-    """In this fresh process: one start-up chain, its marks printed as JSON, then os._exit."""
+def _marks() -> tuple[float, dict[str, float], Callable[[str], None]]:
+    """The process's start, its marks so far, and `mark(what)`: seconds since that start."""
     from batch_infer.cli import process_started_at
 
     t0 = process_started_at()
@@ -86,6 +87,13 @@ def chain(which: str, spec_path: Path) -> None:
 
     def mark(what: str) -> None:
         marks[what] = round(time.time() - t0, 3)
+
+    return t0, marks, mark
+
+
+def chain(which: str, spec_path: Path) -> None:
+    """In this fresh process: one start-up chain, its marks printed as JSON, then os._exit."""
+    t0, marks, mark = _marks()
 
     import batch_infer.job  # noqa: F401  (what the CLI has imported when a run starts)
     from batch_infer.actor import ShardRunner
@@ -135,13 +143,7 @@ def chain(which: str, spec_path: Path) -> None:
 
 def steps(which: str, spec_path: Path) -> None:
     """In this fresh process: one chain's steps one after another, each marked, then os._exit."""
-    from batch_infer.cli import process_started_at
-
-    t0 = process_started_at()
-    marks: dict[str, float] = {}
-
-    def mark(what: str) -> None:
-        marks[what] = round(time.time() - t0, 3)
+    t0, marks, mark = _marks()
 
     import batch_infer.job  # noqa: F401
     from batch_infer.planning import build_plan
@@ -224,7 +226,11 @@ def chains(spec: Path, n: int, which_ones: tuple[str, ...] = CHAINS) -> dict[str
         if which.endswith("gpu-codecs"):
             from benchmarks.gpu_inputs import gpu_codecs_only
 
-            env["NVIMGCODEC_EXTENSIONS_PATH"] = str(gpu_codecs_only(spec.parent))
+            try:
+                env["NVIMGCODEC_EXTENSIONS_PATH"] = str(gpu_codecs_only(spec.parent))
+            except ImportError as exc:  # said, and the other chains still run
+                print(f"chain {which} skipped: {exc}", flush=True)
+                continue
         mode = "--steps-child" if which in STEPS else "--chain"
         for _ in range(n):
             argv = [sys.executable, __file__, mode, which, "--spec", str(spec)]
