@@ -99,7 +99,7 @@ def load_installed_codecs_only(cache: Path | None = None) -> None:
         package = Path(next(iter(spec.submodule_search_locations)))
         cache = cache or Path.home() / ".cache" / "batch-infer"
         folder = extensions_folder(package, cache)
-    except (ImportError, OSError) as exc:
+    except (ImportError, OSError, RuntimeError) as exc:  # RuntimeError: no home directory
         log.debug("nvImageCodec loads all its extensions (%s)", exc)
         return
     if folder is not None:
