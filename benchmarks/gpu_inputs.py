@@ -456,11 +456,15 @@ def _preallocated(batch: int = 512, side: int = 512) -> str:
 # The jobs' GPU set-ups that --job-setups names, as environment for the job's process: "job",
 # batch-infer's own (32 CUDA hardware queues, batch_infer/__init__.py); "c8", CUDA's default
 # 8, with which the hardware decoder's steps wait behind the model's runs (docs/inputs.md);
-# "prealloc", nvJPEG's buffers for a batch made with each decoder, not in the first shards.
+# "prealloc", nvJPEG's buffers for a batch made with each decoder, not in the first shards;
+# "decoders2", "decoders6": that many GPU decoders for the 12 reader threads (3 by default;
+# 2, 3 and 6 gave the same before the 32 queues, docs/inputs.md 2026-12-05).
 JOB_SETUPS = {
     "job": {},
     "c8": {"CUDA_DEVICE_MAX_CONNECTIONS": "8"},
     "prealloc": {"BATCH_INFER_NVIMGCODEC_OPTIONS": _preallocated()},
+    "decoders2": {"BATCH_INFER_GPU_DECODERS": "2"},
+    "decoders6": {"BATCH_INFER_GPU_DECODERS": "6"},
     "baseline": {},  # the batch-infer of --baseline
     "gpu-codecs": {},  # NVIMGCODEC_EXTENSIONS_PATH: nvImageCodec's nvJPEG extension alone
 }
@@ -1122,9 +1126,10 @@ def main() -> None:
         choices=sorted(JOB_SETUPS),
         default=["job"],
         help="the jobs' GPU set-ups (job: batch-infer's; c8: CUDA's default 8 hardware "
-        "queues; prealloc: nvJPEG's buffers pre-allocated; baseline: the batch-infer in "
-        "--baseline): the job over the first --image-copies runs with each, the others with "
-        "the first",
+        "queues; prealloc: nvJPEG's buffers pre-allocated; decoders2, decoders6: that many "
+        "GPU decoders; gpu-codecs: nvImageCodec's nvJPEG extension alone; baseline: the "
+        "batch-infer in --baseline): the job over the first --image-copies runs with each, "
+        "the others with the first",
     )
     ap.add_argument("--baseline", type=Path,
                     help="a directory holding another commit's batch_infer/ (git archive "
