@@ -955,21 +955,14 @@ def linked_copies(root: Path, copies: int) -> Path:
 
 
 def gpu_codecs_only(work: Path) -> Path:
-    """A folder laid out as nvImageCodec's package with only its nvJPEG extension (and
-    links to the CUDA libraries its RUNPATH finds beside it), for NVIMGCODEC_EXTENSIONS_PATH."""
+    """A folder laid out as nvImageCodec's package with only its nvJPEG extension, for
+    NVIMGCODEC_EXTENSIONS_PATH (batch-infer's own leaves out only those it cannot load)."""
+    from batch_infer.data.decode.gpu_codecs import linked_package
+
     spec = importlib.util.find_spec("nvidia.nvimgcodec")
     assert spec is not None and spec.submodule_search_locations
     package = Path(spec.submodule_search_locations[0])
-    root = work / "nvimgcodec-gpu-codecs"
-    ext = root / "nvimgcodec" / "extensions"
-    ext.mkdir(parents=True, exist_ok=True)
-    for lib in (package / "extensions").glob("libnvjpeg_ext.so*"):
-        if not (ext / lib.name).exists():
-            (ext / lib.name).symlink_to(lib)
-    for sibling in package.parent.iterdir():  # cu13/lib (nvJPEG), nvjpeg2k/lib...
-        if sibling.is_dir() and sibling.name != "nvimgcodec" and not (root / sibling.name).exists():
-            (root / sibling.name).symlink_to(sibling)
-    return ext
+    return linked_package(package, sorted((package / "extensions").glob("libnvjpeg_ext.so*")), work)
 
 
 def resnet50_fp16(work: Path) -> Path:

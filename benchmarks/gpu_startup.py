@@ -192,6 +192,9 @@ def steps(which: str, spec_path: Path) -> None:
         with cupy.cuda.Device(0):
             cupy.cuda.Stream(non_blocking=True)
         mark("context")
+        from batch_infer.data.decode.gpu_codecs import load_installed_codecs_only
+
+        load_installed_codecs_only()  # as NvImageCodecDecoder does before this import
         from nvidia import nvimgcodec
 
         mark("nvimgcodec")

@@ -58,8 +58,12 @@ def extensions_folder(package: Path, cache: Path) -> Path | None:
         if not _library_loads(package.parent / wheel, soname)
     }
     kept = [p for p in extensions if p.name.split(".so")[0] not in missing]
-    if len(kept) == len(extensions):
-        return None
+    return None if len(kept) == len(extensions) else linked_package(package, kept, cache)
+
+
+def linked_package(package: Path, kept: list[Path], cache: Path) -> Path:
+    """The extensions folder of a copy of `package` made of links, holding only `kept`
+    (made once under `cache`, whole or not at all)."""
     key = hashlib.sha256("\n".join([str(package.resolve()), *(p.name for p in kept)]).encode())
     root = cache / f"nvimgcodec-{key.hexdigest()[:16]}"
     folder = root / package.name / "extensions"
