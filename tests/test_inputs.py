@@ -38,6 +38,7 @@ from batch_infer.data.decode.images import (
     PillowDecoder,
     _gpu_here,
     _luma,
+    _resize_gpu,
     _truncated_jpeg,
     crop_box,
     decode_images,
@@ -407,6 +408,28 @@ def test_gpu_decoders_are_made_on_demand_up_to_the_limit(monkeypatch, image_file
     for out, again in results[1:]:
         assert again == retry
         np.testing.assert_array_equal(out, want)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(_gpu_here() is None, reason="needs a GPU, nvImageCodec and CuPy")
+def test_gpu_resize_equals_the_numpy_reference_to_the_pixel():
+    """The GPU resize reads each decoded image in place, by its address and row pitch. On the
+    same pixels it equals resize_batch (of _luma's for L) exactly: images of several sizes,
+    rows with padding after them, both resizes, RGB and L."""
+    import cupy as cp
+
+    rng = np.random.default_rng(3)
+    for resize in ("shorter_side_crop", "stretch"):
+        for channels in ("RGB", "L"):
+            d = ImageDecode("c", 224, 224, resize, "NHWC", channels, "gpu", False)
+            for w, h in ((500, 375), (375, 500), (200, 150)):
+                rgb = np.stack([photo(rng, w, h) for _ in range(3)])
+                padded = cp.zeros((3, h, w * 3 + 64), cp.uint8)
+                padded[:, :, : w * 3] = cp.asarray(rgb.reshape(3, h, w * 3))
+                where = [(padded[k].data.ptr, padded.strides[1]) for k in range(3)]
+                got = _resize_gpu(where, h, w, d, {}).get()
+                want = resize_batch(_luma(rgb) if channels == "L" else rgb, d)
+                np.testing.assert_array_equal(got, want, err_msg=f"{w}x{h} {resize} {channels}")
 
 
 @pytest.mark.gpu

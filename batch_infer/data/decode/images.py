@@ -98,11 +98,12 @@ def decode_pillow(data: bytes | memoryview, d: ImageDecode) -> np.ndarray:
     return out[..., ::-1] if d.channels == "BGR" else out
 
 
-def _luma(rgb: Any, xp: Any = np) -> Any:
-    """[..., 3] uint8 RGB -> [..., 1] luma, in Pillow's integer arithmetic (Convert.c L24)."""
-    x = rgb.astype(xp.int32)
+def _luma(rgb: np.ndarray) -> np.ndarray:
+    """[..., 3] uint8 RGB -> [..., 1] luma, in Pillow's integer arithmetic (Convert.c L24):
+    the reference the GPU resize's luma follows."""
+    x = rgb.astype(np.int32)
     luma = (x[..., 0] * 19595 + x[..., 1] * 38470 + x[..., 2] * 7471 + 0x8000) >> 16
-    return luma.astype(xp.uint8)[..., None]
+    return luma.astype(np.uint8)[..., None]
 
 
 def _reason(exc: BaseException) -> str:
@@ -351,9 +352,37 @@ def resize_batch(pixels: np.ndarray, d: ImageDecode) -> np.ndarray:
     return _resample_numpy(_resample_numpy(pixels, fx, wx, 2), fy, wy, 1)
 
 
-# One pass of the resize on the GPU, over the output [outer, n_out, inner]: each element sums
-# `taps` source elements `inner` apart (the same arithmetic as `_resample_numpy`).
-_RESAMPLE = (
+# The resize on the GPU, in the same arithmetic as `_resample_numpy`. The horizontal pass
+# reads each image where the decoder left it, through a table of [address, row pitch] per
+# image (interleaved RGB, 3 bytes a pixel), into [images, height, n_out, c]; with c = 1 it
+# takes each tap's luma first, as Pillow's convert("L") before its resize would.
+_RESAMPLE_ROWS = (
+    "raw int64 table, raw int32 first, raw int32 weights, int32 taps, int32 height, "
+    "int32 n_out, int32 c",
+    "uint8 dst",
+    """
+    long long q = i / c;
+    int ch = (int)(i - q * c);
+    int j = (int)(q % n_out);
+    long long yb = q / n_out;
+    long long b = yb / height;
+    int y = (int)(yb - b * height);
+    const unsigned char* row =
+        (const unsigned char*)table[2 * b] + y * table[2 * b + 1] + first[j] * 3;
+    int acc = 1 << 21;
+    for (int k = 0; k < taps; k++) {
+        const unsigned char* p = row + k * 3;
+        int v = c == 1 ? ((p[0] * 19595 + p[1] * 38470 + p[2] * 7471 + 0x8000) >> 16) : p[ch];
+        acc += v * weights[j * taps + k];
+    }
+    acc >>= 22;
+    dst = (unsigned char)(acc < 0 ? 0 : (acc > 255 ? 255 : acc));
+    """,
+    "batch_infer_resample_rows",
+)
+# The vertical pass, over the output [outer, n_out, inner]: each element sums `taps` source
+# elements `inner` apart.
+_RESAMPLE_COLUMNS = (
     "raw uint8 src, raw int32 first, raw int32 weights, int32 taps, int32 n_out, int32 n_in, "
     "int32 inner",
     "uint8 dst",
@@ -367,32 +396,36 @@ _RESAMPLE = (
     acc >>= 22;
     dst = (unsigned char)(acc < 0 ? 0 : (acc > 255 ? 255 : acc));
     """,
-    "batch_infer_resample",
+    "batch_infer_resample_columns",
 )
 
 
 @lru_cache(maxsize=1)
-def _resample_kernel() -> Any:
+def _resample_kernels() -> tuple[Any, Any]:
     import cupy as cp
 
-    return cp.ElementwiseKernel(*_RESAMPLE)
+    return cp.ElementwiseKernel(*_RESAMPLE_ROWS), cp.ElementwiseKernel(*_RESAMPLE_COLUMNS)
 
 
-def _resize_gpu(batch: Any, d: ImageDecode, cache: dict) -> Any:
-    """`resize_batch` in CuPy: two kernel passes that read only each output's few taps.
-    `cache` keeps the taps of each image size on the device."""
+def _resize_gpu(images: list[tuple[int, int]], height: int, width: int, d: ImageDecode,
+                cache: dict) -> Any:  # fmt: skip
+    """`resize_batch` (after `_luma` for d.channels "L") in CuPy, over RGB images of one size
+    given as (device address, row pitch): read in place, so no array per image and no copy
+    into one batch. Each output reads only its few taps. `cache` keeps the taps of each image
+    size on the device."""
     import cupy as cp
 
-    kernel = _resample_kernel()
-    b, height, width, c = batch.shape
+    rows_kernel, columns_kernel = _resample_kernels()
     key = (height, width, d.height, d.width, d.resize)
     if key not in cache:
         cache[key] = [tuple(cp.asarray(a) for a in axis) for axis in _axes(height, width, d)]
     (fx, wx), (fy, wy) = cache[key]
-    rows = cp.empty((b, height, d.width, c), cp.uint8)
-    kernel(batch, fx, wx, wx.shape[1], d.width, width, c, rows)
-    out = cp.empty((b, d.height, d.width, c), cp.uint8)
-    kernel(rows, fy, wy, wy.shape[1], d.height, height, d.width * c, out)
+    c = 1 if d.channels == "L" else 3
+    table = cp.asarray(np.array(images, np.int64))
+    rows = cp.empty((len(images), height, d.width, c), cp.uint8)
+    rows_kernel(table, fx, wx, wx.shape[1], height, d.width, c, rows)
+    out = cp.empty((len(images), d.height, d.width, c), cp.uint8)
+    columns_kernel(rows, fy, wy, wy.shape[1], d.height, height, d.width * c, out)
     return out
 
 
@@ -495,24 +528,26 @@ class NvImageCodecDecoder:
             return retry
         with cp.cuda.Device(self.device), self.stream:
             images = self.decoder.decode(streams, params=self.params, cuda_stream=self.stream.ptr)
-            shapes: dict[tuple[int, ...], list[tuple[int, Any]]] = {}
+            # (height, width) -> [(row, (address, row pitch))]: each image read where it lies,
+            # ordered after its decode by the stream (no wait here, no array per image)
+            sizes: dict[tuple[int, int], list[tuple[int, tuple[int, int]]]] = {}
             for i, image in zip(rows, images, strict=True):
-                if image is None:
+                face = None if image is None else image.__cuda_array_interface__
+                if face is None or face["typestr"] != "|u1" or face["shape"][2:] != (3,):
                     retry[i] = ""
-                else:
-                    pixels = cp.asarray(image)
-                    shapes.setdefault(pixels.shape, []).append((i, pixels))
-            done = sorted(i for group in shapes.values() for i, _ in group)
+                    continue
+                height, width = face["shape"][:2]
+                pitch = face["strides"][0] if face["strides"] else width * 3
+                sizes.setdefault((height, width), []).append((i, (face["data"][0], pitch)))
+            done = sorted(i for group in sizes.values() for i, _ in group)
             if not done:
                 return retry
             at = {i: k for k, i in enumerate(done)}
             small = None
-            for group in shapes.values():  # images of one size: resized as one batch
-                batch = cp.stack([pixels for _, pixels in group])
-                if d.channels == "L":  # ITU-R 601-2 luma, as Pillow's convert("L")
-                    batch = _luma(batch, cp)
-                resized = _resize_gpu(batch, d, self.resizing)
-                if len(shapes) == 1:  # rows in order already
+            for (height, width), group in sizes.items():  # one size: resized as one batch
+                resized = _resize_gpu([where for _, where in group], height, width, d,
+                                      self.resizing)  # fmt: skip
+                if len(sizes) == 1:  # rows in order already
                     small = resized
                     break
                 if small is None:
