@@ -39,6 +39,7 @@ from batch_infer.data.decode.images import (
     _gpu_here,
     _luma,
     _resize_gpu,
+    _rgb_in_place,
     _truncated_jpeg,
     crop_box,
     decode_images,
@@ -302,6 +303,23 @@ def test_resize_taps_are_pillows_to_the_pixel():
             got = resize_batch(np.asarray(im)[None], d)[0]
             assert got.shape == ref.shape == (224, 224, 3)
             np.testing.assert_array_equal(got, ref, err_msg=f"{w}x{h} {resize}")
+
+
+def test_only_interleaved_8_bit_rgb_is_resized_in_place():
+    """What the GPU resize reads in place, from a decoded image's CUDA array interface; the
+    rest goes back to the CPU (None)."""
+
+    class Decoded:  # what an nvImageCodec Image gives, without a GPU
+        def __init__(self, typestr: str, shape: tuple, strides: tuple | None) -> None:
+            self.__cuda_array_interface__ = {"typestr": typestr, "shape": shape,
+                                             "strides": strides, "data": (4096, False)}  # fmt: skip
+
+    assert _rgb_in_place(Decoded("|u1", (375, 500, 3), None)) == (375, 500, 4096, 1500)
+    assert _rgb_in_place(Decoded("|u1", (375, 500, 3), (1536, 3, 1))) == (375, 500, 4096, 1536)
+    assert _rgb_in_place(Decoded("|u1", (3, 375, 500), (187500, 500, 1))) is None  # planar
+    assert _rgb_in_place(Decoded("|u1", (375, 500, 4), None)) is None
+    assert _rgb_in_place(Decoded("<u2", (375, 500, 3), None)) is None
+    assert _rgb_in_place(None) is None
 
 
 def test_luma_is_pillows():

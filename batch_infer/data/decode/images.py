@@ -429,6 +429,20 @@ def _resize_gpu(images: list[tuple[int, int]], height: int, width: int, d: Image
     return out
 
 
+def _rgb_in_place(image: Any) -> tuple[int, int, int, int] | None:
+    """(height, width, device address, row pitch) of a decoded image (an nvImageCodec Image)
+    that is interleaved 8-bit RGB; None for anything else, which is retried on the CPU."""
+    if image is None:
+        return None
+    face = image.__cuda_array_interface__
+    shape = face["shape"]
+    if face["typestr"] != "|u1" or len(shape) != 3 or shape[2] != 3:
+        return None
+    height, width = shape[0], shape[1]
+    pitch, pixel, sample = face["strides"] or (width * 3, 3, 1)
+    return (height, width, face["data"][0], pitch) if (pixel, sample) == (3, 1) else None
+
+
 def _truncated_jpeg(blob: Blob) -> bool:
     """A JPEG without its end marker (zero bytes after it allowed)."""
     if bytes(blob[:2]) != b"\xff\xd8":
@@ -532,13 +546,11 @@ class NvImageCodecDecoder:
             # ordered after its decode by the stream (no wait here, no array per image)
             sizes: dict[tuple[int, int], list[tuple[int, tuple[int, int]]]] = {}
             for i, image in zip(rows, images, strict=True):
-                face = None if image is None else image.__cuda_array_interface__
-                if face is None or face["typestr"] != "|u1" or face["shape"][2:] != (3,):
+                if (lies := _rgb_in_place(image)) is None:
                     retry[i] = ""
                     continue
-                height, width = face["shape"][:2]
-                pitch = face["strides"][0] if face["strides"] else width * 3
-                sizes.setdefault((height, width), []).append((i, (face["data"][0], pitch)))
+                height, width, address, pitch = lies
+                sizes.setdefault((height, width), []).append((i, (address, pitch)))
             done = sorted(i for group in sizes.values() for i, _ in group)
             if not done:
                 return retry
