@@ -27,12 +27,14 @@ import contextlib
 import importlib.util
 import json
 import os
+import resource
 import subprocess
 import sys
 import time
 from collections.abc import Iterator
 from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
@@ -91,9 +93,12 @@ def cpu_decode_rate(blobs: list[bytes]) -> float:
 
 
 def gpu_decode_rate(blobs: list[bytes], batch: int = 2048) -> dict:
-    """The job's GPU decoder on batches of `batch`, rows/s wall clock; or why it cannot run.
-    Also its largest difference from Pillow's pixels on the first images."""
+    """The job's GPU decoder on batches of `batch` (all of `blobs` where fewer), rows/s wall
+    clock; or why it cannot run. Also its largest difference from Pillow's pixels on the
+    first images."""
     from batch_infer.data.decode.images import NvImageCodecDecoder
+
+    batch = min(batch, len(blobs))
 
     try:
         decoder = NvImageCodecDecoder(0)
@@ -919,10 +924,11 @@ def run_job(
     environ = {**os.environ, **(env or {})}
     if tree is not None:  # benchmarks.stacks still from here
         environ["PYTHONPATH"] = os.pathsep.join([str(ROOT), environ.get("PYTHONPATH", "")])
-    start = time.perf_counter()
+    before, start = resource.getrusage(resource.RUSAGE_CHILDREN), time.perf_counter()
     with (out_dir / f"{name}.log").open("w") as log:
         proc = subprocess.run(argv, stdout=log, stderr=subprocess.STDOUT, env=environ, cwd=tree)
     seconds, ended = time.perf_counter() - start, time.time()
+    used = resource.getrusage(resource.RUSAGE_CHILDREN)
     runs = [json.loads(p.read_text()) for p in (out / "_runs").glob("*.json")]
     run = max(runs, key=lambda r: r["started_at"]) if runs else {}
     entries = [json.loads(p.read_text()) for p in (out / "_manifest" / "shards").glob("*.json")]
@@ -947,7 +953,20 @@ def run_job(
         # (CUDA's context, pinned memory), and of that what came after os._exit (--stacks)
         "after_finished": round(ended - t0 - run["timeline"]["finished"], 3) if run else None,
         "after_exit_call": _after_exit_call(where, ended) if stacks else None,
+        "cpu": _cpu_used(before, used, seconds),
     }
+
+
+def _cpu_used(before: Any, after: Any, seconds: float) -> dict:
+    """What the job's process took of the machine: CPU seconds in user code and in the
+    kernel, the cores that kept busy on the average, page faults (a page touched for the
+    first time: fresh allocations) and context switches (waits, and being made to wait)."""
+    user, system = after.ru_utime - before.ru_utime, after.ru_stime - before.ru_stime
+    return {"user_seconds": round(user, 1), "system_seconds": round(system, 1),
+            "cores_busy": round((user + system) / seconds, 2),
+            "minor_faults": after.ru_minflt - before.ru_minflt,
+            "waits": after.ru_nvcsw - before.ru_nvcsw,
+            "preempted": after.ru_nivcsw - before.ru_nivcsw}  # fmt: skip
 
 
 def _after_exit_call(stacks: Path, ended: float) -> float | None:
