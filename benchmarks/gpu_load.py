@@ -80,7 +80,8 @@ def load(stream):
     so.graph_optimization_level = getattr(ort.GraphOptimizationLevel, level)
     if variant == "one-thread":
         so.intra_op_num_threads = so.inter_op_num_threads = 1
-    opts = {"cudnn_conv_algo_search": "HEURISTIC", "device_id": "0",
+    # no device_id: GPU 0 is the default, and ONNX Runtime >= 1.26 warns when it is given
+    opts = {"cudnn_conv_algo_search": "HEURISTIC",
             "user_compute_stream": str(stream), **({"prefer_nhwc": "1"} if nhwc == "1" else {})}
     return ort.InferenceSession(model, so, providers=[("CUDAExecutionProvider", opts)])
 
