@@ -317,6 +317,8 @@ def test_only_interleaved_8_bit_rgb_is_resized_in_place():
     assert _rgb_in_place(Decoded("|u1", (375, 500, 3), None)) == (375, 500, 4096, 1500)
     assert _rgb_in_place(Decoded("|u1", (375, 500, 3), (1536, 3, 1))) == (375, 500, 4096, 1536)
     assert _rgb_in_place(Decoded("|u1", (3, 375, 500), (187500, 500, 1))) is None  # planar
+    assert _rgb_in_place(Decoded("|u1", (375, 500, 3), (500, 1, 187500))) is None  # planes
+    assert _rgb_in_place(Decoded("|u1", (375, 500, 3), (2000, 4, 1))) is None  # 4 bytes apart
     assert _rgb_in_place(Decoded("|u1", (375, 500, 4), None)) is None
     assert _rgb_in_place(Decoded("<u2", (375, 500, 3), None)) is None
     assert _rgb_in_place(None) is None

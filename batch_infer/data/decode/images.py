@@ -682,7 +682,7 @@ def decoder_for(device: str) -> tuple[Any, str]:
 
 def warm_up_images(d: ImageDecode) -> None:
     """Start this process's decoder for `d` ahead of the first shard: on a GPU, creating the
-    first decoder and its first decode (the resize kernel compiles) take a second or more."""
+    first decoder and its first decode (the resize kernels compile) take a second or more."""
     decoder, _ = decoder_for(d.device)
     if decoder.name == "pillow":
         return
