@@ -99,7 +99,6 @@ def gpu_decode_rate(blobs: list[bytes], batch: int = 2048) -> dict:
     from batch_infer.data.decode.images import NvImageCodecDecoder
 
     batch = min(batch, len(blobs))
-
     try:
         decoder = NvImageCodecDecoder(0)
     except Exception as exc:
@@ -1155,9 +1154,8 @@ def main() -> None:
         help="the jobs' GPU set-ups (job: batch-infer's; c8: CUDA's default 8 hardware "
         "queues; prealloc: nvJPEG's buffers pre-allocated; decoders2, decoders6: that many "
         "GPU decoders; gpu-codecs: nvImageCodec's nvJPEG extension alone; switch: the GIL "
-        "handed on every 0.5 ms; baseline: the "
-        "batch-infer in --baseline): the job over the first --image-copies runs with each, "
-        "the others with the first",
+        "handed on every 0.5 ms; baseline: the batch-infer in --baseline): the job over the "
+        "first --image-copies runs with each, the others with the first",
     )
     ap.add_argument("--baseline", type=Path,
                     help="a directory holding another commit's batch_infer/ (git archive "
