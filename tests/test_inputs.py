@@ -310,12 +310,14 @@ def test_only_interleaved_8_bit_rgb_is_resized_in_place():
     rest goes back to the CPU (None)."""
 
     class Decoded:  # what an nvImageCodec Image gives, without a GPU
-        def __init__(self, typestr: str, shape: tuple, strides: tuple | None) -> None:
+        def __init__(self, typestr: str, shape: tuple, strides: tuple | None, **more) -> None:
             self.__cuda_array_interface__ = {"typestr": typestr, "shape": shape,
-                                             "strides": strides, "data": (4096, False)}  # fmt: skip
+                                             "strides": strides, "data": (4096, False),
+                                             **more}  # fmt: skip
 
-    assert _rgb_in_place(Decoded("|u1", (375, 500, 3), None)) == (375, 500, 4096, 1500)
-    assert _rgb_in_place(Decoded("|u1", (375, 500, 3), (1536, 3, 1))) == (375, 500, 4096, 1536)
+    assert _rgb_in_place(Decoded("|u1", (375, 500, 3), None)) == (375, 500, 4096, 1500, None)
+    got = _rgb_in_place(Decoded("|u1", (375, 500, 3), (1536, 3, 1), stream=77))
+    assert got == (375, 500, 4096, 1536, 77)  # the stream its pixels are written on
     assert _rgb_in_place(Decoded("|u1", (3, 375, 500), (187500, 500, 1))) is None  # planar
     assert _rgb_in_place(Decoded("|u1", (375, 500, 3), (500, 1, 187500))) is None  # planes
     assert _rgb_in_place(Decoded("|u1", (375, 500, 3), (2000, 4, 1))) is None  # 4 bytes apart
@@ -433,22 +435,29 @@ def test_gpu_decoders_are_made_on_demand_up_to_the_limit(monkeypatch, image_file
 @pytest.mark.gpu
 @pytest.mark.skipif(_gpu_here() is None, reason="needs a GPU, nvImageCodec and CuPy")
 def test_gpu_resize_equals_the_numpy_reference_to_the_pixel():
-    """The GPU resize reads each decoded image in place, by its address and row pitch. On the
-    same pixels it equals resize_batch (of _luma's for L) exactly: images of several sizes,
-    rows with padding after them, both resizes, RGB and L."""
+    """The GPU resize reads each decoded image in place, by its own address and row pitch. On
+    the same pixels it equals resize_batch (of _luma's for L) exactly: each image in an
+    allocation of its own with its own padding after each row, handed over out of order,
+    landscape and portrait (whose crop leaves rows unread), a large one (long tap loops),
+    both resizes, RGB and L, one cache of taps throughout."""
     import cupy as cp
 
     rng = np.random.default_rng(3)
+    cache: dict = {}
     for resize in ("shorter_side_crop", "stretch"):
         for channels in ("RGB", "L"):
             d = ImageDecode("c", 224, 224, resize, "NHWC", channels, "gpu", False)
-            for w, h in ((500, 375), (375, 500), (200, 150)):
-                rgb = np.stack([photo(rng, w, h) for _ in range(3)])
-                padded = cp.zeros((3, h, w * 3 + 64), cp.uint8)
-                padded[:, :, : w * 3] = cp.asarray(rgb.reshape(3, h, w * 3))
-                where = [(padded[k].data.ptr, padded.strides[1]) for k in range(3)]
-                got = _resize_gpu(where, h, w, d, {}).get()
-                want = resize_batch(_luma(rgb) if channels == "L" else rgb, d)
+            for w, h in ((500, 375), (375, 500), (200, 150), (1000, 1400)):
+                rgb = np.stack([photo(rng, w, h) for _ in range(4)])
+                held, where = [], []
+                for k in (2, 0, 3, 1):  # out of order, each apart, padded by 0, 5, 64, 333
+                    pad = (0, 5, 64, 333)[k]
+                    image = cp.zeros((h, w * 3 + pad), cp.uint8)
+                    image[:, : w * 3] = cp.asarray(rgb[k].reshape(h, w * 3))
+                    held.append(image)
+                    where.append((image.data.ptr, image.strides[0]))
+                got = _resize_gpu(where, h, w, d, cache).get()
+                want = resize_batch(_luma(rgb) if channels == "L" else rgb, d)[[2, 0, 3, 1]]
                 np.testing.assert_array_equal(got, want, err_msg=f"{w}x{h} {resize} {channels}")
 
 

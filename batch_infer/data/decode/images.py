@@ -354,10 +354,11 @@ def resize_batch(pixels: np.ndarray, d: ImageDecode) -> np.ndarray:
 
 # The resize on the GPU, in the same arithmetic as `_resample_numpy`. The horizontal pass
 # reads each image where the decoder left it, through a table of [address, row pitch] per
-# image (interleaved RGB, 3 bytes a pixel), into [images, height, n_out, c]; with c = 1 it
-# takes each tap's luma first, as Pillow's convert("L") before its resize would.
+# image (interleaved RGB, 3 bytes a pixel), into [images, rows, n_out, c]: only the `rows`
+# source rows from `top` that the vertical pass reads (a crop leaves the others out). With
+# c = 1 it takes each tap's luma first, as Pillow's convert("L") before its resize would.
 _RESAMPLE_ROWS = (
-    "raw int64 table, raw int32 first, raw int32 weights, int32 taps, int32 height, "
+    "raw int64 table, raw int32 first, raw int32 weights, int32 taps, int32 top, int32 rows, "
     "int32 n_out, int32 c",
     "uint8 dst",
     """
@@ -365,8 +366,8 @@ _RESAMPLE_ROWS = (
     int ch = (int)(i - q * c);
     int j = (int)(q % n_out);
     long long yb = q / n_out;
-    long long b = yb / height;
-    int y = (int)(yb - b * height);
+    long long b = yb / rows;
+    long long y = top + (yb - b * rows);
     const unsigned char* row =
         (const unsigned char*)table[2 * b] + y * table[2 * b + 1] + first[j] * 3;
     int acc = 1 << 21;
@@ -411,27 +412,32 @@ def _resize_gpu(images: list[tuple[int, int]], height: int, width: int, d: Image
                 cache: dict) -> Any:  # fmt: skip
     """`resize_batch` (after `_luma` for d.channels "L") in CuPy, over RGB images of one size
     given as (device address, row pitch): read in place, so no array per image and no copy
-    into one batch. Each output reads only its few taps. `cache` keeps the taps of each image
-    size on the device."""
+    into one batch. Each output reads only its few taps, and the horizontal pass computes
+    only the rows the vertical pass reads. `cache` keeps the taps of each image size on the
+    device."""
     import cupy as cp
 
     rows_kernel, columns_kernel = _resample_kernels()
     key = (height, width, d.height, d.width, d.resize)
     if key not in cache:
-        cache[key] = [tuple(cp.asarray(a) for a in axis) for axis in _axes(height, width, d)]
-    (fx, wx), (fy, wy) = cache[key]
+        (fx, wx), (fy, wy) = _axes(height, width, d)
+        top = int(fy.min())  # the source rows the vertical pass reads: top .. top + span - 1
+        span = int(fy.max()) + wy.shape[1] - top
+        cache[key] = (top, span, *(cp.asarray(a) for a in (fx, wx, fy - top, wy)))
+    top, span, fx, wx, fy, wy = cache[key]
     c = 1 if d.channels == "L" else 3
     table = cp.asarray(np.array(images, np.int64))
-    rows = cp.empty((len(images), height, d.width, c), cp.uint8)
-    rows_kernel(table, fx, wx, wx.shape[1], height, d.width, c, rows)
+    rows = cp.empty((len(images), span, d.width, c), cp.uint8)
+    rows_kernel(table, fx, wx, wx.shape[1], top, span, d.width, c, rows)
     out = cp.empty((len(images), d.height, d.width, c), cp.uint8)
-    columns_kernel(rows, fy, wy, wy.shape[1], d.height, height, d.width * c, out)
+    columns_kernel(rows, fy, wy, wy.shape[1], d.height, span, d.width * c, out)
     return out
 
 
-def _rgb_in_place(image: Any) -> tuple[int, int, int, int] | None:
-    """(height, width, device address, row pitch) of a decoded image (an nvImageCodec Image)
-    that is interleaved 8-bit RGB; None for anything else, which is retried on the CPU."""
+def _rgb_in_place(image: Any) -> tuple[int, int, int, int, int | None] | None:
+    """(height, width, device address, row pitch, stream) of a decoded image (an nvImageCodec
+    Image) that is interleaved 8-bit RGB; None for anything else, which is retried on the
+    CPU. `stream`: the CUDA stream its pixels are written on (None: they are ready)."""
     if image is None:
         return None
     face = image.__cuda_array_interface__
@@ -440,7 +446,9 @@ def _rgb_in_place(image: Any) -> tuple[int, int, int, int] | None:
         return None
     height, width = shape[0], shape[1]
     pitch, pixel, sample = face["strides"] or (width * 3, 3, 1)
-    return (height, width, face["data"][0], pitch) if (pixel, sample) == (3, 1) else None
+    if (pixel, sample) != (3, 1):
+        return None
+    return height, width, face["data"][0], pitch, face.get("stream")
 
 
 def _truncated_jpeg(blob: Blob) -> bool:
@@ -545,15 +553,19 @@ class NvImageCodecDecoder:
             # (height, width) -> [(row, (address, row pitch))]: each image read where it lies,
             # ordered after its decode by the stream (no wait here, no array per image)
             sizes: dict[tuple[int, int], list[tuple[int, tuple[int, int]]]] = {}
+            written_on: set[int | None] = set()
             for i, image in zip(rows, images, strict=True):
                 if (lies := _rgb_in_place(image)) is None:
                     retry[i] = ""
                     continue
-                height, width, address, pitch = lies
+                height, width, address, pitch, stream = lies
+                written_on.add(stream)
                 sizes.setdefault((height, width), []).append((i, (address, pitch)))
             done = sorted(i for group in sizes.values() for i, _ in group)
             if not done:
                 return retry
+            for other in written_on - {None, self.stream.ptr}:  # decoded on another stream:
+                self.stream.wait_event(cp.cuda.ExternalStream(other).record())  # read after
             at = {i: k for k, i in enumerate(done)}
             small = None
             for (height, width), group in sizes.items():  # one size: resized as one batch
