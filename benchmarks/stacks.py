@@ -1,4 +1,5 @@
-"""Where a Python program's threads spend their wall clock: sampled stacks, grouped by thread.
+"""Where a Python program's threads spend their wall clock and their CPU time: sampled stacks,
+grouped by thread.
 
     python -m benchmarks.stacks OUT.txt -- -m batch_infer.cli run job.yaml
 
@@ -8,7 +9,10 @@ in C as well: a thread blocked on a lock or in a CUDA call shows at the Python l
 called it). OUT.txt gets, per thread name (numbers dropped), the innermost lines it was seen
 at most often, with the batch-infer line that led there; it is written at the end, also when
 the program ends with os._exit (as batch-infer's CLI does: then its first line says when), and
-every two seconds before.
+every two seconds before. CPU time (Linux): each sample also reads how long each thread has
+run on a CPU (/proc/self/task/TID/schedstat) and charges what it ran since the last sample to
+the line it is at now, so a line that waits shows wall clock and no CPU; at the end, every
+thread of the process (also those a library started in C) is summed by its OS name.
 py-spy does this from outside, but it needs ptrace, which the GPU machines' sandbox may refuse.
 """
 
@@ -41,28 +45,67 @@ def _where(frame: FrameType) -> str:
     return f"{inner} < {ours}"
 
 
-def _sample(out: Path, counts: dict[str, collections.Counter]) -> None:
+def _cpu_ns(tid: int | str) -> int | None:
+    """Nanoseconds thread `tid` of this process has run on a CPU, or None (not Linux, gone)."""
+    try:
+        with open(f"/proc/self/task/{tid}/schedstat", "rb") as f:
+            return int(f.read().split()[0])
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+_os_threads: dict[str, tuple[str, int]] = {}  # tid -> (OS name, CPU ns when last seen)
+
+
+def _by_os_name() -> collections.Counter:
+    """CPU nanoseconds of every thread of this process, summed by its OS name (digits
+    dropped): also the threads a library started in C, which no Python stack shows. A
+    thread that has ended counts as of when it was last seen (each write looks)."""
+    for tid in os.listdir("/proc/self/task") if os.path.isdir("/proc/self/task") else []:
+        try:
+            with open(f"/proc/self/task/{tid}/comm") as f:
+                name = re.sub(r"[_-]?\d+$", "", f.read().strip()) or "?"
+        except OSError:
+            continue
+        if (ns := _cpu_ns(tid)) is not None:
+            _os_threads[tid] = (name, ns)
+    total: collections.Counter = collections.Counter()
+    for name, ns in _os_threads.values():
+        total[name] += ns
+    return total
+
+
+def _sample(out: Path, counts: dict[str, collections.Counter], cpu: dict) -> None:
     me = threading.get_ident()
     last_write = time.monotonic()
+    ran: dict[int, int] = {}  # thread ident -> its CPU nanoseconds at the last sample
     while True:
-        names = {t.ident: re.sub(r"^Thread-\d+ |[_-]?\d+$", "", t.name)
-                 for t in threading.enumerate()}  # fmt: skip
+        threads = {t.ident: t for t in threading.enumerate()}
         with _lock:
             for ident, frame in sys._current_frames().items():
-                if ident == me:
+                if ident == me or ident not in threads:
                     continue
-                name = names.get(ident, "?")
-                counts.setdefault(name, collections.Counter())[_where(frame)] += 1
+                name = re.sub(r"^Thread-\d+ |[_-]?\d+$", "", threads[ident].name)
+                where = _where(frame)
+                counts.setdefault(name, collections.Counter())[where] += 1
+                now = _cpu_ns(threads[ident].native_id or 0)
+                if now is not None:
+                    if ident in ran:
+                        cpu.setdefault(name, collections.Counter())[where] += now - ran[ident]
+                    ran[ident] = now
         if time.monotonic() - last_write > 2:
-            _write(out, counts)
+            _write(out, counts, cpu)
             last_write = time.monotonic()
         time.sleep(INTERVAL)
 
 
-def _write(out: Path, counts: dict[str, collections.Counter], exit_at: float | None = None) -> None:
-    """The counts; with `exit_at` (epoch seconds), a first line saying when os._exit was
-    called, so that the process's teardown after it can be told from the program's work.
-    That write is the last: the sampler's own writes come before it (the lock) or not at all."""
+def _write(
+    out: Path, counts: dict[str, collections.Counter], cpu: dict, exit_at: float | None = None
+) -> None:
+    """The counts and CPU times; with `exit_at` (epoch seconds), a first line saying when
+    os._exit was called, so that the process's teardown after it can be told from the
+    program's work. That write is the last: the sampler's own writes come before it (the
+    lock) or not at all."""
     with _lock:
         if _exit_written.is_set():
             return
@@ -72,6 +115,15 @@ def _write(out: Path, counts: dict[str, collections.Counter], exit_at: float | N
             lines.append(f"== {name}: {total} samples (thread-samples, {INTERVAL * 1000:.0f} ms)")
             for where, n in counts[name].most_common(12):
                 lines.append(f"{n / total:6.1%}  {where}")
+            used = cpu.get(name, collections.Counter())
+            if spent := sum(used.values()):
+                lines.append(f"  CPU {spent / 1e9:.2f} s, where it ran:")
+                for where, ns in used.most_common(8):
+                    lines.append(f"{ns / spent:6.1%}  {where}")
+        by_name = _by_os_name()
+        if by_name:
+            lines.append("== CPU seconds by OS thread name, every thread of the process")
+            lines += [f"{ns / 1e9:9.2f}  {name}" for name, ns in by_name.most_common(16)]
         out.write_text("\n".join(lines) + "\n")
         if exit_at is not None:
             _exit_written.set()
@@ -83,14 +135,16 @@ def main() -> None:
     if len(args) < 3 or args[1] != "--":
         raise SystemExit("usage: python -m benchmarks.stacks OUT.txt -- (-m module | script) ...")
     counts: dict[str, collections.Counter] = {}
+    cpu: dict[str, collections.Counter] = {}
     target = Path(out)
-    sampler = threading.Thread(target=_sample, args=(target, counts), name="stacks", daemon=True)
+    sampler = threading.Thread(target=_sample, args=(target, counts, cpu), name="stacks",
+                               daemon=True)  # fmt: skip
     sampler.start()
     exit_now = os._exit
 
     def written_then_exit(code: int) -> None:
         try:
-            _write(target, counts, time.time())
+            _write(target, counts, cpu, time.time())
         finally:
             exit_now(code)
 
@@ -103,7 +157,7 @@ def main() -> None:
             sys.argv = rest
             runpy.run_path(rest[0], run_name="__main__")
     finally:
-        _write(target, counts)
+        _write(target, counts, cpu)
 
 
 if __name__ == "__main__":
