@@ -78,7 +78,9 @@ def _by_os_name() -> collections.Counter:
 def _sample(out: Path, counts: dict[str, collections.Counter], cpu: dict) -> None:
     me = threading.get_ident()
     last_write = time.monotonic()
-    ran: dict[int, int] = {}  # thread ident -> its CPU nanoseconds at the last sample
+    # OS thread id -> its CPU nanoseconds at the last sample. Not Python's ident: CPython
+    # gives a new thread the ident of one that ended, whose count it would inherit.
+    ran: dict[int, int] = {}
     while True:
         threads = {t.ident: t for t in threading.enumerate()}
         with _lock:
@@ -88,11 +90,12 @@ def _sample(out: Path, counts: dict[str, collections.Counter], cpu: dict) -> Non
                 name = re.sub(r"^Thread-\d+ |[_-]?\d+$", "", threads[ident].name)
                 where = _where(frame)
                 counts.setdefault(name, collections.Counter())[where] += 1
-                now = _cpu_ns(threads[ident].native_id or 0)
+                tid = threads[ident].native_id or 0
+                now = _cpu_ns(tid)
                 if now is not None:
-                    if ident in ran:
-                        cpu.setdefault(name, collections.Counter())[where] += now - ran[ident]
-                    ran[ident] = now
+                    if tid in ran:
+                        cpu.setdefault(name, collections.Counter())[where] += now - ran[tid]
+                    ran[tid] = now
         if time.monotonic() - last_write > 2:
             _write(out, counts, cpu)
             last_write = time.monotonic()
