@@ -463,13 +463,17 @@ def _preallocated(batch: int = 512, side: int = 512) -> str:
 # "prealloc", nvJPEG's buffers for a batch made with each decoder, not in the first shards;
 # "decoders2", "decoders6": that many GPU decoders for the 12 reader threads (3 by default;
 # 2, 3 and 6 gave the same before the 32 queues, docs/inputs.md 2026-12-05); "switch": the
-# job's Python hands the GIL on every 0.5 ms instead of 5 (`switch_interval`).
+# job's Python hands the GIL on every 0.5 ms instead of 5 (`switch_interval`); "threads2",
+# "threads4": each GPU decoder's nvImageCodec pool of that many CPU threads (by default one
+# fewer than the cores; benchmarks/gpu_decoder_threads.py).
 JOB_SETUPS = {
     "job": {},
     "c8": {"CUDA_DEVICE_MAX_CONNECTIONS": "8"},
     "prealloc": {"BATCH_INFER_NVIMGCODEC_OPTIONS": _preallocated()},
     "decoders2": {"BATCH_INFER_GPU_DECODERS": "2"},
     "decoders6": {"BATCH_INFER_GPU_DECODERS": "6"},
+    "threads2": {"BATCH_INFER_NVIMGCODEC_THREADS": "2"},
+    "threads4": {"BATCH_INFER_NVIMGCODEC_THREADS": "4"},
     "switch": {},  # PYTHONPATH: switch_interval's folder first
     "baseline": {},  # the batch-infer of --baseline
     "gpu-codecs": {},  # NVIMGCODEC_EXTENSIONS_PATH: nvImageCodec's nvJPEG extension alone
@@ -1153,7 +1157,8 @@ def main() -> None:
         default=["job"],
         help="the jobs' GPU set-ups (job: batch-infer's; c8: CUDA's default 8 hardware "
         "queues; prealloc: nvJPEG's buffers pre-allocated; decoders2, decoders6: that many "
-        "GPU decoders; gpu-codecs: nvImageCodec's nvJPEG extension alone; switch: the GIL "
+        "GPU decoders; threads2, threads4: that many CPU threads in each decoder's pool; "
+        "gpu-codecs: nvImageCodec's nvJPEG extension alone; switch: the GIL "
         "handed on every 0.5 ms; baseline: the batch-infer in --baseline): the job over the "
         "first --image-copies runs with each, the others with the first",
     )

@@ -467,7 +467,9 @@ class NvImageCodecDecoder:
     its own that does not wait on the model's streams, at the highest priority: its few small
     kernels feed the model, so they run ahead of the model's own rather than behind them.
     (nvImageCodec decodes on streams of its own, at CUDA's default priority.)
-    BATCH_INFER_NVIMGCODEC_OPTIONS, when set, replaces nvImageCodec's decoder options."""
+    BATCH_INFER_NVIMGCODEC_OPTIONS, when set, replaces nvImageCodec's decoder options;
+    BATCH_INFER_NVIMGCODEC_THREADS sets the CPU threads of each decoder's own pool
+    (nvImageCodec's default: one fewer than the cores)."""
 
     # Clamped by CUDA to the device's highest stream priority.
     PRIORITY = -1000
@@ -486,9 +488,11 @@ class NvImageCodecDecoder:
         with cupy.cuda.Device(device):
             self.stream = cupy.cuda.Stream(non_blocking=True, priority=self.PRIORITY)
             options = os.environ.get("BATCH_INFER_NVIMGCODEC_OPTIONS")
+            threads = os.environ.get("BATCH_INFER_NVIMGCODEC_THREADS")
             self.decoder = nvimgcodec.Decoder(
                 device_id=device,
                 **({"options": options} if options else {}),
+                **({"max_num_cpu_threads": int(threads)} if threads else {}),
                 backends=[
                     nvimgcodec.Backend(kinds.HW_GPU_ONLY),
                     nvimgcodec.Backend(kinds.GPU_ONLY),

@@ -1,0 +1,104 @@
+"""What the GPU decoder costs the CPU, by the size of nvImageCodec's own thread pool.
+
+In the image job on a slow 16-core machine, the threads of nvImageCodec's pools
+(`[NVIMGCODEC][TP`, one fewer than the cores per decoder by default) used 260-370 CPU
+seconds of a 50-second job, two thirds of the process's (docs/inputs.md, fourteenth session).
+This probe runs the job's decoder (`NvImageCodecDecoder`: decode, resize, copy back) alone on
+the GPU, on C decoders at once, each driven by a thread of its own, for each pool size T
+(BATCH_INFER_NVIMGCODEC_THREADS; 0: nvImageCodec's default), and records images/s and the
+CPU seconds per 1,000 images, of the whole process and of nvImageCodec's pool threads.
+
+    python benchmarks/gpu_decoder_threads.py --images 2048 --threads 0 1 2 4 8 --decoders 1 3
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import sys
+import threading
+import time
+from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from benchmarks.gpu_inputs import D
+from benchmarks.stacks import _by_os_name
+from jobs.make_examples import jpeg, photo
+
+POOL = "[NVIMGCODEC][TP"  # the OS name of nvImageCodec's pool threads, digits dropped
+
+
+def _image(i: int) -> bytes:
+    """JPEG i of the set: about 500x375, a quarter portrait, as the image job's."""
+    rng = np.random.default_rng(i)
+    return jpeg(photo(rng, 500, 375) if i % 4 else photo(rng, 375, 500), 90)
+
+
+def measure(blobs: list[bytes], threads: int, decoders: int, repeat: int) -> dict:
+    """`decoders` decoders with pools of `threads`, each decoding `blobs` `repeat` times on a
+    thread of its own."""
+    from batch_infer.data.decode.images import NvImageCodecDecoder
+
+    if threads:
+        os.environ["BATCH_INFER_NVIMGCODEC_THREADS"] = str(threads)
+    else:
+        os.environ.pop("BATCH_INFER_NVIMGCODEC_THREADS", None)
+    made = [NvImageCodecDecoder(0) for _ in range(decoders)]
+    outs = [np.zeros((len(blobs), D.height, D.width, 3), np.uint8) for _ in made]
+    for decoder, out in zip(made, outs, strict=True):  # warm up: buffers, kernels
+        decoder.decode(blobs, D, out)
+
+    def work(k: int) -> None:
+        for _ in range(repeat):
+            made[k].decode(blobs, D, outs[k])
+
+    workers = [threading.Thread(target=work, args=(k,)) for k in range(decoders)]
+    cpu, pool, start = os.times(), _by_os_name()[POOL], time.perf_counter()
+    for w in workers:
+        w.start()
+    for w in workers:
+        w.join()
+    wall = time.perf_counter() - start
+    after = os.times()
+    images = len(blobs) * repeat * decoders
+    used = (after.user - cpu.user) + (after.system - cpu.system)
+    pool_s = (_by_os_name()[POOL] - pool) / 1e9
+    made.clear()  # the decoders and their pools go before the next set-up
+    outs.clear()
+    gc.collect()
+    return {"threads": threads or "default", "decoders": decoders, "images": images,
+            "seconds": round(wall, 3), "rate": round(images / wall),
+            "cpu_s_per_1000": round(1000 * used / images, 3),
+            "pool_cpu_s_per_1000": round(1000 * pool_s / images, 3),
+            "cores_busy": round(used / wall, 2)}  # fmt: skip
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--images", type=int, default=2048)
+    ap.add_argument("--repeat", type=int, default=4)
+    ap.add_argument("--threads", type=int, nargs="+", default=[0, 1, 2, 4, 8])
+    ap.add_argument("--decoders", type=int, nargs="+", default=[1, 3])
+    ap.add_argument("--out", type=Path, default=Path(os.environ.get("OUT", "benchmarks/results")))
+    args = ap.parse_args()
+    with ProcessPoolExecutor() as pool:
+        blobs = list(pool.map(_image, range(args.images), chunksize=64))
+    rows = []
+    for decoders in args.decoders:
+        for threads in args.threads:
+            rows.append(measure(blobs, threads, decoders, args.repeat))
+            print(json.dumps(rows[-1]), flush=True)
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "gpu-decoder-threads.json").write_text(
+        json.dumps({"cores": os.cpu_count(), "rows": rows}, indent=1)
+    )
+
+
+if __name__ == "__main__":
+    main()
