@@ -465,7 +465,8 @@ def _preallocated(batch: int = 512, side: int = 512) -> str:
 # 2, 3 and 6 gave the same before the 32 queues, docs/inputs.md 2026-12-05); "switch": the
 # job's Python hands the GIL on every 0.5 ms instead of 5 (`switch_interval`); "threads2",
 # "threads4": each GPU decoder's nvImageCodec pool of that many CPU threads (by default one
-# fewer than the cores; benchmarks/gpu_decoder_threads.py).
+# fewer than the cores; benchmarks/gpu_decoder_threads.py); "yield": threads waiting for the
+# GPU yield their core rather than spin (`cuda_yield`).
 JOB_SETUPS = {
     "job": {},
     "c8": {"CUDA_DEVICE_MAX_CONNECTIONS": "8"},
@@ -475,6 +476,7 @@ JOB_SETUPS = {
     "threads2": {"BATCH_INFER_NVIMGCODEC_THREADS": "2"},
     "threads4": {"BATCH_INFER_NVIMGCODEC_THREADS": "4"},
     "switch": {},  # PYTHONPATH: switch_interval's folder first
+    "yield": {},  # PYTHONPATH: cuda_yield's folder first
     "baseline": {},  # the batch-infer of --baseline
     "gpu-codecs": {},  # NVIMGCODEC_EXTENSIONS_PATH: nvImageCodec's nvJPEG extension alone
 }
@@ -899,6 +901,26 @@ def switch_interval(work: Path, seconds: float = 0.0005) -> dict[str, str]:
     return {"PYTHONPATH": os.pathsep.join([str(folder), os.environ.get("PYTHONPATH", "")])}
 
 
+def cuda_yield(work: Path) -> dict[str, str]:
+    """Environment for a job whose CUDA context yields its thread while it waits for the GPU
+    (CU_CTX_SCHED_YIELD) instead of spinning, CUDA's choice where the process has fewer
+    contexts than cores: a folder first on its path with a sitecustomize.py that sets the
+    primary context's flags before anything makes it (and the 32 hardware queues
+    batch-infer sets, in case CUDA reads them when it starts). Blocking sync, tried on the
+    decoder alone beside a busy GPU, made it 3.3 times slower (docs/inputs.md)."""
+    folder = work / "cuda-yield"
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "sitecustomize.py").write_text(
+        "import os\n\n"
+        'os.environ.setdefault("CUDA_DEVICE_MAX_CONNECTIONS", "32")\n'
+        "from cuda.bindings import driver\n\n"
+        "driver.cuInit(0)\n"
+        "_, device = driver.cuDeviceGet(0)\n"
+        "driver.cuDevicePrimaryCtxSetFlags(device, driver.CUctx_flags.CU_CTX_SCHED_YIELD)\n"
+    )
+    return {"PYTHONPATH": os.pathsep.join([str(folder), os.environ.get("PYTHONPATH", "")])}
+
+
 def run_job(
     name: str,
     spec: dict,
@@ -1057,6 +1079,8 @@ def images(args: argparse.Namespace, res: dict) -> None:
             env = {"NVIMGCODEC_EXTENSIONS_PATH": str(gpu_codecs_only(args.work))}
         elif label == "switch":
             env = switch_interval(args.work)
+        elif label == "yield":
+            env = cuda_yield(args.work)
         job = run_job(name, spec, args.work, args.out, env, args.stacks, tree)
         res["jobs"].append({"device": device, "setup": label, **job})
         print(f"images: job (decode {device}, {root.name}, set-up {label}) {job}", flush=True)
@@ -1158,7 +1182,8 @@ def main() -> None:
         help="the jobs' GPU set-ups (job: batch-infer's; c8: CUDA's default 8 hardware "
         "queues; prealloc: nvJPEG's buffers pre-allocated; decoders2, decoders6: that many "
         "GPU decoders; threads2, threads4: that many CPU threads in each decoder's pool; "
-        "gpu-codecs: nvImageCodec's nvJPEG extension alone; switch: the GIL "
+        "gpu-codecs: nvImageCodec's nvJPEG extension alone; yield: CUDA yields the core "
+        "of a thread waiting for the GPU; switch: the GIL "
         "handed on every 0.5 ms; baseline: the batch-infer in --baseline): the job over the "
         "first --image-copies runs with each, the others with the first",
     )
