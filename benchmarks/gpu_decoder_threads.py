@@ -9,6 +9,11 @@ the GPU, on C decoders at once, each driven by a thread of its own, for each poo
 CPU seconds per 1,000 images, of the whole process and of nvImageCodec's pool threads.
 
     python benchmarks/gpu_decoder_threads.py --images 2048 --threads 0 1 2 4 8 --decoders 1 3
+
+--busy-gpu keeps the GPU busy beside the decoders (fp16 matrix products on a stream of their
+own, as a stand-in for the model), and --cuda-schedule sets how this process's threads wait
+for the GPU (cudaSetDeviceFlags before anything starts CUDA; auto: CUDA's choice, which is to
+spin where the process has fewer contexts than cores).
 """
 
 from __future__ import annotations
@@ -79,24 +84,65 @@ def measure(blobs: list[bytes], threads: int, decoders: int, repeat: int) -> dic
             "cores_busy": round(used / wall, 2)}  # fmt: skip
 
 
+SCHEDULES = {"auto": 0, "spin": 1, "yield": 2, "blocking": 4}  # cudaDeviceSchedule*
+
+
+def keep_busy(stop: threading.Event) -> threading.Thread:
+    """A thread running fp16 matrix products on a stream of its own until `stop`."""
+    import torch
+
+    def run() -> None:
+        stream = torch.cuda.Stream()
+        a = torch.randn(8192, 8192, device="cuda", dtype=torch.half)
+        with torch.cuda.stream(stream):
+            while not stop.is_set():
+                for _ in range(20):
+                    a @ a
+                stream.synchronize()
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    time.sleep(1)  # its first products are running
+    return thread
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--images", type=int, default=2048)
     ap.add_argument("--repeat", type=int, default=4)
     ap.add_argument("--threads", type=int, nargs="+", default=[0, 1, 2, 4, 8])
     ap.add_argument("--decoders", type=int, nargs="+", default=[1, 3])
+    ap.add_argument("--busy-gpu", action="store_true")
+    ap.add_argument("--cuda-schedule", choices=sorted(SCHEDULES), default="auto")
     ap.add_argument("--out", type=Path, default=Path(os.environ.get("OUT", "benchmarks/results")))
     args = ap.parse_args()
+    if SCHEDULES[args.cuda_schedule]:
+        from cuda.bindings import runtime
+
+        runtime.cudaSetDeviceFlags(SCHEDULES[args.cuda_schedule])
     with ProcessPoolExecutor() as pool:
         blobs = list(pool.map(_image, range(args.images), chunksize=64))
+    stop = threading.Event()
+    busy = keep_busy(stop) if args.busy_gpu else None
     rows = []
     for decoders in args.decoders:
         for threads in args.threads:
             rows.append(measure(blobs, threads, decoders, args.repeat))
             print(json.dumps(rows[-1]), flush=True)
+    if busy is not None:
+        stop.set()
+        busy.join()
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "gpu-decoder-threads.json").write_text(
-        json.dumps({"cores": os.cpu_count(), "rows": rows}, indent=1)
+        json.dumps(
+            {
+                "cores": os.cpu_count(),
+                "busy_gpu": args.busy_gpu,
+                "cuda_schedule": args.cuda_schedule,
+                "rows": rows,
+            },
+            indent=1,
+        )
     )
 
 
