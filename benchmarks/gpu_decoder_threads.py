@@ -2,7 +2,8 @@
 
 In the image job on a slow 16-core machine, the threads of nvImageCodec's pools
 (`[NVIMGCODEC][TP`, one fewer than the cores per decoder by default) used 260-370 CPU
-seconds of a 50-second job, two thirds of the process's (docs/inputs.md, fourteenth session).
+seconds of a 50-58 second job, about two thirds of the process's (docs/inputs.md, fourteenth
+session).
 This probe runs the job's decoder (`NvImageCodecDecoder`: decode, resize, copy back) alone on
 the GPU, on C decoders at once, each driven by a thread of its own, for each pool size T
 (BATCH_INFER_NVIMGCODEC_THREADS; 0: nvImageCodec's default), and records images/s and the
