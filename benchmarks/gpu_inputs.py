@@ -906,8 +906,9 @@ def cuda_yield(work: Path) -> dict[str, str]:
     (CU_CTX_SCHED_YIELD) instead of spinning, CUDA's choice where the process has fewer
     contexts than cores: a folder first on its path with a sitecustomize.py that sets the
     primary context's flags before anything makes it (and the 32 hardware queues
-    batch-infer sets, in case CUDA reads them when it starts). Blocking sync, tried on the
-    decoder alone beside a busy GPU, made it 3.3 times slower (docs/inputs.md)."""
+    batch-infer sets, in case CUDA reads them when it starts). Its import and cuInit add to
+    the job's start. Blocking sync, tried on the decoder alone beside a busy GPU, made it 3.3
+    times slower (docs/inputs.md)."""
     folder = work / "cuda-yield"
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "sitecustomize.py").write_text(
