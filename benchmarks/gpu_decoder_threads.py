@@ -12,9 +12,11 @@ CPU seconds per 1,000 images, of the whole process and of nvImageCodec's pool th
     python benchmarks/gpu_decoder_threads.py --images 2048 --threads 0 1 2 4 8 --decoders 1 3
 
 --busy-gpu keeps the GPU busy beside the decoders (fp16 matrix products on a stream of their
-own, as a stand-in for the model), and --cuda-schedule sets how this process's threads wait
-for the GPU (cudaSetDeviceFlags before anything starts CUDA; auto: CUDA's choice, which is to
-spin where the process has fewer contexts than cores).
+own, as a stand-in for the model); --beside-model WORK measures each set-up alone and then
+while the image job's ResNet-50 fp16 (made under WORK, as gpu_inputs.py makes it) runs flat
+out in this process, with the model's rate meanwhile. --cuda-schedule sets how this
+process's threads wait for the GPU (cudaSetDeviceFlags before anything starts CUDA; auto:
+CUDA's choice, which is to spin where the process has fewer contexts than cores).
 """
 
 from __future__ import annotations
@@ -107,6 +109,24 @@ def keep_busy(stop: threading.Event) -> threading.Thread:
     return thread
 
 
+def beside_model(blobs: list[bytes], args: argparse.Namespace, rows: list[dict]) -> None:
+    """Each set-up's row alone and while ResNet-50 runs (gpu_inputs._beside_model)."""
+    from batch_infer.data.decode.images import decode_pillow
+    from benchmarks.gpu_inputs import _beside_model, resnet50_fp16
+
+    model = resnet50_fp16(args.beside_model)
+    pixels = np.stack([decode_pillow(b, D) for b in blobs[:256]])
+    with _beside_model(model, pixels, rows) as under:
+        for decoders in args.decoders:
+            for threads in args.threads:
+
+                def decode(threads: int = threads, decoders: int = decoders) -> tuple:
+                    row = measure(blobs, threads, decoders, args.repeat)
+                    return row.pop("rate"), row
+
+                under(f"{decoders} decoders, pool {threads or 'default'}", threads, decode)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--images", type=int, default=2048)
@@ -114,6 +134,7 @@ def main() -> None:
     ap.add_argument("--threads", type=int, nargs="+", default=[0, 1, 2, 4, 8])
     ap.add_argument("--decoders", type=int, nargs="+", default=[1, 3])
     ap.add_argument("--busy-gpu", action="store_true")
+    ap.add_argument("--beside-model", type=Path, metavar="WORK")
     ap.add_argument("--cuda-schedule", choices=sorted(SCHEDULES), default="auto")
     ap.add_argument("--out", type=Path, default=Path(os.environ.get("OUT", "benchmarks/results")))
     args = ap.parse_args()
@@ -125,11 +146,14 @@ def main() -> None:
         blobs = list(pool.map(_image, range(args.images), chunksize=64))
     stop = threading.Event()
     busy = keep_busy(stop) if args.busy_gpu else None
-    rows = []
-    for decoders in args.decoders:
-        for threads in args.threads:
-            rows.append(measure(blobs, threads, decoders, args.repeat))
-            print(json.dumps(rows[-1]), flush=True)
+    rows: list[dict] = []
+    if args.beside_model:
+        beside_model(blobs, args, rows)
+    else:
+        for decoders in args.decoders:
+            for threads in args.threads:
+                rows.append(measure(blobs, threads, decoders, args.repeat))
+                print(json.dumps(rows[-1]), flush=True)
     if busy is not None:
         stop.set()
         busy.join()
