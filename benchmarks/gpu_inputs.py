@@ -890,15 +890,22 @@ def tokenize_rate(texts: Path, tokenizer: Path, rows: int) -> tuple[float, dict]
     return rate, feeds
 
 
+def _started_with(folder: Path, code: str) -> dict[str, str]:
+    """Environment for a job whose Python runs `code` as it starts: `folder`, first on its
+    path, holds it as sitecustomize.py."""
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "sitecustomize.py").write_text(code)
+    return {"PYTHONPATH": os.pathsep.join([str(folder), os.environ.get("PYTHONPATH", "")])}
+
+
 def switch_interval(work: Path, seconds: float = 0.0005) -> dict[str, str]:
     """Environment for a job whose Python hands the GIL on every `seconds` (CPython's
     default is 0.005): a folder first on its path with a sitecustomize.py that sets it. A
     thread back from a call that let the GIL go waits for a thread running Python to reach
     the interval; if the job runs faster so, its threads queue for the GIL."""
-    folder = work / f"switch-{seconds}"
-    folder.mkdir(parents=True, exist_ok=True)
-    (folder / "sitecustomize.py").write_text(f"import sys\n\nsys.setswitchinterval({seconds})\n")
-    return {"PYTHONPATH": os.pathsep.join([str(folder), os.environ.get("PYTHONPATH", "")])}
+    return _started_with(
+        work / f"switch-{seconds}", f"import sys\n\nsys.setswitchinterval({seconds})\n"
+    )
 
 
 def cuda_yield(work: Path) -> dict[str, str]:
@@ -909,17 +916,15 @@ def cuda_yield(work: Path) -> dict[str, str]:
     batch-infer sets, in case CUDA reads them when it starts). Its import and cuInit add to
     the job's start. Blocking sync, tried on the decoder alone beside a busy GPU, made it 3.3
     times slower (docs/inputs.md)."""
-    folder = work / "cuda-yield"
-    folder.mkdir(parents=True, exist_ok=True)
-    (folder / "sitecustomize.py").write_text(
+    return _started_with(
+        work / "cuda-yield",
         "import os\n\n"
         'os.environ.setdefault("CUDA_DEVICE_MAX_CONNECTIONS", "32")\n'
         "from cuda.bindings import driver\n\n"
         "driver.cuInit(0)\n"
         "_, device = driver.cuDeviceGet(0)\n"
-        "driver.cuDevicePrimaryCtxSetFlags(device, driver.CUctx_flags.CU_CTX_SCHED_YIELD)\n"
+        "driver.cuDevicePrimaryCtxSetFlags(device, driver.CUctx_flags.CU_CTX_SCHED_YIELD)\n",
     )
-    return {"PYTHONPATH": os.pathsep.join([str(folder), os.environ.get("PYTHONPATH", "")])}
 
 
 def run_job(
