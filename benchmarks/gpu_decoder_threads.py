@@ -35,17 +35,15 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from benchmarks.gpu_inputs import D
+from benchmarks.gpu_inputs import D, image_jpeg
 from benchmarks.stacks import _by_os_name
-from jobs.make_examples import jpeg, photo
 
 POOL = "[NVIMGCODEC][TP"  # the OS name of nvImageCodec's pool threads, digits dropped
 
 
 def _image(i: int) -> bytes:
-    """JPEG i of the set: about 500x375, a quarter portrait, as the image job's."""
-    rng = np.random.default_rng(i)
-    return jpeg(photo(rng, 500, 375) if i % 4 else photo(rng, 375, 500), 90)
+    """JPEG i of the set, made as the image job's are, from a generator of its own."""
+    return image_jpeg(np.random.default_rng(i), i)
 
 
 def measure(blobs: list[bytes], threads: int, decoders: int, repeat: int) -> dict:
