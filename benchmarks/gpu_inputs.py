@@ -468,9 +468,10 @@ def _preallocated(batch: int = 512, side: int = 512) -> str:
 # "prealloc", nvJPEG's buffers for a batch made with each decoder, not in the first shards;
 # "decoders2", "decoders6": that many GPU decoders for the 12 reader threads (3 by default;
 # 2, 3 and 6 gave the same before the 32 queues, docs/inputs.md 2026-12-05); "switch": the
-# job's Python hands the GIL on every 0.5 ms instead of 5 (`switch_interval`); "threads2",
-# "threads4": each GPU decoder's nvImageCodec pool of that many CPU threads (by default one
-# fewer than the cores; benchmarks/gpu_decoder_threads.py); "yield": threads waiting for the
+# job's Python hands the GIL on every 0.5 ms instead of 5 (`switch_interval`); "threads1",
+# "threads2", "threads4": each GPU decoder's nvImageCodec pool of that many CPU threads (by
+# default one fewer than the cores; with 1, nvImageCodec sets each batch up on the calling
+# thread; benchmarks/gpu_decoder_threads.py); "yield": threads waiting for the
 # GPU yield their core rather than spin (`cuda_yield`).
 JOB_SETUPS = {
     "job": {},
@@ -478,6 +479,7 @@ JOB_SETUPS = {
     "prealloc": {"BATCH_INFER_NVIMGCODEC_OPTIONS": _preallocated()},
     "decoders2": {"BATCH_INFER_GPU_DECODERS": "2"},
     "decoders6": {"BATCH_INFER_GPU_DECODERS": "6"},
+    "threads1": {"BATCH_INFER_NVIMGCODEC_THREADS": "1"},
     "threads2": {"BATCH_INFER_NVIMGCODEC_THREADS": "2"},
     "threads4": {"BATCH_INFER_NVIMGCODEC_THREADS": "4"},
     "switch": {},  # PYTHONPATH: switch_interval's folder first
@@ -1041,6 +1043,7 @@ def resnet50_fp16(work: Path) -> Path:
 
     fp32, fp16 = work / "resnet50-fp32.onnx", work / "resnet50-fp16.onnx"
     if not fp16.exists():
+        work.mkdir(parents=True, exist_ok=True)
         export_resnet50(fp32)
         to_fp16(fp32, fp16)
     return fp16
@@ -1192,7 +1195,7 @@ def main() -> None:
         default=["job"],
         help="the jobs' GPU set-ups (job: batch-infer's; c8: CUDA's default 8 hardware "
         "queues; prealloc: nvJPEG's buffers pre-allocated; decoders2, decoders6: that many "
-        "GPU decoders; threads2, threads4: that many CPU threads in each decoder's pool; "
+        "GPU decoders; threads1, threads2, threads4: that many CPU threads in each decoder's pool; "
         "gpu-codecs: nvImageCodec's nvJPEG extension alone; yield: CUDA yields the core "
         "of a thread waiting for the GPU; switch: the GIL "
         "handed on every 0.5 ms; baseline: the batch-infer in --baseline): the job over the "
