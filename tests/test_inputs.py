@@ -12,6 +12,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -548,6 +549,44 @@ def test_gpu_decoder_log_has_no_errors_of_codecs_not_installed(image_files):
     assert "[ERROR]" not in done.stdout + done.stderr
     want = pillow_pixels((image_files / "img" / "00.jpg").read_bytes())
     assert np.abs(np.load(saved).astype(int) - want).max() <= 2
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(_gpu_here() is None, reason="needs a GPU, nvImageCodec and CuPy")
+def test_gpu_decoder_gives_whole_batches_to_the_hardware_decoder(image_files):
+    """nvImageCodec fixes the hardware JPEG decoder's share of every batch from the
+    decoder's first batch. A new decoder's first real batch is small (the warm-up's one
+    image, a shard's first piece), so the decoder must set that share to a whole batch when
+    it is made: nvImageCodec's log then names a hardware batch of at least BATCH."""
+    script = (
+        "import sys, numpy as np; from pathlib import Path\n"
+        "from batch_infer.data.decode.images import ImageDecode, NvImageCodecDecoder\n"
+        f"d = ImageDecode('img', {SIZE}, {SIZE}, 'shorter_side_crop', 'NHWC', 'RGB', 'gpu',"
+        " False)\n"
+        f"out = np.zeros((1, {SIZE}, {SIZE}, 3), np.uint8)\n"
+        "blob = Path(sys.argv[1]).read_bytes()\n"
+        "assert NvImageCodecDecoder(0).decode([blob], d, out) == {}\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", script, str(image_files / "img" / "00.jpg")],
+        env={**os.environ, "PYNVIMGCODEC_VERBOSITY": "3"},
+        capture_output=True, text=True, timeout=300, cwd=ROOT,
+    )  # fmt: skip
+    log = done.stdout + done.stderr
+    assert done.returncode == 0, log[-4000:]
+    engines = re.search(r"HW decoder available num_hw_engines=(\d+)", log)
+    if engines is None or int(engines.group(1)) == 0:
+        pytest.skip("this GPU has no hardware JPEG decoder")
+    shares = [
+        int(n)
+        for n in re.findall(
+            r"nvjpeg_hw_decoder (?:selecting max batch size to|Using previous max batch size"
+            r" of) (\d+)",
+            log,
+        )
+    ]
+    assert shares, log[-4000:]
+    assert min(shares) >= NvImageCodecDecoder.BATCH, shares
 
 
 def test_first_failing_row_bisects():

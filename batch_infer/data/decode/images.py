@@ -507,6 +507,21 @@ class NvImageCodecDecoder:
         )
         self.resizing: dict = {}  # the resize taps of each image size, on the device
         self.host: np.ndarray | None = None
+        self._set_hardware_share()
+
+    def _set_hardware_share(self) -> None:
+        """Decode one whole batch of tiny JPEGs first. nvImageCodec fixes the hardware
+        decoder's share of every later batch from its first batch's size (rounded up to one
+        round of the engines' cores); the rest of each batch goes to nvJPEG's CUDA decoder,
+        which decodes the Huffman codes of images under a megapixel on the CPU. A first
+        batch of one image, or of a shard's small first piece, left the hardware a few dozen
+        images of every BATCH and the CPU the rest."""
+        blob = _flat_jpeg(64, 64)
+        streams = [self.codec.CodeStream(blob) for _ in range(self.BATCH)]
+        with self.cupy.cuda.Device(self.device), self.stream:
+            images = self.decoder.decode(streams, params=self.params, cuda_stream=self.stream.ptr)
+            self.stream.synchronize()  # before the images' memory goes
+        del images
 
     def describe(self) -> str:
         return f"nvImageCodec {getattr(self.codec, '__version__', '')} on GPU {self.device}"
@@ -702,12 +717,17 @@ def warm_up_images(d: ImageDecode) -> None:
     decoder, _ = decoder_for(d.device)
     if decoder.name == "pillow":
         return
+    nhwc = dataclasses.replace(d, layout="NHWC")
+    decoder.decode([_flat_jpeg(320, 240)], nhwc, np.zeros((1, *item_shape(nhwc)), np.uint8))
+
+
+def _flat_jpeg(width: int, height: int) -> bytes:
+    """A one-colour JPEG: warm-up work whose pixels nobody reads."""
     from PIL import Image
 
     buf = io.BytesIO()
-    Image.new("RGB", (320, 240), (90, 120, 150)).save(buf, "JPEG")
-    nhwc = dataclasses.replace(d, layout="NHWC")
-    decoder.decode([buf.getvalue()], nhwc, np.zeros((1, *item_shape(nhwc)), np.uint8))
+    Image.new("RGB", (width, height), (90, 120, 150)).save(buf, "JPEG")
+    return buf.getvalue()
 
 
 def decode_images(
