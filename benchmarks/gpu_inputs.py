@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import importlib.util
 import json
 import os
 import resource
@@ -1027,11 +1026,10 @@ def linked_copies(root: Path, copies: int) -> Path:
 def gpu_codecs_only(work: Path) -> Path:
     """A folder laid out as nvImageCodec's package with only its nvJPEG extension, for
     NVIMGCODEC_EXTENSIONS_PATH (batch-infer's own leaves out only those it cannot load)."""
-    from batch_infer.data.decode.gpu_codecs import linked_package
+    from batch_infer.data.decode.gpu_codecs import linked_package, nvimgcodec_package
 
-    spec = importlib.util.find_spec("nvidia.nvimgcodec")
-    assert spec is not None and spec.submodule_search_locations
-    package = Path(spec.submodule_search_locations[0])
+    package = nvimgcodec_package()
+    assert package is not None
     return linked_package(package, sorted((package / "extensions").glob("libnvjpeg_ext.so*")), work)
 
 

@@ -90,6 +90,14 @@ def linked_package(package: Path, kept: list[Path], cache: Path) -> Path:
     return folder
 
 
+def nvimgcodec_package() -> Path | None:
+    """The folder of the installed nvImageCodec package, found without importing it."""
+    spec = importlib.util.find_spec("nvidia.nvimgcodec")
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    return Path(next(iter(spec.submodule_search_locations)))
+
+
 def load_installed_codecs_only(cache: Path | None = None) -> None:
     """Before nvImageCodec's import: name the folder of its usable extensions in
     NVIMGCODEC_EXTENSIONS_PATH, unless the user set it. Anything that fails leaves it
@@ -97,10 +105,9 @@ def load_installed_codecs_only(cache: Path | None = None) -> None:
     if ENV in os.environ:
         return
     try:
-        spec = importlib.util.find_spec("nvidia.nvimgcodec")
-        if spec is None or not spec.submodule_search_locations:
+        package = nvimgcodec_package()
+        if package is None:
             return
-        package = Path(next(iter(spec.submodule_search_locations)))
         cache = cache or Path.home() / ".cache" / "batch-infer"
         folder = extensions_folder(package, cache)
     except (ImportError, OSError, RuntimeError) as exc:  # RuntimeError: no home directory
