@@ -585,16 +585,16 @@ class NvImageCodecDecoder:
                 return retry
             for other in written_on - {None, self.stream.ptr}:  # decoded on another stream:
                 self.stream.wait_event(cp.cuda.ExternalStream(other).record())  # read after
-            at = {i: k for k, i in enumerate(done)}
-            small = None
+            small, at = None, {}
             for (height, width), group in sizes.items():  # one size: resized as one batch
                 resized = _resize_gpu([where for _, where in group], height, width, d,
                                       self.resizing)  # fmt: skip
                 if len(sizes) == 1:  # rows in order already
                     small = resized
                     break
-                if small is None:
+                if small is None:  # several sizes: each group's rows put in order
                     small = cp.empty((len(done), *resized.shape[1:]), cp.uint8)
+                    at = {i: k for k, i in enumerate(done)}
                 small[cp.asarray([at[i] for i, _ in group])] = resized
             assert small is not None
             if d.channels == "BGR":
