@@ -523,21 +523,24 @@ def test_gpu_codecs_folder_leaves_out_extensions_whose_library_is_missing(tmp_pa
     assert os.environ[ENV] == "/the/users/choice"
 
 
+# A fresh process's GPU decoder given the JPEG at argv[1]: the GPU tests that read what a
+# new process does (its log, its decoded pixels in `out`).
+DECODE_ONE_ON_GPU = (
+    "import sys, numpy as np; from pathlib import Path\n"
+    "from batch_infer.data.decode.images import ImageDecode, NvImageCodecDecoder\n"
+    f"d = ImageDecode('img', {SIZE}, {SIZE}, 'shorter_side_crop', 'NHWC', 'RGB', 'gpu', False)\n"
+    "blob = Path(sys.argv[1]).read_bytes()\n"
+    f"out = np.zeros((1, {SIZE}, {SIZE}, 3), np.uint8)\n"
+    "assert NvImageCodecDecoder(0).decode([blob], d, out) == {}\n"
+)
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(_gpu_here() is None, reason="needs a GPU, nvImageCodec and CuPy")
 def test_gpu_decoder_log_has_no_errors_of_codecs_not_installed(image_files):
     """A fresh process's GPU decoder loads no extension whose library is missing, so its
     log has none of nvImageCodec's `Failed to load ...` errors, and it decodes as before."""
-    script = (
-        "import sys, numpy as np; from pathlib import Path\n"
-        "from batch_infer.data.decode.images import ImageDecode, NvImageCodecDecoder\n"
-        f"d = ImageDecode('img', {SIZE}, {SIZE}, 'shorter_side_crop', 'NHWC', 'RGB', 'gpu',"
-        " False)\n"
-        "blob = Path(sys.argv[1]).read_bytes()\n"
-        f"out = np.zeros((1, {SIZE}, {SIZE}, 3), np.uint8)\n"
-        "assert NvImageCodecDecoder(0).decode([blob], d, out) == {}\n"
-        "np.save(sys.argv[2], out[0])\n"
-    )
+    script = DECODE_ONE_ON_GPU + "np.save(sys.argv[2], out[0])\n"
     env = {k: v for k, v in os.environ.items() if k != ENV}
     saved = image_files / "decoded.npy"
     done = subprocess.run(
@@ -558,15 +561,7 @@ def test_gpu_decoder_gives_whole_batches_to_the_hardware_decoder(image_files):
     decoder's first batch. A new decoder's first real batch is small (the warm-up's one
     image, a shard's first piece), so the decoder must set that share to a whole batch when
     it is made: nvImageCodec's log then names a hardware batch of at least BATCH."""
-    script = (
-        "import sys, numpy as np; from pathlib import Path\n"
-        "from batch_infer.data.decode.images import ImageDecode, NvImageCodecDecoder\n"
-        f"d = ImageDecode('img', {SIZE}, {SIZE}, 'shorter_side_crop', 'NHWC', 'RGB', 'gpu',"
-        " False)\n"
-        f"out = np.zeros((1, {SIZE}, {SIZE}, 3), np.uint8)\n"
-        "blob = Path(sys.argv[1]).read_bytes()\n"
-        "assert NvImageCodecDecoder(0).decode([blob], d, out) == {}\n"
-    )
+    script = DECODE_ONE_ON_GPU
     done = subprocess.run(
         [sys.executable, "-c", script, str(image_files / "img" / "00.jpg")],
         env={**os.environ, "PYNVIMGCODEC_VERBOSITY": "3"},
