@@ -15,17 +15,12 @@ Exit codes (the CLI's contract with schedulers and scripts):
 
 from __future__ import annotations
 
-import os
-
 EXIT_OK = 0
 EXIT_USER_ERROR = 2
 EXIT_BAD_ROWS = 3
 EXIT_FAILED = 4
 EXIT_CLUSTER = 5
 EXIT_INTERRUPTED = 130
-# Silence this long (a run whose tasks wait for Ray's resources, a followed job that logs
-# nothing) and batch-infer says what it waits for; then after twice as long, and so on.
-STALL_NOTICE_SECONDS = float(os.environ.get("BATCH_INFER_STALL_NOTICE_SECONDS", "60"))
 
 
 class UserError(Exception):
@@ -49,6 +44,10 @@ class OutputError(UserError):
 class OutputFailedError(OutputError):
     """Writing to the output failed in a way no retry fixes (no space, read-only, no
     permission): the run stops at once; what was committed stays, and a rerun resumes."""
+
+
+class SettingError(UserError):
+    """A `BATCH_INFER_*` environment variable holds what its knob cannot take."""
 
 
 class BackendError(UserError):

@@ -39,8 +39,9 @@ from batch_infer.backends import (
 )
 from batch_infer.data.decode import InputsWarmUp
 from batch_infer.data.sharding import Shard, plan_shards
-from batch_infer.errors import STALL_NOTICE_SECONDS, JobFailedError, OutputFailedError, UserError
+from batch_infer.errors import JobFailedError, OutputFailedError, UserError
 from batch_infer.planning import JobPlan, build_plan
+from batch_infer.settings import check_settings, setting
 from batch_infer.sink.manifest import SUCCESS, OutputSink, RunRecord, ShardEntry
 from batch_infer.sink.writing import ShardWriter
 from batch_infer.spec import SpecSource, resolve_spec
@@ -612,7 +613,8 @@ def _drive(plan: JobPlan, sink: OutputSink, work: _Work, lane: _Lane | None, poo
     loaded = [False] * pool.count
     next_writer = 0
     last_finished = time.time()
-    quiet = STALL_NOTICE_SECONDS  # nothing finished for this long: say what the run waits for
+    # Nothing finished for this long: say what the run waits for; then after twice as long.
+    stall = quiet = setting("BATCH_INFER_STALL_NOTICE_SECONDS")
     for i, actor in enumerate(pool.actors):
         running[actor.describe.remote()] = _Task("ready", slot=i, handle=actor)
 
@@ -666,7 +668,7 @@ def _drive(plan: JobPlan, sink: OutputSink, work: _Work, lane: _Lane | None, poo
             if not running:
                 time.sleep(0.05)  # only the lane is at work
             if ready or (lane is not None and lane.running):
-                last_finished, quiet = time.time(), STALL_NOTICE_SECONDS
+                last_finished, quiet = time.time(), stall
             elif time.time() - last_finished > quiet:
                 if notice := _waiting(pool, running, loaded, time.time() - last_finished):
                     log.warning(notice)
@@ -787,7 +789,7 @@ def run(
     Ray of the run's own). `started_at` (epoch seconds) is where the run's timeline starts:
     the CLI passes its process's start; by default, now.
 
-    Raises a `UserError` for bad specs, inputs and outputs, `BadRowsError` when more rows
+    Raises a `UserError` for bad specs, settings, inputs and outputs, `BadRowsError` when more rows
     were bad than allowed, and `JobFailedError` when shards failed after their retries.
     """
     run_id = time.strftime("%Y%m%dT%H%M%S") + "-" + uuid.uuid4().hex[:6]
@@ -795,6 +797,7 @@ def run(
     if started_at is not None:
         record.started_at = started_at
     record.mark("imported")
+    check_settings()  # a bad BATCH_INFER_* knob stops the run before anything is written
     spec = resolve_spec(spec, overrides, date)
     # A local run drives this machine's device in its own process (`_Lane`); Ray starts
     # only for more: the other GPUs of a multi-GPU machine, or a cluster it was told to join.

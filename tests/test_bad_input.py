@@ -29,9 +29,11 @@ from batch_infer.errors import (
     BadRowsError,
     InputError,
     OutputError,
+    SettingError,
     SpecError,
 )
 from batch_infer.planning import build_plan
+from batch_infer.settings import KNOBS, check_settings, setting
 from batch_infer.spec import parse_overrides, resolve_spec
 
 ERROR_COLUMNS = ["_shard", "_file", "_row", "_reason"]
@@ -494,8 +496,10 @@ def test_output_path_is_a_file(tmp_path: Path, data: Path, models):
 # --------------------------------------------------------------------------- 7. CLI
 
 
-def _cli(args: list[str], cwd: Path, columns: int | None = 500) -> subprocess.CompletedProcess:
-    env = {k: v for k, v in os.environ.items() if k not in ("COLUMNS", "LINES")}
+def _cli(
+    args: list[str], cwd: Path, columns: int | None = 500, **extra: str
+) -> subprocess.CompletedProcess:
+    env = {k: v for k, v in os.environ.items() if k not in ("COLUMNS", "LINES")} | extra
     if columns is not None:
         env["COLUMNS"] = str(columns)  # a wide console: rich does not wrap the message
     return subprocess.run(
@@ -557,6 +561,61 @@ def test_cli_error_keeps_brackets_in_file_names(tmp_path: Path):
     assert proc.returncode == 2, proc.stderr
     assert "Traceback" not in proc.stderr
     assert "job[v2].yaml: malformed YAML at line 2" in proc.stderr
+
+
+@pytest.mark.parametrize(
+    ("name", "value", "expected"),
+    [
+        ("BATCH_INFER_STALL_NOTICE_SECONDS", "abc", "a number >= 0.1"),
+        ("BATCH_INFER_STALL_NOTICE_SECONDS", "nan", "a number >= 0.1"),
+        ("BATCH_INFER_DECODE_PROCESSES", "two", "a whole number >= 0"),
+        ("BATCH_INFER_DECODE_PROCESSES", "-1", "a whole number >= 0"),
+        ("BATCH_INFER_GPU_DECODERS", "1.5", "a whole number >= 1"),
+        ("BATCH_INFER_NVIMGCODEC_THREADS", "0", "a whole number >= 1"),
+    ],
+)
+def test_cli_bad_setting_is_one_line_before_anything_is_written(
+    tmp_path: Path, data: Path, models, name: str, value: str, expected: str
+):
+    """A knob set wrong stopped the CLI with a traceback at import (the stall notice), failed
+    every shard after four tries (decode processes), or fell back to the CPU decoder."""
+    out = tmp_path / "out"
+    _write_spec(tmp_path / "job.yaml", two_io_spec(data, out, models["two_io"]))
+    proc = _cli(["job.yaml"], tmp_path, **{name: value})
+    assert proc.returncode == 2, proc.stderr
+    assert "Traceback" not in proc.stderr + proc.stdout
+    assert proc.stderr.strip() == f"error: {_knob_line(name, value, expected)}"
+    assert not out.exists()
+
+
+def _knob_line(name: str, value: str, expected: str) -> str:
+    return (
+        f"environment variable {name}={value!r}: expected {expected} "
+        f"({KNOBS[name].means}), or unset for the default"
+    )
+
+
+def test_settings_read_as_their_kind_with_defaults(monkeypatch):
+    for name in KNOBS:
+        monkeypatch.delenv(name, raising=False)
+    assert setting("BATCH_INFER_STALL_NOTICE_SECONDS") == 60.0
+    assert setting("BATCH_INFER_GPU_DECODERS") == 3
+    assert setting("BATCH_INFER_DECODE_PROCESSES") is None  # the code chooses
+    monkeypatch.setenv("BATCH_INFER_STALL_NOTICE_SECONDS", " 2.5 ")
+    monkeypatch.setenv("BATCH_INFER_DECODE_PROCESSES", "0")
+    monkeypatch.setenv("BATCH_INFER_GPU_DECODERS", "")  # set but empty: the default
+    assert setting("BATCH_INFER_STALL_NOTICE_SECONDS") == 2.5
+    assert setting("BATCH_INFER_DECODE_PROCESSES") == 0
+    assert setting("BATCH_INFER_GPU_DECODERS") == 3
+    check_settings()
+
+
+def test_run_from_python_checks_settings_first(tmp_path: Path, data: Path, models, monkeypatch):
+    monkeypatch.setenv("BATCH_INFER_DECODE_PROCESSES", "many")
+    out = tmp_path / "out"
+    with pytest.raises(SettingError, match=r"^environment variable BATCH_INFER_DECODE_PROCESSES="):
+        batch_infer.run(two_io_spec(data, out, models["two_io"]))
+    assert not out.exists()
 
 
 # --------------------------------------------------------------------------- 4-6. with Ray

@@ -35,9 +35,10 @@ from urllib.parse import urlsplit
 import yaml
 
 import batch_infer
-from batch_infer.errors import STALL_NOTICE_SECONDS, ClusterError, SpecError, UserError
+from batch_infer.errors import ClusterError, SpecError, UserError
 from batch_infer.location import is_uri
 from batch_infer.ops import drop_stdout, json_rows, note
+from batch_infer.settings import setting
 from batch_infer.spec import (
     add_spec_arguments,
     load_document,
@@ -444,7 +445,8 @@ class Cluster:
 
         async def tail() -> bool:
             stream = aiter(self.client.tail_job_logs(job_id))
-            quiet, chunk, since = STALL_NOTICE_SECONDS, None, time.monotonic()
+            stall = setting("BATCH_INFER_STALL_NOTICE_SECONDS")
+            quiet, chunk, since = stall, None, time.monotonic()
             while True:  # the next chunk is waited for, never cancelled: that ends the stream
                 chunk = chunk or asyncio.ensure_future(anext(stream))
                 left = since + quiet - time.monotonic()
@@ -456,7 +458,7 @@ class Cluster:
                         note(f"job {job_id} is {status}{why}; nothing logged for {silent:.0f} s")
                     quiet *= 2  # the next notice once the silence has lasted twice as long
                     continue
-                done, chunk, quiet, since = chunk, None, STALL_NOTICE_SECONDS, time.monotonic()
+                done, chunk, quiet, since = chunk, None, stall, time.monotonic()
                 try:
                     if not emit(done.result()):
                         return False

@@ -34,6 +34,8 @@ import pyarrow.fs as pafs
 
 from batch_infer.data.decode.gpu_codecs import load_installed_codecs_only
 from batch_infer.data.tensors import binary_offsets
+from batch_infer.errors import BackendError, SettingError
+from batch_infer.settings import setting
 
 log = logging.getLogger("batch_infer")
 
@@ -227,9 +229,9 @@ def decode_processes() -> int:
     parallel there (docs/inputs.md: 1,400-1,900 images/s on 12 threads of 16 cores against
     4,300-4,800 on 16 processes); a Ray task has its one core and decodes in place.
     BATCH_INFER_DECODE_PROCESSES overrides the choice."""
-    env = os.environ.get("BATCH_INFER_DECODE_PROCESSES")
-    if env is not None:
-        return max(0, int(env))
+    chosen = setting("BATCH_INFER_DECODE_PROCESSES")
+    if chosen is not None:
+        return int(chosen)
     cores = os.cpu_count() or 1
     return cores - 2 if cores >= 8 and not _in_ray_task() else 0
 
@@ -488,11 +490,11 @@ class NvImageCodecDecoder:
         with cupy.cuda.Device(device):
             self.stream = cupy.cuda.Stream(non_blocking=True, priority=self.PRIORITY)
             options = os.environ.get("BATCH_INFER_NVIMGCODEC_OPTIONS")
-            threads = os.environ.get("BATCH_INFER_NVIMGCODEC_THREADS")
+            threads = setting("BATCH_INFER_NVIMGCODEC_THREADS")
             self.decoder = nvimgcodec.Decoder(
                 device_id=device,
                 **({"options": options} if options else {}),
-                **({"max_num_cpu_threads": int(threads)} if threads else {}),
+                **({"max_num_cpu_threads": threads} if threads else {}),
                 backends=[
                     nvimgcodec.Backend(kinds.HW_GPU_ONLY),
                     nvimgcodec.Backend(kinds.GPU_ONLY),
@@ -611,15 +613,16 @@ class NvImageCodecDecoder:
 class GpuDecoders:
     """Up to a few `NvImageCodecDecoder`s, each with a stream of its own, handed to one
     thread at a time: the run's own process prepares several shards at once, so one shard's
-    resize and copies overlap another's decode. One is made at once (1.75 s on an H100, the
-    first time in a process); the others (0.01 s each there) by a shard that finds none free.
+    resize and copies overlap another's decode. One is made at once (1.7-2.5 s on an H100,
+    the first time in a process); the others (0.6-1.0 s each there, most of it their first
+    batch, `_set_hardware_share`) by a shard that finds none free.
     BATCH_INFER_GPU_DECODERS sets how many (3)."""
 
     name = "nvimgcodec"
 
     def __init__(self, device: int) -> None:
         self.device = device
-        self.count = max(1, int(os.environ.get("BATCH_INFER_GPU_DECODERS", "3")))
+        self.count = int(setting("BATCH_INFER_GPU_DECODERS"))
         self.free: queue.Queue[NvImageCodecDecoder] = queue.Queue()
         self.made, self.lock = 0, threading.Lock()
         first = self._make()
@@ -698,12 +701,12 @@ def decoder_for(device: str) -> tuple[Any, str]:
         if gpu is not None:
             try:
                 chosen = (GpuDecoders(gpu), f"GPU {gpu} visible, nvImageCodec imports")
+            except SettingError:  # a knob set wrong: say so, not a slow CPU decode
+                raise
             except Exception as exc:  # not installed, or it cannot start on this GPU
                 why = f"nvImageCodec unusable here ({type(exc).__name__}: {exc})"
         if chosen is None:
             if device == "gpu":
-                from batch_infer.errors import BackendError
-
                 raise BackendError(f"image decode device: gpu, but {why}")
             chosen = (PillowDecoder(), why)
         log.info("image decoder: %s (%s)", chosen[0].describe(), chosen[1])
