@@ -367,6 +367,37 @@ def test_decoding_on_processes_equals_decoding_in_place(monkeypatch):
     np.testing.assert_array_equal(here, want)
 
 
+def test_undecodable_images_have_the_same_reason_in_every_run(monkeypatch):
+    """Pillow's "cannot identify image file <_io.BytesIO object at 0x7f...>" named a buffer's
+    address, so `GROUP BY _reason` over the errors split one cause into a row per image."""
+    monkeypatch.setenv("BATCH_INFER_DECODE_PROCESSES", "0")
+    good = jpeg(photo(np.random.default_rng(3), 40, 30))
+    column = pa.array([b"", b"hello", b"\x00" * 64, good, b"GIF89a" + b"\x00" * 10], pa.binary())
+    d = ImageDecode("img", SIZE, SIZE, "shorter_side_crop", "NHWC", "RGB", "cpu", False)
+    _, reasons, _ = decode_images(column, d, pafs.LocalFileSystem(), "/")
+    unknown = "img: not a decodable image (not in a format Pillow knows)"
+    assert reasons == {
+        0: "img: empty (0 bytes)",
+        1: unknown,
+        2: unknown,
+        4: reasons[4],
+    }
+    assert reasons[4].startswith("img: not a decodable image (") and "0x" not in reasons[4]
+
+
+def test_image_files_empty_or_missing_are_bad_rows_that_say_so(tmp_path):
+    (tmp_path / "empty.jpg").write_bytes(b"")
+    (tmp_path / "good.jpg").write_bytes(b"anything")
+    column = pa.array(["empty.jpg", "good.jpg", "gone.jpg", ""])
+    data, reasons = fetch(column, True, pafs.LocalFileSystem(), str(tmp_path))
+    assert data == [None, b"anything", None, None]
+    assert reasons == {
+        0: "empty file 'empty.jpg'",
+        2: "no such file 'gone.jpg'",
+        3: "empty path",
+    }
+
+
 def test_decoding_while_another_thread_imports_ray(monkeypatch):
     """The run's own process decodes its first shards while its Ray thread is still
     importing Ray: a half-imported `ray` module (no attributes yet) must not stop it, as it
@@ -608,7 +639,7 @@ def test_image_job_equals_pillow_and_direct_onnxruntime(tmp_path, image_files, c
     bad = errors(out)
     assert sorted(bad) == [9, 17]
     assert bad[9].startswith("path: not a decodable image (image file is truncated")
-    assert bad[17].startswith("path: not a decodable image (cannot identify image file")
+    assert bad[17] == "path: not a decodable image (not in a format Pillow knows)"
     output = read_output(out).sort_by("id")
     ids = output["id"].to_pylist()
     assert ids == [i for i in range(28) if i not in bad]  # every row once, here or in _errors

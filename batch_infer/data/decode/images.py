@@ -109,8 +109,13 @@ def _luma(rgb: np.ndarray) -> np.ndarray:
 
 
 def _reason(exc: BaseException) -> str:
-    text = " ".join(str(exc).split()) or type(exc).__name__
-    return f"not a decodable image ({text})"
+    """Why a row's image did not decode, the same in every run (for `GROUP BY _reason`):
+    Pillow's own "cannot identify image file" names a buffer's address."""
+    from PIL import UnidentifiedImageError
+
+    if isinstance(exc, UnidentifiedImageError):
+        return "not a decodable image (not in a format Pillow knows)"
+    return f"not a decodable image ({' '.join(str(exc).split()) or type(exc).__name__})"
 
 
 @lru_cache(maxsize=64)
@@ -136,7 +141,8 @@ def _read_file(value: str, fs: pafs.FileSystem, base: str) -> bytes | str:
     try:
         filesystem, path = _locate(value, fs, base)
         with filesystem.open_input_file(path) as f:
-            return f.read()
+            data = f.read()
+        return data if data else f"empty file {value!r}"
     except FileNotFoundError:
         return f"no such file {value!r}"
     except (OSError, pa.ArrowException, ValueError) as exc:
