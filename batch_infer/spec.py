@@ -100,27 +100,58 @@ class Postprocess(_Strict):
     keep_outputs: bool = Field(default=False, description="Also write the raw model outputs.")
 
 
+# The forms a key may take, told apart before validation so that an error speaks of the form
+# given; pydantic puts the form's tag in an error's location, and `_format_validation` takes
+# it out again (a tag has a space, which no key has).
+FORM_TAGS = (
+    "one column",
+    "column list",
+    "image input",
+    "text input",
+    "hook function",
+    "built-in steps",
+)
+
+
 def _input_form(v: Any) -> str | None:
     if isinstance(v, str):
-        return "column"
+        return "one column"
     if isinstance(v, list):
-        return "columns"
+        return "column list"
     if isinstance(v, dict | ImageInput | TextInput):
         get = v.get if isinstance(v, dict) else lambda k: getattr(v, k, None)
-        return "image" if get("decode") is not None else "text" if get("tokenizer") else None
+        if get("decode") is not None:
+            return "image input"
+        return "text input" if get("tokenizer") else None
     return None
 
 
 ModelInput = Annotated[
-    Annotated[str, Tag("column")]
-    | Annotated[list[str], Tag("columns")]
-    | Annotated[ImageInput, Tag("image")]
-    | Annotated[TextInput, Tag("text")],
+    Annotated[str, Tag("one column")]
+    | Annotated[list[str], Tag("column list")]
+    | Annotated[ImageInput, Tag("image input")]
+    | Annotated[TextInput, Tag("text input")],
     Discriminator(
         _input_form,
         custom_error_type="input_form",
         custom_error_message="expected a column, a list of columns, {column, decode: image, "
         "size, ...} or {column, tokenizer, max_length, ...}",
+    ),
+]
+
+
+def _postprocess_form(v: Any) -> str | None:
+    if isinstance(v, str):
+        return "hook function"
+    return "built-in steps" if isinstance(v, dict | Postprocess) else None
+
+
+PostprocessForm = Annotated[
+    Annotated[str, Tag("hook function")] | Annotated[Postprocess, Tag("built-in steps")],
+    Discriminator(
+        _postprocess_form,
+        custom_error_type="postprocess_form",
+        custom_error_message="expected package.module:function or {softmax, top_k, labels, ...}",
     ),
 ]
 
@@ -176,7 +207,7 @@ class ModelSpec(_Strict):
         description="package.module:function: the shard's columns (an Arrow table) -> numpy "
         "arrays for the model inputs not in `inputs` (and optionally bad-row reasons).",
     )
-    postprocess: str | Postprocess | None = Field(
+    postprocess: PostprocessForm | None = Field(
         default=None,
         description="package.module:function (model outputs -> output columns), or built-in "
         "{softmax, top_k, labels, ...}.",
@@ -401,7 +432,7 @@ def parse_overrides(pairs: list[str]) -> dict[str, Any]:
 def _format_validation(where: str, exc: ValidationError) -> str:
     lines = []
     for err in exc.errors():
-        key = ".".join(str(p) for p in err["loc"]) or "(top level)"
+        key = ".".join(str(p) for p in err["loc"] if p not in FORM_TAGS) or "(top level)"
         msg = err["msg"]
         if err["type"] == "extra_forbidden":
             msg = "unknown key"

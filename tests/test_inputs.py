@@ -288,6 +288,32 @@ def test_cli_bad_spec_is_one_line_exit_2(tmp_path):
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.parametrize(
+    ("key", "value", "line"),
+    [
+        ("input_ids.max_length", 0, "'model.inputs.input_ids.max_length': Input should be "
+         "greater than or equal to 1"),
+        ("postprocess.softmax", "maybe", "'model.postprocess.softmax': Input should be a valid "
+         "boolean, unable to interpret input"),
+        ("postprocess", 7, "'model.postprocess': expected package.module:function or "
+         "{softmax, top_k, labels, ...}"),
+    ],
+)  # fmt: skip
+def test_spec_errors_name_the_key_as_written(key: str, value, line: str):
+    """A key that takes several forms (a column, a list, an image or a text input; a hook or
+    the built-in steps): its errors name the key the user wrote, not pydantic's name for the
+    form (`model.inputs.input_ids.text.max_length`), and say it once, not once per form."""
+    spec = yaml.safe_load((ROOT / "jobs" / "text.yaml").read_text())
+    where = spec["model"] if key.startswith("postprocess") else spec["model"]["inputs"]
+    *parents, last = key.split(".")
+    for part in parents:
+        where = where[part]
+    where[last] = value
+    with pytest.raises(SpecError) as err:
+        batch_infer.spec.resolve_spec(spec)
+    assert str(err.value) == f"spec: key {line}"
+
+
 # --------------------------------------------------------------------------- the decoders
 
 
