@@ -38,3 +38,8 @@ def fails_on_large_score(outputs: dict[str, np.ndarray]) -> dict[str, object]:
     if (outputs["score"] > 5).any():
         raise RuntimeError("score above 5")
     return emb_norm(outputs)
+
+
+def python_objects(outputs: dict[str, np.ndarray]) -> dict[str, object]:
+    """A column of values Arrow has no type for."""
+    return {"thing": [object() for _ in outputs["score"]]}

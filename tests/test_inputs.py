@@ -641,6 +641,20 @@ def test_gpu_decoder_gives_whole_batches_to_the_hardware_decoder(image_files):
     assert min(shares) >= NvImageCodecDecoder.BATCH, shares
 
 
+def test_a_postprocess_column_arrow_cannot_hold_is_the_hooks_error():
+    """Once an unexpected error, retried three times and named without the hook."""
+    from batch_infer.data.postprocess import Hook, hook_columns
+    from batch_infer.errors import HookError
+
+    outputs = {"score": np.zeros((3, 1), np.float32)}
+    with pytest.raises(HookError) as err:
+        hook_columns(Hook("tests.input_hooks:python_objects"), outputs, 3, "shard s", int)
+    assert str(err.value).startswith(
+        "postprocess hook tests.input_hooks:python_objects on shard s: 'thing': not a Parquet "
+        "column (ArrowInvalid: Could not convert <object object at"
+    )
+
+
 def test_first_failing_row_bisects():
     for bad_from in (0, 1, 7, 99):
         calls: list[int] = []

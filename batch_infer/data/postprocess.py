@@ -90,10 +90,16 @@ def _column(values: Any, rows: int, what: str) -> pa.Array:
         arr = np.asarray(values)
         if arr.ndim == 0:
             raise HookError(f"{what}: returned a scalar, not one value per row")
-        if arr.dtype == object or arr.dtype.kind in "US":
-            values = pa.array(arr.tolist())
-        else:
-            values = to_arrow(arr, TensorInfo("", arr.dtype, arr.shape))
+        try:
+            if arr.dtype == object or arr.dtype.kind in "US":
+                values = pa.array(arr.tolist())
+            else:
+                values = to_arrow(arr, TensorInfo("", arr.dtype, arr.shape))
+        except (pa.ArrowException, TypeError, ValueError) as exc:  # no retry makes it fit
+            cause = " ".join(str(exc).split())
+            raise HookError(
+                f"{what}: not a Parquet column ({type(exc).__name__}: {cause})"
+            ) from None
     if len(values) != rows:
         raise HookError(f"{what}: returned {len(values)} values for {rows} rows")
     return values
