@@ -36,7 +36,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from benchmarks.gpu_inputs import D, image_jpeg
-from benchmarks.stacks import _by_os_name
+from benchmarks.stacks import by_os_name
 
 POOL = "[NVIMGCODEC][TP"  # the OS name of nvImageCodec's pool threads, digits dropped
 
@@ -65,7 +65,7 @@ def measure(blobs: list[bytes], threads: int, decoders: int, repeat: int) -> dic
             made[k].decode(blobs, D, outs[k])
 
     workers = [threading.Thread(target=work, args=(k,)) for k in range(decoders)]
-    cpu, pool, start = os.times(), _by_os_name()[POOL], time.perf_counter()
+    cpu, pool, start = os.times(), by_os_name()[POOL], time.perf_counter()
     for w in workers:
         w.start()
     for w in workers:
@@ -74,7 +74,7 @@ def measure(blobs: list[bytes], threads: int, decoders: int, repeat: int) -> dic
     after = os.times()
     images = len(blobs) * repeat * decoders
     used = (after.user - cpu.user) + (after.system - cpu.system)
-    pool_s = (_by_os_name()[POOL] - pool) / 1e9
+    pool_s = (by_os_name()[POOL] - pool) / 1e9
     made.clear()  # the decoders and their pools go before the next set-up
     outs.clear()
     gc.collect()
@@ -108,13 +108,14 @@ def keep_busy(stop: threading.Event) -> threading.Thread:
 
 
 def beside_model(blobs: list[bytes], args: argparse.Namespace, rows: list[dict]) -> None:
-    """Each set-up's row alone and while ResNet-50 runs (gpu_inputs._beside_model)."""
+    """Each set-up's row alone and while ResNet-50 runs (gpu_decode_load.beside_model)."""
     from batch_infer.data.decode.images import decode_pillow
-    from benchmarks.gpu_inputs import _beside_model, resnet50_fp16
+    from benchmarks import gpu_decode_load
+    from benchmarks.gpu_inputs import resnet50_fp16
 
     model = resnet50_fp16(args.beside_model)
     pixels = np.stack([decode_pillow(b, D) for b in blobs[:256]])
-    with _beside_model(model, pixels, rows) as under:
+    with gpu_decode_load.beside_model(model, pixels, rows) as under:
         for decoders in args.decoders:
             for threads in args.threads:
 

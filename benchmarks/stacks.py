@@ -57,7 +57,7 @@ def _cpu_ns(tid: int | str) -> int | None:
 _os_threads: dict[str, tuple[str, int]] = {}  # tid -> (OS name, CPU ns when last seen)
 
 
-def _by_os_name() -> collections.Counter:
+def by_os_name() -> collections.Counter:
     """CPU nanoseconds of every thread of this process, summed by its OS name (digits
     dropped): also the threads a library started in C, which no Python stack shows. A
     thread that has ended counts as of when it was last seen (each write looks)."""
@@ -123,7 +123,7 @@ def _write(
                 lines.append(f"  CPU {spent / 1e9:.2f} s, where it ran:")
                 for where, ns in used.most_common(8):
                     lines.append(f"{ns / spent:6.1%}  {where}")
-        by_name = _by_os_name()
+        by_name = by_os_name()
         if by_name:
             lines.append("== CPU seconds by OS thread name, every thread of the process")
             lines += [f"{ns / 1e9:9.2f}  {name}" for name, ns in by_name.most_common(16)]
