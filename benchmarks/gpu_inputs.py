@@ -178,30 +178,32 @@ def preallocated_options(batch: int = 512, side: int = 512) -> str:
     return " ".join(f"nvjpeg_hw_decoder:{k}={v}" for k, v in hints.items())
 
 
-# The jobs' GPU set-ups that --job-setups names, as environment for the job's process: "job",
-# batch-infer's own (32 CUDA hardware queues, batch_infer/__init__.py); "c8", CUDA's default
-# 8, with which the hardware decoder's steps wait behind the model's runs (docs/inputs.md);
-# "prealloc", nvJPEG's buffers for a batch made with each decoder, not in the first shards;
-# "decoders2", "decoders6": that many GPU decoders for the 12 reader threads (3 by default;
-# 2, 3 and 6 gave the same before the 32 queues, docs/inputs.md 2026-12-05); "switch": the
-# job's Python hands the GIL on every 0.5 ms instead of 5 (`switch_interval`); "threads1",
-# "threads2", "threads4": each GPU decoder's nvImageCodec pool of that many CPU threads (by
-# default one fewer than the cores; with 1, nvImageCodec sets each batch up on the calling
-# thread; benchmarks/gpu_decoder_threads.py); "yield": threads waiting for the
-# GPU yield their core rather than spin (`cuda_yield`).
-JOB_SETUPS = {
-    "job": {},
-    "c8": {"CUDA_DEVICE_MAX_CONNECTIONS": "8"},
-    "prealloc": {"BATCH_INFER_NVIMGCODEC_OPTIONS": preallocated_options()},
-    "decoders2": {"BATCH_INFER_GPU_DECODERS": "2"},
-    "decoders6": {"BATCH_INFER_GPU_DECODERS": "6"},
-    "threads1": {"BATCH_INFER_NVIMGCODEC_THREADS": "1"},
-    "threads2": {"BATCH_INFER_NVIMGCODEC_THREADS": "2"},
-    "threads4": {"BATCH_INFER_NVIMGCODEC_THREADS": "4"},
-    "switch": {},  # PYTHONPATH: switch_interval's folder first
-    "yield": {},  # PYTHONPATH: cuda_yield's folder first
-    "baseline": {},  # the batch-infer of --baseline
-    "gpu-codecs": {},  # NVIMGCODEC_EXTENSIONS_PATH: nvImageCodec's nvJPEG extension alone
+# The jobs' GPU set-ups that --job-setups names: (environment for the job's process, what it
+# is). The help text is made from the descriptions.
+JOB_SETUPS: dict[str, tuple[dict[str, str], str]] = {
+    "job": ({}, "batch-infer's own (32 CUDA hardware queues, batch_infer/__init__.py)"),
+    "c8": (
+        {"CUDA_DEVICE_MAX_CONNECTIONS": "8"},
+        "CUDA's default 8 hardware queues, with which the hardware decoder's steps wait "
+        "behind the model's runs (docs/inputs.md)",
+    ),
+    "prealloc": (
+        {"BATCH_INFER_NVIMGCODEC_OPTIONS": preallocated_options()},
+        "nvJPEG's buffers for a batch made with each decoder, not in the first shards",
+    ),
+    "decoders2": ({"BATCH_INFER_GPU_DECODERS": "2"}, "2 GPU decoders for the 12 readers (3)"),
+    "decoders6": ({"BATCH_INFER_GPU_DECODERS": "6"}, "6 GPU decoders for the 12 readers (3)"),
+    "threads1": (
+        {"BATCH_INFER_NVIMGCODEC_THREADS": "1"},
+        "a pool of 1 CPU thread in each GPU decoder (by default one fewer than the cores): "
+        "nvImageCodec sets each batch up on the calling thread",
+    ),
+    "threads2": ({"BATCH_INFER_NVIMGCODEC_THREADS": "2"}, "pools of 2 CPU threads"),
+    "threads4": ({"BATCH_INFER_NVIMGCODEC_THREADS": "4"}, "pools of 4 CPU threads"),
+    "switch": ({}, "the job's Python hands the GIL on every 0.5 ms, not 5 (`switch_interval`)"),
+    "yield": ({}, "threads waiting for the GPU yield their core rather than spin (`cuda_yield`)"),
+    "baseline": ({}, "the batch-infer in --baseline"),
+    "gpu-codecs": ({}, "nvImageCodec's nvJPEG extension alone (`gpu_codecs_only`)"),
 }
 
 
@@ -455,7 +457,7 @@ def images(args: argparse.Namespace, res: dict) -> None:
                 "model": {"onnx": str(fp16), "inputs": inputs}}  # fmt: skip
         name = f"resnet50-decode-{device}-{root.name}-{label}"
         tree = args.baseline if label == "baseline" else None
-        env = JOB_SETUPS[label]
+        env = JOB_SETUPS[label][0]
         if label == "gpu-codecs":
             env = {"NVIMGCODEC_EXTENSIONS_PATH": str(gpu_codecs_only(args.work))}
         elif label == "switch":
@@ -560,13 +562,9 @@ def main() -> None:
         nargs="+",
         choices=sorted(JOB_SETUPS),
         default=["job"],
-        help="the jobs' GPU set-ups (job: batch-infer's; c8: CUDA's default 8 hardware "
-        "queues; prealloc: nvJPEG's buffers pre-allocated; decoders2, decoders6: that many "
-        "GPU decoders; threads1, threads2, threads4: that many CPU threads in each decoder's pool; "
-        "gpu-codecs: nvImageCodec's nvJPEG extension alone; yield: CUDA yields the core "
-        "of a thread waiting for the GPU; switch: the GIL "
-        "handed on every 0.5 ms; baseline: the batch-infer in --baseline): the job over the "
-        "first --image-copies runs with each, the others with the first",
+        help="the jobs' GPU set-ups ("
+        + "; ".join(f"{k}: {about}" for k, (_, about) in JOB_SETUPS.items())
+        + "): the job over the first --image-copies runs with each, the others with the first",
     )
     ap.add_argument("--baseline", type=Path,
                     help="a directory holding another commit's batch_infer/ (git archive "
