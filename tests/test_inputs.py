@@ -463,6 +463,29 @@ def test_no_gpu_here_means_pillow_and_gpu_demanded_is_refused():
         decoder_for("gpu")
 
 
+def test_a_gpu_decoder_installed_but_broken_is_a_warning(monkeypatch, caplog, tmp_path):
+    """On a GPU with nvImageCodec installed, a decoder that cannot start leaves the run to
+    Pillow, many times slower: that is said without -v. Not installed, it is not news."""
+    from batch_infer.data.decode import images
+
+    def cannot_start(device: int) -> None:
+        raise RuntimeError("nvImageCodec: no hardware decoder")
+
+    monkeypatch.setattr(images, "_gpu_here", lambda: 0)
+    monkeypatch.setattr(images, "GpuDecoders", cannot_start)
+    for installed, level in ((tmp_path, "WARNING"), (None, "INFO")):
+        monkeypatch.setattr(images, "_decoders", {})
+        monkeypatch.setattr(images, "nvimgcodec_package", lambda i=installed: i)
+        caplog.clear()
+        with caplog.at_level("INFO", logger="batch_infer"):
+            decoder, why = decoder_for("auto")
+        assert decoder.name == "pillow"
+        assert why == "nvImageCodec unusable here (RuntimeError: nvImageCodec: no hardware decoder)"
+        assert [(r.levelname, r.getMessage()) for r in caplog.records] == [
+            (level, f"image decoder: {decoder.describe()} ({why})")
+        ]
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(_gpu_here() is None, reason="needs a GPU, nvImageCodec and CuPy")
 def test_gpu_decoders_are_made_on_demand_up_to_the_limit(monkeypatch, image_files):

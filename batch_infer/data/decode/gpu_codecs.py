@@ -92,7 +92,10 @@ def linked_package(package: Path, kept: list[Path], cache: Path) -> Path:
 
 def nvimgcodec_package() -> Path | None:
     """The folder of the installed nvImageCodec package, found without importing it."""
-    spec = importlib.util.find_spec("nvidia.nvimgcodec")
+    try:
+        spec = importlib.util.find_spec("nvidia.nvimgcodec")
+    except ImportError:  # no `nvidia` package at all
+        return None
     if spec is None or not spec.submodule_search_locations:
         return None
     return Path(next(iter(spec.submodule_search_locations)))

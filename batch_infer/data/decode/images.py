@@ -32,7 +32,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.fs as pafs
 
-from batch_infer.data.decode.gpu_codecs import load_installed_codecs_only
+from batch_infer.data.decode.gpu_codecs import load_installed_codecs_only, nvimgcodec_package
 from batch_infer.data.tensors import binary_offsets
 from batch_infer.errors import BackendError, SettingError
 from batch_infer.settings import setting
@@ -704,6 +704,7 @@ def decoder_for(device: str) -> tuple[Any, str]:
             return _decoders[key]
         why = "device: cpu" if device == "cpu" else "no GPU visible to this process"
         chosen: tuple[Any, str] | None = None
+        broken = False
         if gpu is not None:
             try:
                 chosen = (GpuDecoders(gpu), f"GPU {gpu} visible, nvImageCodec imports")
@@ -711,11 +712,14 @@ def decoder_for(device: str) -> tuple[Any, str]:
                 raise
             except Exception as exc:  # not installed, or it cannot start on this GPU
                 why = f"nvImageCodec unusable here ({type(exc).__name__}: {exc})"
+                # installed, yet it cannot start: the run will be far slower than it should
+                broken = nvimgcodec_package() is not None
         if chosen is None:
             if device == "gpu":
                 raise BackendError(f"image decode device: gpu, but {why}")
             chosen = (PillowDecoder(), why)
-        log.info("image decoder: %s (%s)", chosen[0].describe(), chosen[1])
+        level = logging.WARNING if broken else logging.INFO
+        log.log(level, "image decoder: %s (%s)", chosen[0].describe(), chosen[1])
         _decoders[key] = chosen
         return chosen
 
