@@ -101,8 +101,8 @@ class Postprocess(_Strict):
 
 
 # The forms a key may take, told apart before validation so that an error speaks of the form
-# given; pydantic puts the form's tag in an error's location, and `_format_validation` takes
-# it out again (a tag has a space, which no key has).
+# given; pydantic puts the form's tag in an error's location right after the key
+# (`model.inputs.<name>`, `model.postprocess`), and `_format_validation` takes it out there.
 FORM_TAGS = (
     "one column",
     "column list",
@@ -429,10 +429,19 @@ def parse_overrides(pairs: list[str]) -> dict[str, Any]:
     return out
 
 
+def _without_form_tag(loc: tuple[int | str, ...]) -> tuple[int | str, ...]:
+    """An error's location without the form's tag pydantic puts after a key of several forms
+    (only there: a model input may well be named like a tag)."""
+    at = 3 if loc[:2] == ("model", "inputs") else 2 if loc[:2] == ("model", "postprocess") else 0
+    if at and len(loc) > at and loc[at] in FORM_TAGS:
+        return loc[:at] + loc[at + 1 :]
+    return loc
+
+
 def _format_validation(where: str, exc: ValidationError) -> str:
     lines = []
     for err in exc.errors():
-        key = ".".join(str(p) for p in err["loc"] if p not in FORM_TAGS) or "(top level)"
+        key = ".".join(str(p) for p in _without_form_tag(err["loc"])) or "(top level)"
         msg = err["msg"]
         if err["type"] == "extra_forbidden":
             msg = "unknown key"
