@@ -43,3 +43,8 @@ def fails_on_large_score(outputs: dict[str, np.ndarray]) -> dict[str, object]:
 def python_objects(outputs: dict[str, np.ndarray]) -> dict[str, object]:
     """A column of values Arrow has no type for."""
     return {"thing": [object() for _ in outputs["score"]]}
+
+
+def ragged(outputs: dict[str, np.ndarray]) -> dict[str, object]:
+    """A list of a different length per row: an Arrow list column."""
+    return {"ks": [list(range(i % 3)) for i in range(len(outputs["score"]))]}

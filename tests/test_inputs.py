@@ -314,6 +314,19 @@ def test_spec_errors_name_the_key_as_written(key: str, value, line: str):
     assert str(err.value) == f"spec: key {line}"
 
 
+def test_spec_errors_keep_an_input_named_like_a_form():
+    """Model inputs are ONNX names, which may hold spaces: one named as pydantic's tag for a
+    form ("text input") stays in the key, the tag after it goes."""
+    spec = yaml.safe_load((ROOT / "jobs" / "text.yaml").read_text())
+    inputs = spec["model"]["inputs"]
+    inputs["text input"] = inputs.pop("input_ids") | {"max_length": 0}
+    with pytest.raises(SpecError) as err:
+        batch_infer.spec.resolve_spec(spec)
+    assert str(err.value) == (
+        "spec: key 'model.inputs.text input.max_length': Input should be greater than or equal to 1"
+    )
+
+
 # --------------------------------------------------------------------------- the decoders
 
 
@@ -665,7 +678,8 @@ def test_gpu_decoder_gives_whole_batches_to_the_hardware_decoder(image_files):
 
 
 def test_a_postprocess_column_arrow_cannot_hold_is_the_hooks_error():
-    """Once an unexpected error, retried three times and named without the hook."""
+    """Once an unexpected error, retried three times and named without the hook; so were
+    lists of a different length per row, which Arrow holds."""
     from batch_infer.data.postprocess import Hook, hook_columns
     from batch_infer.errors import HookError
 
@@ -676,6 +690,8 @@ def test_a_postprocess_column_arrow_cannot_hold_is_the_hooks_error():
         "postprocess hook tests.input_hooks:python_objects on shard s: 'thing': not a Parquet "
         "column (ArrowInvalid: Could not convert <object object at"
     )
+    ((name, column),) = hook_columns(Hook("tests.input_hooks:ragged"), outputs, 3, "s", int)
+    assert name == "ks" and column.to_pylist() == [[], [0], [0, 1]]
 
 
 def test_first_failing_row_bisects():

@@ -87,7 +87,12 @@ def _column(values: Any, rows: int, what: str) -> pa.Array:
     if isinstance(values, pa.ChunkedArray):
         values = values.combine_chunks()
     if not isinstance(values, pa.Array):
-        arr = np.asarray(values)
+        try:
+            arr = np.asarray(values)
+        except ValueError:  # rows of different lengths: Arrow's lists hold them
+            arr = np.empty(len(values), object)
+            for i, v in enumerate(values):
+                arr[i] = v
         if arr.ndim == 0:
             raise HookError(f"{what}: returned a scalar, not one value per row")
         try:
