@@ -24,6 +24,7 @@ from batch_infer.errors import EXIT_INTERRUPTED, SpecError, UserError
 from batch_infer.ops.query import register as register_query
 from batch_infer.ops.schedule import register as register_schedule
 from batch_infer.ops.submit import register as register_submit
+from batch_infer.settings import check_settings
 from batch_infer.sink.manifest import RunRecord, timeline_text
 from batch_infer.spec import add_spec_arguments, parse_date, parse_overrides, resolve_spec
 
@@ -127,6 +128,7 @@ def _cmd_optimize(args: argparse.Namespace) -> int:
     from batch_infer.optimize.report import print_report
     from batch_infer.planning import build_plan
 
+    check_settings()  # its calibration decodes images as a run does
     overrides = parse_overrides(args.set)
     if args.backend:
         overrides["model.optimize.target"] = args.backend

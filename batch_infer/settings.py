@@ -3,7 +3,8 @@
 A knob is read where it is used, and a run checks every knob before it starts, so a bad
 value stops it with one line naming the variable before anything is written. Before, a bad
 value was a traceback at import, a shard retried until it failed, or a silent fall back
-to the slow CPU image decoder.
+to the slow CPU image decoder. `submit` checks them too and carries those set to the job;
+Ray's tasks and actors read them from their own environment. `inf` turns the stall notice off.
 """
 
 from __future__ import annotations
@@ -56,7 +57,18 @@ def setting(name: str) -> int | float | None:
     return value
 
 
+# Read as text, passed to nvImageCodec as they are (its decoder options string).
+TEXT_KNOBS = ("BATCH_INFER_NVIMGCODEC_OPTIONS",)
+
+
 def check_settings() -> None:
     """Every knob read once: the first bad one raises SettingError."""
     for name in KNOBS:
         setting(name)
+
+
+def settings_set_here() -> dict[str, str]:
+    """The knobs this process's environment sets (checked): what `submit` carries to the job,
+    so that a knob set where a job is submitted holds where it runs."""
+    check_settings()
+    return {k: os.environ[k] for k in (*KNOBS, *TEXT_KNOBS) if os.environ.get(k, "").strip()}

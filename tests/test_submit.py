@@ -777,3 +777,13 @@ def test_dry_run_prints_what_would_be_sent_and_sends_nothing(tmp_path: Path) -> 
     r = cli("submit", str(spec), "--dry-run", env=_clean_env())
     assert r.returncode == 0
     assert "warning: output.path:" in r.stderr and "every node must see it" in r.stderr
+
+    # a knob set here goes with the job; a bad one stops the command before anything is sent
+    knobs = {"BATCH_INFER_GPU_DECODERS": "6", "BATCH_INFER_NVIMGCODEC_OPTIONS": ":x=1"}
+    r = cli("submit", str(spec), "--dry-run", env=_clean_env() | knobs)
+    assert r.returncode == 0, r.stderr
+    assert yaml.safe_load(r.stdout)["runtime_env"]["env_vars"].items() >= knobs.items()
+    bad = {"BATCH_INFER_STALL_NOTICE_SECONDS": "soon"}
+    r = cli("submit", str(spec), "--address", f"127.0.0.1:{port}", env=_clean_env() | bad)
+    assert r.returncode == 2 and r.stdout == ""
+    assert r.stderr.startswith("error: environment variable BATCH_INFER_STALL_NOTICE_SECONDS=")

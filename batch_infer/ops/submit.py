@@ -38,7 +38,7 @@ import batch_infer
 from batch_infer.errors import ClusterError, SpecError, UserError
 from batch_infer.location import is_uri
 from batch_infer.ops import drop_stdout, json_rows, note
-from batch_infer.settings import setting
+from batch_infer.settings import check_settings, setting, settings_set_here
 from batch_infer.spec import (
     add_spec_arguments,
     load_document,
@@ -271,8 +271,9 @@ class Submission:
         return meta | ({"batch_infer_date": self.spec.date} if self.spec.date else {})
 
     def runtime_env(self, working_dir: str) -> dict[str, Any]:
-        """Logs promptly, a summary table wide enough for long paths, the model's origin."""
-        env = {"PYTHONUNBUFFERED": "1", "COLUMNS": "200"}
+        """Logs promptly, a summary table wide enough for long paths, the model's origin, and
+        the `BATCH_INFER_*` knobs set here."""
+        env = {"PYTHONUNBUFFERED": "1", "COLUMNS": "200", **settings_set_here()}
         env |= {MODEL_ORIGIN_ENV: self.origin} if self.model_files else {}
         package = str(Path(batch_infer.__file__).resolve().parent)  # the one running here
         return {
@@ -496,6 +497,7 @@ def _outcome(info: Any) -> int:
 
 
 def cmd_submit(args: argparse.Namespace) -> int:
+    check_settings()  # a bad knob: one line, before anything is sent
     address = resolve_address(args.address)
     submission = Submission(
         args.spec,
