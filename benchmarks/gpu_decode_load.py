@@ -1,10 +1,11 @@
 """The GPU image decoders beside the running model: the probes behind `gpu_inputs.py
 --decode-load` (docs/inputs.md, the sessions of 2026-12-06 and 07), run by hand on the GPU
-machine. Each measures a decoder set-up's rate alone and while ResNet-50 fp16 runs flat
-out in the same process, with the model's rate meanwhile: which decoders, threads, options,
-output formats, CUDA green contexts or a process of its own let the model keep its rate.
-`gpu_inputs.py` makes the images and the model and calls `decode_under_load`;
-`gpu_decoder_threads.py --beside-model` uses `beside_model`.
+machine through that command (this module has no command of its own). Each measures a
+decoder set-up's rate alone and while ResNet-50 fp16 runs flat out in the same process, with
+the model's rate meanwhile: which decoders, threads, options, output formats, CUDA green
+contexts or a process of its own let the model keep its rate. `gpu_inputs.py` makes the
+images and the model and calls `decode_under_load`; `gpu_decoder_threads.py --beside-model`
+uses `beside_model`.
 """
 
 from __future__ import annotations
