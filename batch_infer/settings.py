@@ -1,4 +1,5 @@
-"""The tuning knobs read from the environment (`BATCH_INFER_*`), each parsed in one place.
+"""The tuning knobs read from the environment (`BATCH_INFER_*`): the numbers parsed and
+checked in one place (`KNOBS`), the text ones (`TEXT_KNOBS`) passed on as they are.
 
 A knob is read where it is used, and a run checks every knob before it starts, so a bad
 value stops it with one line naming the variable before anything is written. Before, a bad
