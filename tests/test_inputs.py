@@ -49,7 +49,7 @@ from batch_infer.data.decode.images import (
     fetch,
     resize_batch,
 )
-from batch_infer.errors import BackendError, JobFailedError, SpecError
+from batch_infer.errors import BackendError, InputError, JobFailedError, SpecError
 from batch_infer.planning import build_plan
 from jobs.make_examples import (
     SCENES,
@@ -424,17 +424,41 @@ def test_undecodable_images_have_the_same_reason_in_every_run(monkeypatch):
     assert reasons[4].startswith("img: not a decodable image (") and "0x" not in reasons[4]
 
 
-def test_image_files_empty_or_missing_are_bad_rows_that_say_so(tmp_path):
+def test_image_files_empty_missing_or_folders_are_bad_rows_that_say_so(tmp_path):
     (tmp_path / "empty.jpg").write_bytes(b"")
     (tmp_path / "good.jpg").write_bytes(b"anything")
-    column = pa.array(["empty.jpg", "good.jpg", "gone.jpg", ""])
+    (tmp_path / "folder.jpg").mkdir()
+    column = pa.array(["empty.jpg", "good.jpg", "gone.jpg", "", "folder.jpg", "foo://x/y.jpg"])
     data, reasons = fetch(column, True, pafs.LocalFileSystem(), str(tmp_path))
-    assert data == [None, b"anything", None, None]
+    assert data == [None, b"anything", None, None, None, None]
     assert reasons == {
         0: "empty file 'empty.jpg'",
         2: "no such file 'gone.jpg'",
         3: "empty path",
+        4: "'folder.jpg' is a folder, not a file",
+        5: "not a path or URI that can be read: 'foo://x/y.jpg' (Unrecognized filesystem "
+        "type in URI: foo://x)",
     }
+
+
+def test_a_store_that_cannot_be_reached_fails_the_shard_not_its_rows(tmp_path):
+    """Every row of a bucket behind a network or credentials problem was a bad row, and its
+    shard committed: a rerun after the fix skipped them. Now the shard fails (nothing of it
+    committed) and a rerun reads it again. The URI's options (an S3-compatible store's
+    endpoint) reach the store: they were dropped."""
+    import socket
+
+    with socket.socket() as s:  # a port nothing listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    (tmp_path / "good.jpg").write_bytes(jpeg(photo(np.random.default_rng(1), 40, 30)))
+    uri = f"s3://bucket/x.jpg?endpoint_override=127.0.0.1:{port}&scheme=http&region=us-east-1"
+    column = pa.array(["good.jpg", uri])
+    d = ImageDecode("img", SIZE, SIZE, "shorter_side_crop", "NHWC", "RGB", "cpu", True)
+    with pytest.raises(InputError) as err:
+        decode_images(column, d, pafs.LocalFileSystem(), str(tmp_path))
+    assert str(err.value).startswith(f"img: cannot read {uri!r} (")
+    assert f"127.0.0.1:{port}" in str(err.value).split("(", 1)[1]  # the store it was sent to
 
 
 def test_decoding_while_another_thread_imports_ray(monkeypatch):

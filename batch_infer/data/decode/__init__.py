@@ -36,7 +36,7 @@ from batch_infer.data.decode.text import (
     pad_token,
     tokenizers_version,
 )
-from batch_infer.errors import HookError, SpecError
+from batch_infer.errors import HookError, InputError, SpecError
 from batch_infer.location import absolute, open_location
 from batch_infer.model import TensorInfo
 
@@ -293,9 +293,12 @@ def decode_shard(
         src = d.source
         if isinstance(src, ImageDecode):
             column = table.column(src.column).combine_chunks()
-            pixels, bad, how = decode_images(
-                column, src, dataset.filesystem, posixpath.dirname(file_path)
-            )
+            try:
+                pixels, bad, how = decode_images(
+                    column, src, dataset.filesystem, posixpath.dirname(file_path)
+                )
+            except InputError as exc:  # a store that cannot be read: which shard waits on it
+                raise InputError(f"{where}: {exc}") from None
             feeds[d.tensor.name] = pixels.astype(d.tensor.dtype, copy=False)
             used.append(f"{d.tensor.name}: {how}")
         elif isinstance(src, TextEncode):

@@ -11,6 +11,7 @@ An image that cannot be read or decoded is a bad row with its reason, never a fa
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import gc
 import io
@@ -34,7 +35,7 @@ import pyarrow.fs as pafs
 
 from batch_infer.data.decode.gpu_codecs import load_installed_codecs_only, nvimgcodec_package
 from batch_infer.data.tensors import binary_offsets
-from batch_infer.errors import BackendError, SettingError
+from batch_infer.errors import BackendError, InputError, SettingError
 from batch_infer.settings import setting
 
 log = logging.getLogger("batch_infer")
@@ -115,7 +116,7 @@ def _reason(exc: BaseException) -> str:
 
     if isinstance(exc, UnidentifiedImageError):
         return "not a decodable image (not in a format Pillow knows)"
-    return f"not a decodable image ({' '.join(str(exc).split()) or type(exc).__name__})"
+    return f"not a decodable image ({_one_line(exc) or type(exc).__name__})"
 
 
 @lru_cache(maxsize=64)
@@ -128,8 +129,10 @@ def _locate(value: str, fs: pafs.FileSystem, base: str) -> tuple[pafs.FileSystem
     relative to the folder of the data file that names it (on the input's filesystem)."""
     if "://" in value:
         scheme, rest = value.split("://", 1)
+        rest, query = rest.split("?", 1) if "?" in rest else (rest, "")
+        # one filesystem per bucket (or host) and options (`?endpoint_override=...`)
         root = f"{scheme}://{rest.split('/', 1)[0]}" if scheme != "file" else "file:///"
-        filesystem = _filesystem(root)
+        filesystem = _filesystem(root + (f"?{query}" if query else ""))
         return filesystem, pafs.FileSystem.from_uri(value)[1]
     if value.startswith("/"):
         return pafs.LocalFileSystem(), value
@@ -137,16 +140,34 @@ def _locate(value: str, fs: pafs.FileSystem, base: str) -> tuple[pafs.FileSystem
 
 
 def _read_file(value: str, fs: pafs.FileSystem, base: str) -> bytes | str:
-    """The file's bytes, or why it cannot be read."""
+    """The file's bytes, or why its row is bad: missing, empty, a folder, not readable to
+    us, not a path or URI. Anything else (the network, credentials, a store that fails) is
+    no fault of the row: an InputError, so that its shard is not committed and a rerun
+    retries it, rather than every row of a store that cannot be reached marked bad."""
     try:
         filesystem, path = _locate(value, fs, base)
+    except ValueError as exc:  # an unknown scheme, a malformed URI (ArrowInvalid too)
+        return f"not a path or URI that can be read: {value!r} ({_one_line(exc)})"
+    except (OSError, pa.ArrowException) as exc:  # S3 finds the bucket's region first
+        raise InputError(f"cannot reach {value!r} ({_one_line(exc)})") from None
+    try:
         with filesystem.open_input_file(path) as f:
             data = f.read()
-        return data if data else f"empty file {value!r}"
     except FileNotFoundError:
         return f"no such file {value!r}"
-    except (OSError, pa.ArrowException, ValueError) as exc:
-        return f"cannot read {value!r} ({' '.join(str(exc).split())})"
+    except PermissionError:
+        return f"no permission to read {value!r}"
+    except (OSError, pa.ArrowException) as exc:
+        if filesystem.type_name == "local":  # (asking a store again would wait again)
+            with contextlib.suppress(OSError, pa.ArrowException):
+                if filesystem.get_file_info(path).type == pafs.FileType.Directory:
+                    return f"{value!r} is a folder, not a file"
+        raise InputError(f"cannot read {value!r} ({_one_line(exc)})") from None
+    return data if data else f"empty file {value!r}"
+
+
+def _one_line(exc: BaseException) -> str:
+    return " ".join(str(exc).split())
 
 
 _pool: ThreadPoolExecutor | None = None
@@ -749,7 +770,10 @@ def decode_images(
     """A column of images -> ([rows, ...model item shape] pixels, {row: reason}, decoder).
 
     Rows with a reason hold zeros. `fs` and `base`: where relative paths are looked up."""
-    data, reasons = fetch(column, d.from_paths, fs, base)
+    try:
+        data, reasons = fetch(column, d.from_paths, fs, base)
+    except InputError as exc:  # the store, not a row: the shard fails
+        raise InputError(f"{d.column}: {exc}") from None
     c = 1 if d.channels == "L" else 3
     out = np.zeros((len(data), d.height, d.width, c), np.uint8)
     decoder, _ = decoder_for(d.device)
