@@ -6,7 +6,8 @@ torchvision saw. On the GPU: nvImageCodec (nvJPEG, the hardware decoder where th
 one) with Pillow's own resize arithmetic in a CuPy kernel, used where this process sees a GPU
 and both import; anything it cannot decode is retried on the CPU, so a reason is Pillow's.
 
-An image that cannot be read or decoded is a bad row with its reason, never a failed shard.
+An image that is missing, empty or cannot be decoded is a bad row with its reason, never a
+failed shard; a store that cannot be reached fails the shard instead (`_read_file`).
 """
 
 from __future__ import annotations
