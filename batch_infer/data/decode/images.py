@@ -219,13 +219,18 @@ def fetch(
     if not from_paths:
         return [None if i in reasons else v for i, v in enumerate(values)], reasons
     todo = [i for i in range(len(values)) if i not in reasons]
-    read = _readers().map(lambda i: _read_file(values[i], fs, base), todo)
+    reads = [_readers().submit(_read_file, values[i], fs, base) for i in todo]
     data: list[Blob | None] = [None] * len(values)
-    for i, got in zip(todo, read, strict=True):
-        if isinstance(got, str):
-            reasons[i] = got
-        else:
-            data[i] = got
+    try:
+        for i, read in zip(todo, reads, strict=True):
+            got = read.result()
+            if isinstance(got, str):
+                reasons[i] = got
+            else:
+                data[i] = got
+    finally:  # a store that cannot be reached: the shard fails now, not after every row
+        for read in reads:
+            read.cancel()
     return data, reasons
 
 
