@@ -23,6 +23,12 @@ EXIT_CLUSTER = 5
 EXIT_INTERRUPTED = 130
 
 
+def one_line(exc: BaseException) -> str:
+    """An exception's message on one line (some libraries' span several), for a message
+    that must stay one line: a CLI error, a bad row's reason."""
+    return " ".join(str(exc).split())
+
+
 class UserError(Exception):
     """A problem with the user's input, spec, model or output location."""
 

@@ -13,7 +13,7 @@ import pyarrow.compute as pc
 
 from batch_infer.data.decode.hooks import load_hook, run_hook
 from batch_infer.data.tensors import to_arrow
-from batch_infer.errors import HookError
+from batch_infer.errors import HookError, one_line
 from batch_infer.model import TensorInfo
 
 BUILTIN_COLUMNS = ("label", "score", "top_labels", "top_scores")
@@ -101,10 +101,8 @@ def _column(values: Any, rows: int, what: str) -> pa.Array:
             else:
                 values = to_arrow(arr, TensorInfo("", arr.dtype, arr.shape))
         except (pa.ArrowException, TypeError, ValueError) as exc:  # no retry makes it fit
-            cause = " ".join(str(exc).split())
-            raise HookError(
-                f"{what}: not a Parquet column ({type(exc).__name__}: {cause})"
-            ) from None
+            cause = f"{type(exc).__name__}: {one_line(exc)}"
+            raise HookError(f"{what}: not a Parquet column ({cause})") from None
     if len(values) != rows:
         raise HookError(f"{what}: returned {len(values)} values for {rows} rows")
     return values

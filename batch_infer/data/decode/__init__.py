@@ -36,7 +36,7 @@ from batch_infer.data.decode.text import (
     pad_token,
     tokenizers_version,
 )
-from batch_infer.errors import HookError, InputError, SpecError
+from batch_infer.errors import HookError, InputError, SpecError, one_line
 from batch_infer.location import absolute, open_location
 from batch_infer.model import TensorInfo
 
@@ -172,8 +172,9 @@ def plan_text(tensor: TensorInfo, form: Any, schema: pa.Schema, where: str) -> D
     try:
         tokenizer = load_tokenizer(text)
     except Exception as exc:  # tokenizers raises a plain Exception for a malformed file
-        why = " ".join(str(exc).split())
-        raise SpecError(f"{where}.tokenizer: {path}: not a tokenizer.json ({why})") from None
+        raise SpecError(
+            f"{where}.tokenizer: {path}: not a tokenizer.json ({one_line(exc)})"
+        ) from None
     pad = pad_token(tokenizer)
     if pad is None:
         raise SpecError(

@@ -13,7 +13,7 @@ from typing import Any
 
 import numpy as np
 
-from batch_infer.errors import HookError, SpecError
+from batch_infer.errors import HookError, SpecError, one_line
 
 
 def load_hook(name: str, key: str) -> Callable[..., Any]:
@@ -68,7 +68,7 @@ def run_hook(
     try:
         return fn(value)
     except Exception as exc:
-        cause = f"{type(exc).__name__}: {' '.join(str(exc).split())}"
+        cause = f"{type(exc).__name__}: {one_line(exc)}"
         row = first_failing_row(lambda k: fn(prefix(k)), rows)
         at = f"first at row {row_of(row)}" if row is not None else "with no rows"
         raise HookError(f"{kind} hook {name} failed on {where}, {at}: {cause}") from None

@@ -36,7 +36,7 @@ import pyarrow.fs as pafs
 
 from batch_infer.data.decode.gpu_codecs import load_installed_codecs_only, nvimgcodec_package
 from batch_infer.data.tensors import binary_offsets
-from batch_infer.errors import BackendError, InputError, SettingError
+from batch_infer.errors import BackendError, InputError, SettingError, one_line
 from batch_infer.settings import setting
 
 log = logging.getLogger("batch_infer")
@@ -117,7 +117,7 @@ def _reason(exc: BaseException) -> str:
 
     if isinstance(exc, UnidentifiedImageError):
         return "not a decodable image (not in a format Pillow knows)"
-    return f"not a decodable image ({_one_line(exc) or type(exc).__name__})"
+    return f"not a decodable image ({one_line(exc) or type(exc).__name__})"
 
 
 @lru_cache(maxsize=64)
@@ -148,9 +148,9 @@ def _read_file(value: str, fs: pafs.FileSystem, base: str) -> bytes | str:
     try:
         filesystem, path = _locate(value, fs, base)
     except ValueError as exc:  # an unknown scheme, a malformed URI (ArrowInvalid too)
-        return f"not a path or URI that can be read: {value!r} ({_one_line(exc)})"
+        return f"not a path or URI that can be read: {value!r} ({one_line(exc)})"
     except (OSError, pa.ArrowException) as exc:  # S3 finds the bucket's region first
-        raise InputError(f"cannot reach {value!r} ({_one_line(exc)})") from None
+        raise InputError(f"cannot reach {value!r} ({one_line(exc)})") from None
     try:
         with filesystem.open_input_file(path) as f:
             data = f.read()
@@ -163,12 +163,8 @@ def _read_file(value: str, fs: pafs.FileSystem, base: str) -> bytes | str:
             with contextlib.suppress(OSError, pa.ArrowException):
                 if filesystem.get_file_info(path).type == pafs.FileType.Directory:
                     return f"{value!r} is a folder, not a file"
-        raise InputError(f"cannot read {value!r} ({_one_line(exc)})") from None
+        raise InputError(f"cannot read {value!r} ({one_line(exc)})") from None
     return data if data else f"empty file {value!r}"
-
-
-def _one_line(exc: BaseException) -> str:
-    return " ".join(str(exc).split())
 
 
 _pool: ThreadPoolExecutor | None = None
