@@ -734,7 +734,7 @@ def decoder_for(device: str) -> tuple[Any, str]:
             except SettingError:  # a knob set wrong: say so, not a slow CPU decode
                 raise
             except Exception as exc:  # not installed, or it cannot start on this GPU
-                why = f"nvImageCodec unusable here ({type(exc).__name__}: {exc})"
+                why = f"nvImageCodec unusable here ({type(exc).__name__}: {one_line(exc)})"
                 # installed, yet it cannot start: the run will be far slower than it should
                 broken = nvimgcodec_package() is not None
         if chosen is None:
