@@ -69,7 +69,6 @@ def check_settings() -> None:
 
 
 def settings_set_here() -> dict[str, str]:
-    """The knobs this process's environment sets (checked): what `submit` carries to the job,
-    so that a knob set where a job is submitted holds where it runs."""
-    check_settings()
+    """The knobs this process's environment sets: what `submit` carries to the job (having
+    checked them first), so that a knob set where a job is submitted holds where it runs."""
     return {k: os.environ[k] for k in (*KNOBS, *TEXT_KNOBS) if os.environ.get(k, "").strip()}

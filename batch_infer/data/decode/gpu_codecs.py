@@ -113,7 +113,7 @@ def load_installed_codecs_only(cache: Path | None = None) -> None:
             return
         cache = cache or Path.home() / ".cache" / "batch-infer"
         folder = extensions_folder(package, cache)
-    except (ImportError, OSError, RuntimeError) as exc:  # RuntimeError: no home directory
+    except (OSError, RuntimeError) as exc:  # RuntimeError: no home directory
         log.debug("nvImageCodec loads all its extensions (%s)", exc)
         return
     if folder is not None:
